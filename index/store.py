@@ -1,0 +1,269 @@
+"""The on-disk gradient store: a zarr v3 group with its own commit protocol.
+
+zarr writes each chunk file atomically but knows nothing of a build as a
+whole, so the store adds (DESIGN.md, "Keeping data safe"):
+status first (``building`` before any data, ``complete`` last); chunk, then
+its ``done`` flag, and readers trust flags, never array shapes; a crc32c codec
+on feature arrays; one writer at a time through an OS lock; and a sweep of
+zarr's stale ``*.partial`` temp files on resume.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from influence.errors import InfluenceError, StoreIncompleteError, StoreLockedError, StoreMismatchError
+
+FORMAT_VERSION = 1
+LOCK_NAME = ".influence.lock"
+
+
+class StoreStatus(str, Enum):
+    BUILDING = "building"
+    COMPLETE = "complete"
+
+
+class _WriterLock:
+    """``fcntl.flock`` on a file in the store: released by the OS if the holder dies."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / LOCK_NAME
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self.fd)
+            raise StoreLockedError(f"store {root} is locked by pid {holder} (another build is writing it); wait for it to finish") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = -1
+
+
+class FeatureStore:
+    """Feature arrays per checkpoint, per-example metadata, and the manifest in the group attributes.
+
+    Open for reading with :meth:`open` (refuses an incomplete store) or for
+    writing with :meth:`open_for_write` (takes the writer lock).
+    """
+
+    def __init__(self, root: Path, group: zarr.Group, lock: _WriterLock | None = None) -> None:
+        self.root, self.group, self._lock = root, group, lock
+
+    # ------------------------------------------------------------------ lifecycle
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, allow_incomplete: bool = False) -> "FeatureStore":
+        root = Path(path)
+        if not (root / "zarr.json").is_file():
+            raise StoreIncompleteError(f"{root} is not an influence store (no zarr.json); build one with `influence build`")
+        try:
+            group = zarr.open_group(str(root), mode="r")
+            attrs = dict(group.attrs)
+        except Exception as e:
+            raise StoreIncompleteError(f"store {root} is unreadable ({type(e).__name__}); rebuild it") from None
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise StoreIncompleteError(f"{root} is not an influence store of format {FORMAT_VERSION} (found {attrs.get('format_version')!r})")
+        store = cls(root, group)
+        if not allow_incomplete and attrs.get("status") != StoreStatus.COMPLETE.value:
+            raise StoreIncompleteError(f"store incomplete: {store.progress()}; re-run the same `influence build` command to finish it")
+        return store
+
+    @classmethod
+    def open_for_write(cls, path: str | os.PathLike, manifest: dict[str, Any]) -> "FeatureStore":
+        """Create the store, or reopen it to resume or extend; refuses a different model/projector/task."""
+        root = Path(path)
+        if root.exists() and not root.is_dir():
+            raise InfluenceError(f"--out {root} exists and is not a directory; choose a new path")
+        root.mkdir(parents=True, exist_ok=True)
+        lock = _WriterLock(root)
+        try:
+            if (root / "zarr.json").is_file():
+                group = zarr.open_group(str(root), mode="r+")
+                store = cls(root, group, lock)
+                store._check_compatible(manifest)
+                store._sweep_partials()
+            else:
+                if any(p.name != LOCK_NAME for p in root.iterdir()):
+                    raise InfluenceError(f"--out {root} is a non-empty directory that is not an influence store; choose a new path")
+                group = zarr.open_group(str(root), mode="w")
+                store = cls(root, group, lock)
+            # Status first: nothing else is written before the store says it is building.
+            store.group.attrs.update({"format_version": FORMAT_VERSION, "status": StoreStatus.BUILDING.value})
+            for key, value in manifest.items():
+                if key != "checkpoints":
+                    store.group.attrs[key] = value
+            return store
+        except BaseException:
+            lock.release()
+            raise
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_compatible(self, manifest: dict[str, Any]) -> None:
+        attrs = dict(self.group.attrs)
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise StoreMismatchError(f"{self.root} holds a store of another format; choose a new --out")
+        for key in ("model_fingerprint", "task", "params", "projector", "dataset_fingerprint", "rows_per_chunk", "n"):
+            saved, new = attrs.get(key), manifest.get(key)
+            if saved is not None and saved != new:
+                raise StoreMismatchError(
+                    f"store {self.root} was built with {key}={json.dumps(saved)} but this run has {key}={json.dumps(new)}; "
+                    "use a new --out for a different model, data or projector"
+                )
+
+    def _sweep_partials(self) -> None:
+        """Remove temp files zarr leaves behind when a writer is killed mid-rename (we hold the lock)."""
+        for p in self.root.rglob("*.partial"):
+            p.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ manifest
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    def set_attrs(self, **values: Any) -> None:
+        self.group.attrs.update(values)
+
+    @property
+    def status(self) -> str:
+        return str(self.group.attrs.get("status"))
+
+    def mark_building(self) -> None:
+        self.group.attrs["status"] = StoreStatus.BUILDING.value
+
+    def mark_complete(self) -> None:
+        """The last write of a build: only now may readers use the store."""
+        for ckpt in self.checkpoint_ids:
+            if not self.done(ckpt).all():
+                raise StoreIncompleteError(f"cannot mark complete: {self.progress()}")
+        self.group.attrs["status"] = StoreStatus.COMPLETE.value
+
+    @property
+    def n(self) -> int:
+        return int(self.group.attrs["n"])
+
+    @property
+    def k(self) -> int:
+        return int(self.group.attrs["k"])
+
+    @property
+    def rows_per_chunk(self) -> int:
+        return int(self.group.attrs["rows_per_chunk"])
+
+    @property
+    def checkpoints(self) -> list[dict[str, Any]]:
+        return list(self.group.attrs.get("checkpoints", []))
+
+    @property
+    def checkpoint_ids(self) -> list[str]:
+        return [c["id"] for c in self.checkpoints]
+
+    def n_chunks(self) -> int:
+        return -(-self.n // self.rows_per_chunk)
+
+    def chunk_rows(self, chunk: int) -> tuple[int, int]:
+        start = chunk * self.rows_per_chunk
+        return start, min(self.n, start + self.rows_per_chunk)
+
+    def progress(self) -> str:
+        total = self.n_chunks() * max(1, len(self.checkpoints))
+        done = sum(int(self.done(c).sum()) for c in self.checkpoint_ids) if self.checkpoints else 0
+        return f"{done}/{total} chunks written, status {self.status}"
+
+    # ------------------------------------------------------------------ arrays
+    def add_checkpoint(self, record: dict[str, Any]) -> str:
+        """Append a checkpoint record and create its (empty) arrays; returns its id."""
+        ckpt = f"c{len(self.checkpoints)}"
+        rows, k, n = self.rows_per_chunk, self.k, self.n
+        dtype = self.group.attrs.get("dtype", "float16")
+        self.group.create_array(f"features/{ckpt}", shape=(n, k), chunks=(rows, k), dtype=dtype,
+                                compressors=[Crc32cCodec()], fill_value=0, overwrite=True)
+        for name in ("loss", "margin", "prob", "loss_weight"):
+            self.group.create_array(f"{name}/{ckpt}", shape=(n,), chunks=(rows,), dtype="float32",
+                                    compressors=[Crc32cCodec()], fill_value=0, overwrite=True)
+        self.group.create_array(f"done/{ckpt}", shape=(self.n_chunks(),), chunks=(self.n_chunks(),), dtype="bool",
+                                fill_value=False, overwrite=True)
+        # The record is written after its arrays exist, so a reader never sees a checkpoint without them.
+        self.group.attrs["checkpoints"] = self.checkpoints + [{**record, "id": ckpt}]
+        return ckpt
+
+    def ensure_labels(self) -> None:
+        if "labels" not in self.group:
+            self.group.create_array("labels", shape=(self.n,), chunks=(self.rows_per_chunk,), dtype="int64",
+                                    compressors=[Crc32cCodec()], fill_value=-1)
+
+    def done(self, ckpt: str) -> np.ndarray:
+        return np.asarray(self.group[f"done/{ckpt}"][:], dtype=bool)
+
+    def write_chunk(self, ckpt: str, chunk: int, features: np.ndarray, labels: np.ndarray, **columns: np.ndarray) -> None:
+        """Write one whole row chunk, then (and only then) its done flag."""
+        start, stop = self.chunk_rows(chunk)
+        if features.shape != (stop - start, self.k):
+            raise ValueError(f"chunk {chunk} needs features of shape {(stop - start, self.k)}, got {features.shape}")
+        arr = self.group[f"features/{ckpt}"]
+        arr[start:stop] = features.astype(arr.dtype, copy=False)
+        self.group["labels"][start:stop] = labels
+        for name, values in columns.items():
+            self.group[f"{name}/{ckpt}"][start:stop] = values
+        self.group[f"done/{ckpt}"][chunk] = True
+
+    def read_features(self, ckpt: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.n if stop is None else stop
+        return np.asarray(self.group[f"features/{ckpt}"][start:stop], dtype=np.float32)
+
+    def read_rows(self, ckpt: str, ids: np.ndarray) -> np.ndarray:
+        """Features of arbitrary rows (for exact re-ranking of an approximate shortlist)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n):
+            raise StoreIncompleteError(f"row ids out of range [0, {self.n}) requested from store {self.root}")
+        return np.asarray(self.group[f"features/{ckpt}"].get_orthogonal_selection((ids, slice(None))), dtype=np.float32)
+
+    def column(self, name: str, ckpt: str | None = None, start: int = 0, stop: int | None = None) -> np.ndarray:
+        key = name if ckpt is None else f"{name}/{ckpt}"
+        return np.asarray(self.group[key][start:stop])
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.group["labels"][:], dtype=np.int64)
+
+    def write_matrix(self, key: str, value: np.ndarray) -> None:
+        self.group.create_array(key, shape=value.shape, chunks=value.shape, dtype=value.dtype,
+                                compressors=[Crc32cCodec()], overwrite=True)
+        self.group[key][...] = value
+
+    def read_matrix(self, key: str) -> np.ndarray:
+        if key not in self.group:
+            raise StoreIncompleteError(f"store {self.root} has no {key}; rebuild with the method that needs it")
+        return np.asarray(self.group[key][...])
+
+    def iter_chunks(self) -> Iterator[tuple[int, int]]:
+        for c in range(self.n_chunks()):
+            yield self.chunk_rows(c)
+
+    @property
+    def index_dir(self) -> Path:
+        d = self.root / "faiss"
+        d.mkdir(exist_ok=True)
+        return d

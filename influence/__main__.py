@@ -1,0 +1,5 @@
+import sys
+
+from influence.cli import main
+
+sys.exit(main())

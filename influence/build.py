@@ -1,0 +1,221 @@
+"""extract → store → index: featurize the training set for each checkpoint, then build the indexes.
+
+Work is done in whole row chunks (the unit of resume): a chunk is computed in
+batches whose size divides the chunk, written, then flagged done. Re-running
+the same command after a crash skips flagged chunks and yields byte-identical
+features, because batch boundaries (and so every floating-point sum) repeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from index.search import build_index, save_index
+from index.store import FeatureStore
+from influence.data import batch_of, fingerprint_dataset
+from influence.errors import BadDataError, BadSpecError, NonFiniteError
+from influence.features import ClassificationTask, ProjectorSpec, Task, make_projector, select_parameters
+from influence.loading import load_checkpoint, load_data, load_model, model_fingerprint, sha256_file
+from influence.scoring import METHOD_NAMES, get_method, trak_inverse
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROWS_PER_CHUNK = 1024
+
+
+def _spec_string(spec: object) -> str | None:
+    """Record a spec so later commands can rebuild it; relative file paths become absolute."""
+    if not isinstance(spec, str):
+        return None
+    target, sep, attr = spec.rpartition(":")
+    if sep and target.endswith(".py"):
+        return f"{os.path.abspath(target)}:{attr}"
+    if os.path.exists(spec):
+        return os.path.abspath(spec)
+    return spec
+
+
+def _rows_per_chunk(batch_size: int, wanted: int) -> int:
+    """The chunk size, a multiple of the batch size, so batches never straddle chunks."""
+    return batch_size * max(1, round(wanted / batch_size))
+
+
+def featurize_batch(model: nn.Module, task: Task, names: list[str], projector, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+    """Projected output gradients plus the loss, margin, p_y and dloss/doutput of one batch."""
+    with torch.no_grad():
+        logits = model(x)
+    columns = {
+        "loss": task.loss(logits, y), "margin": task.output(logits, y),
+        "prob": task.probability(logits, y), "loss_weight": task.loss_weight(logits, y),
+    }
+    if not torch.isfinite(columns["loss"]).all():
+        bad = torch.nonzero(~torch.isfinite(columns["loss"])).flatten()[:5].tolist()
+        raise NonFiniteError(f"the loss is NaN or inf for batch rows {bad}; check the checkpoint and the data's value range")
+    feats = projector.featurize(model, task, names, x, y)
+    if not torch.isfinite(feats).all():
+        raise NonFiniteError("gradient features are NaN or inf; check the checkpoint and the data's value range")
+    out = {k: v.detach().float().cpu().numpy() for k, v in columns.items()}
+    out["features"] = feats.detach().float().cpu().numpy()
+    return out
+
+
+def build(
+    model: str | nn.Module,
+    data: str | Dataset,
+    checkpoints: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    projector: str = "sparse",
+    proj_dim: int = 2048,
+    params: str = "all",
+    lr_weights: Sequence[float] | None = None,
+    batch_size: int = 64,
+    methods: Iterable[str] = METHOD_NAMES,
+    index_factory: str = "Flat",
+    task: Task | None = None,
+    seed: int = 0,
+    dtype: str = "float16",
+    trak_lambda: float = 0.01,
+    rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Build (or resume, or extend with new checkpoints) the store at ``out``; returns its path."""
+    methods = list(dict.fromkeys(methods))
+    for m in methods:
+        get_method(m)
+    if not checkpoints:
+        raise BadSpecError("give at least one --checkpoint")
+    lr_weights = list(lr_weights) if lr_weights is not None else [1.0] * len(checkpoints)
+    if len(lr_weights) != len(checkpoints):
+        raise BadSpecError(f"--lr-weights has {len(lr_weights)} values for {len(checkpoints)} checkpoints; give one per checkpoint")
+    if any(not np.isfinite(w) or w <= 0 for w in lr_weights):
+        raise BadSpecError(f"--lr-weights must be positive and finite, got {lr_weights}")
+    if batch_size < 1:
+        raise BadSpecError(f"--batch-size must be positive, got {batch_size}")
+    if dtype not in ("float16", "float32"):
+        raise BadSpecError(f"--dtype must be float16 or float32, got {dtype}")
+    task = task or ClassificationTask()
+    device = torch.device(device)
+
+    net = load_model(model).to(device)
+    names = select_parameters(net, params)
+    dataset = load_data(data)
+    n = len(dataset)
+    x0, y0 = batch_of(dataset, 0, 1)
+    if x0.ndim != 4:
+        raise BadDataError(f"images must be (C, H, W) tensors; got a batch of shape {tuple(x0.shape)}")
+    with torch.no_grad():
+        logits0 = net.eval()(x0.to(device))
+    num_classes = int(logits0.shape[-1])
+    spec = ProjectorSpec(projector, int(proj_dim), int(seed))
+    proj = make_projector(spec, net, names)
+    rows = _rows_per_chunk(batch_size, min(rows_per_chunk, max(batch_size, n)))
+    manifest = {
+        "model_spec": _spec_string(model), "model_fingerprint": model_fingerprint(net), "task": task.name,
+        "params": params, "param_names": names, "projector": spec.to_json(), "k": proj.dim,
+        "data_spec": _spec_string(data), "dataset_fingerprint": fingerprint_dataset(dataset), "n": n,
+        "input_shape": list(x0.shape[1:]), "num_classes": num_classes, "rows_per_chunk": rows,
+        "batch_size": batch_size, "dtype": dtype, "trak_lambda_rel": trak_lambda,
+    }
+    records = [{"path": str(Path(c).resolve()), "sha256": sha256_file(c) if Path(c).is_file() else None,
+                "size": Path(c).stat().st_size if Path(c).is_file() else None, "lr_weight": float(w)}
+               for c, w in zip(checkpoints, lr_weights)]
+    for r, c in zip(records, checkpoints):
+        if r["sha256"] is None:
+            load_checkpoint(net, c)  # raises the named missing-checkpoint error
+
+    with FeatureStore.open_for_write(out, manifest) as store:
+        store.ensure_labels()
+        known = store.checkpoints
+        for old, new in zip(known, records):
+            if old["sha256"] != new["sha256"]:
+                raise BadSpecError(
+                    f"checkpoint {new['path']} differs from the one this store was built with at that position "
+                    f"({old['path']}); pass the same checkpoints in the same order, new ones last"
+                )
+        if len(records) < len(known):
+            log.warning("store has %d checkpoints; %d given: keeping all stored ones", len(known), len(records))
+        for rec in records[len(known):]:
+            load_checkpoint(net, rec["path"])  # fail fast on a bad checkpoint before writing anything for it
+            store.add_checkpoint(rec)
+            store.set_attrs(indexes={})
+
+        todo = [(c, i) for c in store.checkpoint_ids for i in np.flatnonzero(~store.done(c))]
+        bar = tqdm(total=len(todo) * rows, desc="featurize", unit="ex", disable=not progress, file=None)
+        current = None
+        for ckpt, chunk in todo:
+            if ckpt != current:
+                rec = store.checkpoints[int(ckpt[1:])]
+                load_checkpoint(net, rec["path"], expected_sha256=rec["sha256"]).to(device)
+                current = ckpt
+            start, stop = store.chunk_rows(int(chunk))
+            parts: list[dict[str, np.ndarray]] = []
+            labels = []
+            for b in range(start, stop, batch_size):
+                x, y = batch_of(dataset, b, min(stop, b + batch_size))
+                _check_batch(x, y, x0.shape[1:], num_classes, b)
+                parts.append(featurize_batch(net, task, names, proj, x.to(device), y.to(device)))
+                labels.append(y.numpy())
+                bar.update(len(y))
+            cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            feats = cols.pop("features")
+            if dtype == "float16" and not np.isfinite(feats.astype(np.float16)).all():
+                raise NonFiniteError("gradient features overflow float16 (|value| > 65504); rebuild with --dtype float32 and a new --out")
+            store.write_chunk(ckpt, int(chunk), feats, np.concatenate(labels), **cols)
+        bar.close()
+
+        if any(get_method(m).needs_trak for m in methods):
+            for ckpt in store.checkpoint_ids:
+                if f"trak/{ckpt}" not in store.group:
+                    gram = np.zeros((store.k, store.k))
+                    for s, e in store.iter_chunks():
+                        phi = store.read_features(ckpt, s, e).astype(np.float64)
+                        gram += phi.T @ phi
+                    inv, lam = trak_inverse(gram, trak_lambda)
+                    store.write_matrix(f"trak/{ckpt}", inv.astype(np.float32))
+                    store.set_attrs(**{f"trak_lambda_{ckpt}": lam})
+
+        indexes = dict(store.attrs.get("indexes", {}))
+        for m in methods:
+            if m in indexes and indexes[m].get("factory") == index_factory:
+                continue
+            indexes[m] = build_method_index(store, m, index_factory, seed=seed)
+            store.set_attrs(indexes=indexes)
+        store.mark_complete()
+        return Path(out)
+
+
+def build_method_index(store: FeatureStore, method: str, factory: str = "Flat", seed: int = 0) -> dict:
+    """Stream a method's train vectors into a FAISS index, save it atomically, return its record."""
+    scorer = get_method(method)(store)
+    sample = None
+    if factory != "Flat":
+        rng = np.random.default_rng(seed)
+        ids = np.sort(rng.choice(store.n, size=min(store.n, 50_000), replace=False))
+        sample = np.concatenate([scorer.train_vectors(s, e) for s, e in store.iter_chunks()])[ids] if store.n <= 200_000 else \
+            np.concatenate([scorer.train_vectors(s, e) for s, e in list(store.iter_chunks())[:50]])
+    index = build_index((scorer.train_vectors(s, e) for s, e in store.iter_chunks()), dim=scorer.dim,
+                        factory=factory, train_sample=sample)
+    record = save_index(index, store.index_dir / f"{method}.index")
+    record["factory"] = factory
+    record["path"] = f"faiss/{method}.index"
+    return record
+
+
+def _check_batch(x: torch.Tensor, y: torch.Tensor, shape: tuple, num_classes: int, offset: int) -> None:
+    if tuple(x.shape[1:]) != tuple(shape):
+        raise BadDataError(f"example {offset} has shape {tuple(x.shape[1:])}, expected {tuple(shape)} like the first example")
+    if not torch.isfinite(x).all():
+        raise BadDataError(f"images {offset}..{offset + len(y) - 1} contain NaN or inf")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise BadDataError(f"labels in {offset}..{offset + len(y) - 1} must lie in [0, {num_classes}), found {int(y.min())}..{int(y.max())}")

@@ -1,0 +1,298 @@
+"""The command line: parses, calls the same functions a Python user would, formats. It never computes.
+
+Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 internal error.
+``--json`` prints one JSON document on stdout; progress and logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from influence.errors import InfluenceError
+
+METHODS = ("tracin", "gradcos", "trak")
+PROJECTORS = ("none", "sparse", "gaussian", "rademacher", "factorized")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so ``main`` stays in charge of exit codes."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ids must be comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _methods(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in METHODS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown method {bad or text!r}; choose from {', '.join(METHODS)} (comma-separated)")
+    return names
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="influence", description="Which training images, and which regions of them, made my model predict this?")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    d = sub.add_parser("demo", help="train the digits demo (label noise + patch shortcut), build, and explain its errors")
+    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--k", type=int, default=5, help="influencers to print per misclassified image")
+    d.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+
+    b = sub.add_parser("build", help="extract per-example gradient features into a store and build its FAISS indexes")
+    b.add_argument("--model", required=True, help="built-in name, package.module:factory or file.py:factory")
+    b.add_argument("--data", required=True, help="built-in name, image folder, .npz with x and y, or module:function")
+    b.add_argument("--checkpoint", action="append", required=True, help="a state dict (.pt or .safetensors); repeat for TracInCP")
+    b.add_argument("--out", required=True, help="store folder (re-run the same command to resume; add checkpoints to extend)")
+    b.add_argument("--projector", choices=PROJECTORS, default="sparse")
+    b.add_argument("--proj-dim", type=int, default=2048, help="projected dimension k per checkpoint (default 2048)")
+    b.add_argument("--params", default="all", help="all | last:N | comma-separated parameter or module names")
+    b.add_argument("--lr-weights", type=_floats, default=None, help="learning rate per checkpoint (default 1 each)")
+    b.add_argument("--batch-size", type=int, default=64)
+    b.add_argument("--method", type=_methods, default=list(METHODS), help="methods to index (default: all of tracin,gradcos,trak)")
+    b.add_argument("--index", default="Flat", help="FAISS index factory string (default Flat: exact)")
+    b.add_argument("--seed", type=int, default=0, help="projection seed")
+    b.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage type")
+    b.add_argument("--chunk-rows", type=int, default=1024, help="rows per store chunk (rounded to a multiple of the batch size)")
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--json", action="store_true", help="print the store summary as JSON")
+
+    for name, helptext in (("query", "top proponents and opponents of test images"), ("score", "the full (n_train, n_test) score matrix")):
+        q = sub.add_parser(name, help=helptext)
+        q.add_argument("store")
+        src = q.add_mutually_exclusive_group(required=(name == "query"))
+        src.add_argument("--image", help="an image file (png, jpg, ...) or .npy array")
+        src.add_argument("--data", help="DATA SPEC of test examples")
+        q.add_argument("--ids", type=_ids, default=None, help="comma-separated example ids in --data (default: all)")
+        q.add_argument("--method", choices=METHODS, default="tracin")
+        q.add_argument("--target", default=None, help="class to explain: an integer, 'label' (true label) or 'predicted' (default)")
+        q.add_argument("--device", default="cpu")
+        if name == "query":
+            q.add_argument("--k", type=int, default=10)
+            q.add_argument("--json", action="store_true")
+        else:
+            q.add_argument("--out", required=True, help="where to write the .npy matrix")
+
+    s = sub.add_parser("self-influence", help="per-training-example self-influence (the mislabel detector's score)")
+    s.add_argument("store")
+    s.add_argument("--method", choices=("tracin", "trak"), default="tracin")
+    s.add_argument("--out", required=True)
+
+    i = sub.add_parser("info", help="what a store holds: model, checkpoints, projector, N, status")
+    i.add_argument("store")
+    i.add_argument("--json", action="store_true")
+
+    a = sub.add_parser("attribute", help="pixel attribution map on one image")
+    a.add_argument("--model", required=True)
+    a.add_argument("--checkpoint", required=True)
+    a.add_argument("--image", required=True)
+    a.add_argument("--method", default="integrated_gradients")
+    a.add_argument("--target", type=int, default=None)
+    a.add_argument("--out", required=True, help="PNG overlay to write (a .npy of the raw map is written beside it)")
+    a.add_argument("--json", action="store_true")
+    return p
+
+
+# ----------------------------------------------------------------------------- commands
+
+def _emit(doc: Any, as_json: bool, text: str) -> None:
+    print(json.dumps(doc, indent=1) if as_json else text)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from influence.demo import run_demo
+
+    summary = run_demo(args.out, seed=args.seed, k=args.k, log=sys.stderr)
+    if args.json:
+        print(json.dumps(summary))
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from influence.build import build
+    from influence.query import describe_store
+
+    t0 = time.perf_counter()
+    path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
+                 params=args.params, lr_weights=args.lr_weights, batch_size=args.batch_size, methods=args.method,
+                 index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows,
+                 device=args.device, progress=True)
+    info = describe_store(path) | {"seconds": round(time.perf_counter() - t0, 2)}
+    _emit(info, args.json, f"store {info['path']}: {info['n']} examples × {len(info['checkpoints'])} checkpoints, "
+                           f"k={info['k']}, status {info['status']} ({info['seconds']} s)")
+    return 0
+
+
+def _queries(args: argparse.Namespace, session) -> tuple[Any, list[int] | None, list[int] | None]:
+    from influence.loading import read_image
+    from influence.query import load_queries
+
+    if args.image:
+        shape = session.input_shape
+        x = read_image(args.image, channels=shape[0], size=tuple(shape[1:]))[None]
+        return x, None, None
+    x, y, ids = load_queries(args.data, args.ids)
+    return x, y.tolist(), ids
+
+
+def _targets(arg: str | None, labels: list[int] | None, n: int) -> list[int] | None:
+    if arg in (None, "predicted"):
+        return None
+    if arg == "label":
+        if labels is None:
+            raise InfluenceError("--target label needs --data with labels (an --image has none)")
+        return labels
+    try:
+        return [int(arg)] * n
+    except ValueError:
+        raise InfluenceError(f"--target must be an integer class, 'label' or 'predicted', got {arg!r}") from None
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from influence.query import Influence
+
+    session = Influence.open(args.store, device=args.device)
+    x, labels, ids = _queries(args, session)
+    results = session.query(x, _targets(args.target, labels, len(x)), k=args.k, method=args.method, labels=labels, test_ids=ids)
+    if args.json:
+        print(json.dumps({"method": args.method, "results": [r.to_json() for r in results]}))
+        return 0
+    for r in results:
+        head = f"test {r.test_id}" if r.test_id is not None else Path(args.image).name
+        true = f", true {r.label}" if r.label is not None else ""
+        print(f"{head}: predicted {r.predicted}{true}; explaining class {r.target} (p={r.probability:.3f}) by {r.method}, search {r.search_ms:.2f} ms")
+        print("  proponents: " + ", ".join(f"#{p.train_id} y={p.label} {p.score:+.3g}" for p in r.proponents))
+        print("  opponents:  " + ", ".join(f"#{p.train_id} y={p.label} {p.score:+.3g}" for p in r.opponents))
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from influence.query import Influence
+
+    session = Influence.open(args.store, device=args.device)
+    if not args.image and not args.data:
+        raise InfluenceError("give --data SPEC (with optional --ids) or --image FILE")
+    x, labels, _ = _queries(args, session)
+    scores = session.scores(x, _targets(args.target, labels, len(x)), method=args.method)
+    _save_npy(args.out, scores)
+    print(f"wrote {args.out}: scores of shape {scores.shape} ({args.method})", file=sys.stderr)
+    return 0
+
+
+def _cmd_self_influence(args: argparse.Namespace) -> int:
+    from influence.query import Influence
+
+    values = Influence.open(args.store).self_influence(args.method)
+    _save_npy(args.out, values)
+    print(f"wrote {args.out}: self-influence of {len(values)} training examples ({args.method})", file=sys.stderr)
+    return 0
+
+
+def _save_npy(path: str, value: np.ndarray) -> None:
+    """Write atomically so an interrupted run never leaves a truncated array under the final name."""
+    import os
+    import tempfile
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, value)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from influence.query import describe_store
+
+    info = describe_store(args.store)
+    lines = [f"{k}: {json.dumps(v)}" for k, v in info.items()]
+    _emit(info, args.json, "\n".join(lines))
+    return 0
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    from influence.attribution import run_attribute
+    from influence.attribution._render import save_overlay
+    from influence.loading import load_checkpoint, load_model, read_image
+
+    model = load_checkpoint(load_model(args.model), args.checkpoint)
+    shape = _input_shape(model)
+    image = read_image(args.image, channels=shape[0] if shape else None, size=tuple(shape[1:]) if shape else None)
+    attribution, info = run_attribute(model, image, method=args.method, target=args.target)
+    save_overlay(image, attribution, args.out)
+    raw = str(Path(args.out).with_suffix(".npy"))
+    _save_npy(raw, attribution.detach().cpu().numpy())
+    doc = {"method": args.method, **info, "png": args.out, "npy": raw}
+    _emit(doc, args.json, f"wrote {args.out} and {raw}: {args.method}, target {info.get('target')}, predicted {info.get('predicted')}")
+    return 0
+
+
+def _input_shape(model) -> tuple[int, int, int] | None:
+    """Channels from the first conv/linear layer; size 16×16 for 1-channel digits models, else kept from the image."""
+    from torch import nn
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return (m.in_channels, 16, 16) if m.in_channels == 1 else None
+        if isinstance(m, nn.Linear):
+            side = int(round(m.in_features ** 0.5))
+            return (1, side, side) if side * side == m.in_features else None
+    return None
+
+
+COMMANDS = {
+    "demo": _cmd_demo, "build": _cmd_build, "query": _cmd_query, "score": _cmd_score,
+    "self-influence": _cmd_self_influence, "info": _cmd_info, "attribute": _cmd_attribute,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (the console script exits with it)."""
+    try:
+        args = _parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except InfluenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""Stage 1 of the data flow: per-example gradient features (Task → gradients → projection)."""
+
+from influence.features.grads import per_example_grads
+from influence.features.params import select_parameters
+from influence.features.projectors import Projector, ProjectorKind, ProjectorSpec, make_projector
+from influence.features.task import ClassificationTask, Task
+
+__all__ = [
+    "ClassificationTask", "Projector", "ProjectorKind", "ProjectorSpec", "Task",
+    "make_projector", "per_example_grads", "select_parameters",
+]

@@ -1,0 +1,41 @@
+"""Per-example gradients with torch.func: ``vmap(grad(...))`` over a batch, model in eval mode."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from influence.features.task import Task
+
+
+def _split_params(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
+    chosen = set(names)
+    params = {n: p.detach() for n, p in model.named_parameters() if n in chosen}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
+    frozen.update({n: b for n, b in model.named_buffers()})
+    return params, frozen
+
+
+def per_example_grads(
+    model: nn.Module, task: Task, names: list[str], x: torch.Tensor, y: torch.Tensor, of: str = "output"
+) -> torch.Tensor:
+    """Flattened per-example gradients (B, p) of ``task.output`` (or ``task.loss``) over ``names``.
+
+    The model must be in eval mode (BatchNorm on running statistics, no dropout),
+    so examples do not interact and each row is the gradient of that example alone.
+    """
+    params, frozen = _split_params(model, names)
+    fn = task.output if of == "output" else task.loss
+
+    def one(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, (p, frozen), (xi[None],))
+        return fn(logits, yi[None]).sum()
+
+    g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+    return torch.cat([g[n].reshape(x.shape[0], -1) for n in names], dim=1)
+
+
+def num_parameters(model: nn.Module, names: list[str]) -> int:
+    chosen = set(names)
+    return sum(p.numel() for n, p in model.named_parameters() if n in chosen)

@@ -1,0 +1,217 @@
+"""Random projections of per-example gradients to ``k`` dims (Johnson–Lindenstrauss).
+
+Every projector is rebuilt from its :class:`ProjectorSpec` (kind, k, seed) plus
+the model's selected parameters, so test-time queries are projected exactly
+like the stored training features. None ever materialises a dense p×k matrix
+beyond a bounded cache: dense kinds are regenerated block-wise from the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from enum import Enum
+
+import torch
+from torch import nn
+
+from influence.errors import BadSpecError
+from influence.features.grads import num_parameters, per_example_grads
+from influence.features.task import Task
+
+DENSE_CACHE_BYTES = 512 * 2**20
+DENSE_BLOCK_BYTES = 16 * 2**20
+
+
+class ProjectorKind(str, Enum):
+    NONE = "none"
+    SPARSE = "sparse"
+    GAUSSIAN = "gaussian"
+    RADEMACHER = "rademacher"
+    FACTORIZED = "factorized"
+
+
+@dataclass(frozen=True)
+class ProjectorSpec:
+    """What a store records so queries are projected identically: kind, target dims and seed."""
+
+    kind: str = ProjectorKind.SPARSE.value
+    k: int = 2048
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        kinds = [k.value for k in ProjectorKind]
+        if self.kind not in kinds:
+            raise BadSpecError(f"unknown projector {self.kind!r}; choose one of {', '.join(kinds)}")
+        if self.kind != ProjectorKind.NONE.value and int(self.k) < 1:
+            raise BadSpecError(f"--proj-dim must be a positive integer, got {self.k}")
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed((int(seed) * 1_000_003 + int(stream)) % (2**63 - 1))
+
+
+class Projector:
+    """Turns a batch of examples into projected gradient features (B, dim)."""
+
+    spec: ProjectorSpec
+    dim: int
+
+    def featurize(self, model: nn.Module, task: Task, names: list[str], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.project(per_example_grads(model, task, names, x, y))
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class IdentityProjector(Projector):
+    """No projection: exact gradients (small models, and the oracle in tests)."""
+
+    def __init__(self, spec: ProjectorSpec, p: int) -> None:
+        self.spec, self.dim = spec, p
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        return grads
+
+
+class SparseProjector(Projector):
+    """CountSketch: coordinate j goes to bucket h(j) with sign s(j); O(p) per example, a few MB of state."""
+
+    def __init__(self, spec: ProjectorSpec, p: int, device: torch.device | str = "cpu") -> None:
+        self.spec, self.dim = spec, spec.k
+        g = _generator(spec.seed, 0)
+        self.bucket = torch.randint(0, spec.k, (p,), generator=g).to(device)
+        self.sign = (torch.randint(0, 2, (p,), generator=g) * 2 - 1).float().to(device)
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(grads.shape[0], self.dim, dtype=grads.dtype, device=grads.device)
+        return out.index_add_(1, self.bucket.to(grads.device), grads * self.sign.to(grads.device, grads.dtype))
+
+
+class DenseProjector(Projector):
+    """Gaussian or Rademacher entries scaled by 1/√k, regenerated block-wise from the seed."""
+
+    def __init__(self, spec: ProjectorSpec, p: int) -> None:
+        self.spec, self.dim, self.p = spec, spec.k, p
+        self.block = max(1, DENSE_BLOCK_BYTES // (4 * spec.k))
+        self._cache: dict[int, torch.Tensor] | None = {} if p * spec.k * 4 <= DENSE_CACHE_BYTES else None
+
+    def _matrix(self, b: int) -> torch.Tensor:
+        if self._cache is not None and b in self._cache:
+            return self._cache[b]
+        width = min(self.block, self.p - b * self.block)
+        g = _generator(self.spec.seed, b)
+        if self.spec.kind == ProjectorKind.GAUSSIAN.value:
+            m = torch.randn(width, self.dim, generator=g)
+        else:
+            m = torch.randint(0, 2, (width, self.dim), generator=g).float() * 2 - 1
+        m /= math.sqrt(self.dim)
+        if self._cache is not None:
+            self._cache[b] = m
+        return m
+
+    def project(self, grads: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(grads.shape[0], self.dim, dtype=grads.dtype, device=grads.device)
+        for b in range(math.ceil(self.p / self.block)):
+            cols = slice(b * self.block, min(self.p, (b + 1) * self.block))
+            out += grads[:, cols] @ self._matrix(b).to(grads.device, grads.dtype)
+        return out
+
+
+class FactorizedProjector(Projector):
+    """LoGra-style per-layer projection for Linear and Conv2d layers; the full gradient is never formed.
+
+    A layer's per-example weight gradient is Σ_positions δ aᵀ (output gradient
+    times input activation, bias folded in as a constant input 1). Projecting
+    both sides, P_out δ and P_in a, and summing their outer products gives
+    P_out G P_inᵀ, a k_o·k_i feature. When k_o and k_i equal the layer dims the
+    projections are the identity and the feature is the exact gradient.
+    Parameters outside Linear/Conv2d layers (e.g. BatchNorm) are not covered.
+    """
+
+    def __init__(self, spec: ProjectorSpec, model: nn.Module, names: list[str]) -> None:
+        self.spec = spec
+        chosen = set(names)
+        self.layers: list[tuple[str, nn.Module, bool]] = []
+        for mname, mod in model.named_modules():
+            if isinstance(mod, (nn.Linear, nn.Conv2d)) and f"{mname}.weight" in chosen:
+                if isinstance(mod, nn.Conv2d) and (mod.groups != 1 or isinstance(mod.padding, str) or mod.padding_mode != "zeros"):
+                    raise BadSpecError(f"factorized projector: layer {mname} (groups/padding mode) is not supported; use --projector sparse")
+                self.layers.append((mname, mod, mod.bias is not None and f"{mname}.bias" in chosen))
+        if not self.layers:
+            raise BadSpecError("factorized projector needs Linear or Conv2d layers among --params; use --projector sparse")
+        dims = []
+        for _, mod, has_bias in self.layers:
+            d_out = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+            d_in = (mod.in_features if isinstance(mod, nn.Linear) else mod.in_channels * math.prod(mod.kernel_size)) + int(has_bias)
+            dims.append((d_out, d_in))
+        exact = sum(o * i for o, i in dims) <= spec.k
+        per_layer = max(1, spec.k // len(dims))
+        self.proj: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+        self.dim = 0
+        for li, (d_out, d_in) in enumerate(dims):
+            if exact:
+                k_o, k_i = d_out, d_in
+            else:
+                k_o = min(d_out, max(1, round(math.sqrt(per_layer))))
+                k_i = min(d_in, max(1, per_layer // k_o))
+            g = _generator(spec.seed, 1000 + li)
+            p_out = None if k_o == d_out else torch.randn(k_o, d_out, generator=g) / math.sqrt(k_o)
+            p_in = None if k_i == d_in else torch.randn(k_i, d_in, generator=g) / math.sqrt(k_i)
+            self.proj.append((p_out, p_in))
+            self.dim += k_o * k_i
+
+    @staticmethod
+    def _unfold(mod: nn.Module, inp: torch.Tensor, has_bias: bool) -> torch.Tensor:
+        if isinstance(mod, nn.Conv2d):
+            a = torch.nn.functional.unfold(inp, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+        else:
+            a = inp.reshape(inp.shape[0], -1, inp.shape[-1]).transpose(1, 2)
+        if has_bias:
+            a = torch.cat([a, a.new_ones(a.shape[0], 1, a.shape[2])], dim=1)
+        return a  # (B, d_in, L)
+
+    def featurize(self, model: nn.Module, task: Task, names: list[str], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        captured: dict[str, list] = {m: [] for m, _, _ in self.layers}
+        handles = [
+            mod.register_forward_hook(lambda _m, inp, out, key=mname: captured[key].append((inp[0].detach(), out)))
+            for mname, mod, _ in self.layers
+        ]
+        try:
+            with torch.enable_grad():
+                logits = model(x)
+                outputs = []
+                for mname, _, _ in self.layers:
+                    if len(captured[mname]) != 1:
+                        raise BadSpecError(f"factorized projector: layer {mname} ran {len(captured[mname])} times in one forward; use --projector sparse")
+                    outputs.append(captured[mname][0][1])
+                deltas = torch.autograd.grad(task.output(logits, y).sum(), outputs)
+        finally:
+            for h in handles:
+                h.remove()
+        feats = []
+        for (mname, mod, has_bias), delta, (p_out, p_in) in zip(self.layers, deltas, self.proj):
+            a = self._unfold(mod, captured[mname][0][0], has_bias)
+            d = delta.reshape(delta.shape[0], delta.shape[1], -1) if isinstance(mod, nn.Conv2d) else \
+                delta.reshape(delta.shape[0], -1, delta.shape[-1]).transpose(1, 2)
+            if p_out is not None:
+                d = torch.einsum("od,bdl->bol", p_out.to(d), d)
+            if p_in is not None:
+                a = torch.einsum("id,bdl->bil", p_in.to(a), a)
+            feats.append(torch.bmm(d, a.transpose(1, 2)).reshape(x.shape[0], -1))
+        return torch.cat(feats, dim=1)
+
+
+def make_projector(spec: ProjectorSpec, model: nn.Module, names: list[str]) -> Projector:
+    """The projector a spec describes, for this model's selected parameters."""
+    p = num_parameters(model, names)
+    if spec.kind == ProjectorKind.NONE.value:
+        return IdentityProjector(spec, p)
+    if spec.kind == ProjectorKind.SPARSE.value:
+        return SparseProjector(spec, p)
+    if spec.kind in (ProjectorKind.GAUSSIAN.value, ProjectorKind.RADEMACHER.value):
+        return DenseProjector(spec, p)
+    return FactorizedProjector(spec, model, names)

@@ -1,0 +1,228 @@
+"""Query engine: project test examples like the store did, search the index, return influencers.
+
+``Influence.open(store)`` loads the manifest, the model (from the recorded
+spec or one the caller passes, checked by fingerprint) and the checkpoints
+(checked by sha256). Queries never touch a store that is not ``complete``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from index.search import SearchIndex, load_index
+from index.store import FeatureStore
+from influence.data import batch_of
+from influence.errors import BadDataError, BadSpecError, StoreIncompleteError, StoreMismatchError
+from influence.features import ClassificationTask, ProjectorSpec, make_projector
+from influence.features.task import TASKS
+from influence.loading import load_checkpoint, load_data, load_model, model_fingerprint
+from influence.scoring import ScoringMethod, get_method
+
+
+@dataclass
+class Influencer:
+    train_id: int
+    score: float
+    label: int
+
+
+@dataclass
+class QueryResult:
+    """Who influenced one test prediction: proponents (helpful, score > 0 first) and opponents (harmful)."""
+
+    target: int
+    predicted: int
+    probability: float
+    proponents: list[Influencer]
+    opponents: list[Influencer]
+    label: int | None = None
+    test_id: int | None = None
+    method: str = "tracin"
+    search_ms: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+class Influence:
+    """A complete store opened for queries, with its model and checkpoints loaded."""
+
+    def __init__(self, store: FeatureStore, model: nn.Module, device: torch.device) -> None:
+        self.store, self.model, self.device = store, model, device
+        attrs = store.attrs
+        self.task = TASKS[attrs["task"]]() if attrs["task"] in TASKS else ClassificationTask()
+        self.names: list[str] = list(attrs["param_names"])
+        self.projector = make_projector(ProjectorSpec(**attrs["projector"]), model, self.names)
+        self.input_shape = tuple(attrs["input_shape"])
+        self._states = []
+        for rec in store.checkpoints:
+            load_checkpoint(model, rec["path"], expected_sha256=rec["sha256"])
+            self._states.append({k: v.clone() for k, v in model.state_dict().items()})
+        self._indexes: dict[str, SearchIndex] = {}
+        self._scorers: dict[str, ScoringMethod] = {}
+        self._train_labels = store.labels()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, model: str | nn.Module | None = None, device: str | torch.device = "cpu") -> "Influence":
+        store = FeatureStore.open(path)
+        attrs = store.attrs
+        spec = model if model is not None else attrs.get("model_spec")
+        if spec is None:
+            raise BadSpecError(f"store {path} was built from an in-memory model; pass model= to open it")
+        net = load_model(spec).to(device).eval()
+        if model_fingerprint(net) != attrs["model_fingerprint"]:
+            raise StoreMismatchError(
+                f"model {type(net).__name__} does not match the store's model (fingerprint {model_fingerprint(net)} != "
+                f"{attrs['model_fingerprint']}); query with the model the store was built with"
+            )
+        return cls(store, net, torch.device(device))
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def checkpoint_count(self) -> int:
+        return len(self._states)
+
+    def use_checkpoint(self, i: int = -1) -> nn.Module:
+        """The model with checkpoint ``i`` loaded (default: the last), in eval mode."""
+        self.model.load_state_dict(self._states[i])
+        return self.model.eval()
+
+    def scorer(self, method: str) -> ScoringMethod:
+        if method not in self._scorers:
+            self._scorers[method] = get_method(method)(self.store)
+        return self._scorers[method]
+
+    def index(self, method: str) -> SearchIndex:
+        if method not in self._indexes:
+            records = self.store.attrs.get("indexes", {})
+            if method not in records:
+                raise StoreIncompleteError(
+                    f"store has no index for method {method!r} (has {', '.join(records) or 'none'}); rebuild with --method {method}"
+                )
+            rec = records[method]
+            self._indexes[method] = load_index(self.store.root / rec["path"], rec)
+        return self._indexes[method]
+
+    def _as_batch(self, inputs: torch.Tensor) -> torch.Tensor:
+        x = torch.as_tensor(inputs, dtype=torch.float32)
+        if x.ndim == len(self.input_shape):
+            x = x[None]
+        if tuple(x.shape[1:]) != self.input_shape:
+            raise BadDataError(f"inputs have shape {tuple(x.shape[1:])}; this store's model takes {self.input_shape}")
+        if not torch.isfinite(x).all():
+            raise BadDataError("inputs contain NaN or inf")
+        return x.to(self.device)
+
+    def predict(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities of the final checkpoint."""
+        with torch.no_grad():
+            return torch.softmax(self.use_checkpoint(-1)(self._as_batch(inputs)), dim=-1)
+
+    def query_vectors(self, inputs: torch.Tensor, targets: torch.Tensor, method: str) -> np.ndarray:
+        """Project test examples exactly as the store's training features were, then apply the method."""
+        x = self._as_batch(inputs)
+        y = torch.as_tensor(targets, dtype=torch.long).reshape(-1).to(self.device)
+        feats, weights, probs = {}, {}, {}
+        for i, ckpt in enumerate(self.store.checkpoint_ids):
+            net = self.use_checkpoint(i)
+            with torch.no_grad():
+                logits = net(x)
+            weights[ckpt] = self.task.loss_weight(logits, y).float().cpu().numpy()
+            probs[ckpt] = self.task.probability(logits, y).float().cpu().numpy()
+            feats[ckpt] = self.projector.featurize(net, self.task, self.names, x, y).detach().float().cpu().numpy()
+        return self.scorer(method).query_vectors(feats, weights, probs)
+
+    def _targets(self, probs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+        if targets is None:
+            return probs.argmax(-1).cpu()
+        t = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
+        if t.numel() != probs.shape[0]:
+            raise BadDataError(f"{t.numel()} targets for {probs.shape[0]} inputs")
+        if t.min() < 0 or t.max() >= probs.shape[1]:
+            raise BadDataError(f"targets must lie in [0, {probs.shape[1]}), got {t.tolist()}")
+        return t
+
+    # ------------------------------------------------------------------ public queries
+    def query(
+        self, inputs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None = None, *, k: int = 10,
+        method: str = "tracin", labels: Sequence[int] | None = None, test_ids: Sequence[int] | None = None,
+    ) -> list[QueryResult]:
+        """Top-``k`` proponents and opponents of each input's target class (default: the predicted class)."""
+        if k < 1:
+            raise BadSpecError(f"--k must be a positive integer, got {k}")
+        probs = self.predict(inputs)
+        t = self._targets(probs, targets)
+        q = self.query_vectors(inputs, t, method)
+        index = self.index(method)
+        start = time.perf_counter()
+        pro_s, pro_i = index.search(q, k)
+        opp_s, opp_i = index.opponents(q, k)
+        ms = (time.perf_counter() - start) * 1000 / max(1, len(q))
+        results = []
+        for r in range(len(q)):
+            results.append(QueryResult(
+                target=int(t[r]), predicted=int(probs[r].argmax()), probability=float(probs[r, t[r]]),
+                proponents=[Influencer(int(i), float(s), int(self._train_labels[i])) for s, i in zip(pro_s[r], pro_i[r])],
+                opponents=[Influencer(int(i), float(s), int(self._train_labels[i])) for s, i in zip(opp_s[r], opp_i[r])],
+                label=None if labels is None else int(labels[r]), test_id=None if test_ids is None else int(test_ids[r]),
+                method=method, search_ms=round(ms, 3),
+            ))
+        return results
+
+    def scores(self, inputs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None = None, *, method: str = "tracin") -> np.ndarray:
+        """The full (n_train, n_test) score matrix, streamed over the store's row chunks."""
+        probs = self.predict(inputs)
+        q = self.query_vectors(inputs, self._targets(probs, targets), method)
+        scorer = self.scorer(method)
+        out = np.empty((self.store.n, len(q)), dtype=np.float32)
+        for s, e in self.store.iter_chunks():
+            out[s:e] = scorer.train_vectors(s, e) @ q.T
+        return out
+
+    def self_influence(self, method: str = "tracin") -> np.ndarray:
+        return self.scorer(method).self_influence().astype(np.float32)
+
+    def info(self) -> dict[str, Any]:
+        a = self.store.attrs
+        return describe_store(self.store.root) | {"model_loaded": type(self.model).__name__}
+
+
+def describe_store(path: str | os.PathLike) -> dict[str, Any]:
+    """What a store holds, readable even while it is still building."""
+    store = FeatureStore.open(path, allow_incomplete=True)
+    a = store.attrs
+    return {
+        "path": str(Path(path).resolve()), "status": a.get("status"), "progress": store.progress() if "n" in a else None,
+        "model_spec": a.get("model_spec"), "model_fingerprint": a.get("model_fingerprint"), "task": a.get("task"),
+        "params": a.get("params"), "num_parameters_selected": len(a.get("param_names", [])),
+        "projector": a.get("projector"), "k": a.get("k"), "dtype": a.get("dtype"), "n": a.get("n"),
+        "data_spec": a.get("data_spec"), "dataset_fingerprint": a.get("dataset_fingerprint"),
+        "input_shape": a.get("input_shape"), "num_classes": a.get("num_classes"),
+        "checkpoints": [{k: c[k] for k in ("id", "path", "lr_weight", "sha256")} for c in store.checkpoints],
+        "indexes": {m: {"factory": r.get("factory"), "size": r.get("size")} for m, r in a.get("indexes", {}).items()},
+    }
+
+
+def load_queries(spec: str | Dataset, ids: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Test examples from a DATA SPEC (optionally only ``ids``) as (x, labels, ids)."""
+    dataset = load_data(spec)
+    ids = list(range(len(dataset))) if ids is None else list(ids)
+    bad = [i for i in ids if not 0 <= i < len(dataset)]
+    if bad:
+        raise BadDataError(f"--ids {bad[:5]} out of range for a data set of {len(dataset)} examples (0..{len(dataset) - 1})")
+    xs, ys = zip(*(batch_of(dataset, i, i + 1) for i in ids)) if ids else ((), ())
+    if not ids:
+        raise BadDataError("no test examples selected")
+    return torch.cat(xs), torch.cat(ys), ids

@@ -1,0 +1,143 @@
+"""TracIn, Grad-Cos and TRAK as transforms of one inner product ``score(i, t) = ⟨v_i, q_t⟩``.
+
+Each method says how to turn stored features into train vectors ``v_i`` and a
+test example's features into a query ``q``; one FAISS index per method then
+answers proponents (search with ``q``) and opponents (search with ``−q``).
+Scores are positive for proponents (helpful: a step on i lowers t's loss /
+raises its margin) and negative for opponents.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from influence.errors import BadSpecError
+
+if TYPE_CHECKING:
+    from index.store import FeatureStore
+
+EPS = 1e-12
+
+
+class ScoringMethod:
+    """A scoring method registers its CLI name by subclassing: ``class X(ScoringMethod, name="x")``."""
+
+    name: ClassVar[str]
+    needs_trak: ClassVar[bool] = False
+    registry: ClassVar[dict[str, type["ScoringMethod"]]] = {}
+
+    def __init_subclass__(cls, name: str, **kw: object) -> None:
+        super().__init_subclass__(**kw)
+        cls.name = name
+        ScoringMethod.registry[name] = cls
+
+    def __init__(self, store: "FeatureStore") -> None:
+        self.store = store
+        self.ckpts = store.checkpoint_ids
+        self.eta = {c["id"]: float(c.get("lr_weight", 1.0)) for c in store.checkpoints}
+
+    @property
+    def dim(self) -> int:
+        return self.store.k * len(self.ckpts)
+
+    def train_vectors(self, start: int, stop: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def query_vectors(self, feats: dict[str, np.ndarray], weights: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> np.ndarray:
+        """Query vectors (nq, dim) from per-checkpoint test features φ_c(t), ``dloss/doutput`` and p_y."""
+        raise NotImplementedError
+
+    def self_influence(self) -> np.ndarray:
+        raise NotImplementedError
+
+
+class TracIn(ScoringMethod, name="tracin"):
+    """TracInCP: Σ_c η_c ⟨∇ℓ_c(i), ∇ℓ_c(t)⟩, with ∇ℓ = (dℓ/dm)·∇m from the stored output gradients."""
+
+    def _block(self, ckpt: str, start: int, stop: int) -> np.ndarray:
+        w = self.store.column("loss_weight", ckpt, start, stop)
+        return self.store.read_features(ckpt, start, stop) * (math.sqrt(self.eta[ckpt]) * w)[:, None]
+
+    def train_vectors(self, start: int, stop: int) -> np.ndarray:
+        return np.concatenate([self._block(c, start, stop) for c in self.ckpts], axis=1)
+
+    def query_vectors(self, feats, weights, probs) -> np.ndarray:
+        return np.concatenate([feats[c] * (math.sqrt(self.eta[c]) * weights[c])[:, None] for c in self.ckpts], axis=1).astype(np.float32)
+
+    def self_influence(self) -> np.ndarray:
+        out = np.zeros(self.store.n)
+        for start, stop in self.store.iter_chunks():
+            v = self.train_vectors(start, stop).astype(np.float64)
+            out[start:stop] = (v * v).sum(1)
+        return out
+
+
+class GradCos(TracIn, name="gradcos"):
+    """Grad-Cos: cosine of the (checkpoint-concatenated) loss gradients; not dominated by high-loss examples."""
+
+    def train_vectors(self, start: int, stop: int) -> np.ndarray:
+        v = super().train_vectors(start, stop)
+        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)
+
+    def query_vectors(self, feats, weights, probs) -> np.ndarray:
+        q = super().query_vectors(feats, weights, probs)
+        return q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), EPS)
+
+    def self_influence(self) -> np.ndarray:
+        raise BadSpecError("self-influence under gradcos is 1 for every example; use --method tracin or trak")
+
+
+class TRAK(ScoringMethod, name="trak"):
+    """TRAK: mean over checkpoints of φ_c(t)ᵀ (Φ_cᵀΦ_c + λI)⁻¹ φ_c(i) · (1 − p_c(i)), on margin gradients."""
+
+    needs_trak = True
+
+    def __init__(self, store: "FeatureStore") -> None:
+        super().__init__(store)
+        self._inv: dict[str, np.ndarray] = {}
+
+    def inverse(self, ckpt: str) -> np.ndarray:
+        if ckpt not in self._inv:
+            self._inv[ckpt] = self.store.read_matrix(f"trak/{ckpt}").astype(np.float32)
+        return self._inv[ckpt]
+
+    def train_vectors(self, start: int, stop: int) -> np.ndarray:
+        blocks = []
+        for c in self.ckpts:
+            q = 1.0 - self.store.column("prob", c, start, stop)
+            blocks.append(self.store.read_features(c, start, stop) * q[:, None])
+        return np.concatenate(blocks, axis=1)
+
+    def query_vectors(self, feats, weights, probs) -> np.ndarray:
+        n = len(self.ckpts)
+        return np.concatenate([feats[c] @ self.inverse(c) / n for c in self.ckpts], axis=1).astype(np.float32)
+
+    def self_influence(self) -> np.ndarray:
+        out = np.zeros(self.store.n)
+        for c in self.ckpts:
+            inv = self.inverse(c)
+            for start, stop in self.store.iter_chunks():
+                phi = self.store.read_features(c, start, stop)
+                q = 1.0 - self.store.column("prob", c, start, stop)
+                out[start:stop] += np.einsum("ik,kj,ij->i", phi, inv, phi) * q / len(self.ckpts)
+        return out
+
+
+def trak_inverse(gram: np.ndarray, lam_rel: float) -> tuple[np.ndarray, float]:
+    """(ΦᵀΦ + λI)⁻¹ with λ relative to the spectrum: λ = lam_rel · trace(ΦᵀΦ)/k (never 0: ΦᵀΦ is singular when k ≥ N)."""
+    k = gram.shape[0]
+    lam = float(lam_rel * np.trace(gram) / k) or 1e-8
+    inv = np.linalg.inv(gram + lam * np.eye(k))
+    return inv, lam
+
+
+def get_method(name: str) -> type[ScoringMethod]:
+    if name not in ScoringMethod.registry:
+        raise BadSpecError(f"unknown method {name!r}; choose one of {', '.join(ScoringMethod.registry)}")
+    return ScoringMethod.registry[name]
+
+
+METHOD_NAMES = tuple(ScoringMethod.registry)
