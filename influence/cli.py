@@ -108,6 +108,29 @@ def _parser() -> _Parser:
     i.add_argument("store")
     i.add_argument("--json", action="store_true")
 
+    e = sub.add_parser("explain", help="prediction, pixel map, influencers with training-image maps and flags; HTML report with --out")
+    e.add_argument("store")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="an image file (png, jpg, ...) or .npy array")
+    src.add_argument("--data", help="DATA SPEC of test examples")
+    e.add_argument("--ids", type=_ids, default=None, help="comma-separated example ids in --data (default: the misclassified ones)")
+    e.add_argument("--k", type=int, default=5)
+    e.add_argument("--method", choices=METHODS, default="tracin")
+    e.add_argument("--target", default=None, help="class to explain: an integer, 'label' or 'predicted' (default)")
+    e.add_argument("--attribution", default="integrated_gradients", help="pixel attribution method (see `influence attribute --help`)")
+    e.add_argument("--tfa", default=None, help="training feature attribution: gradcos | two_step | occlusion (default: the measured best)")
+    e.add_argument("--out", default=None, help="folder for an HTML report with PNG figures")
+    e.add_argument("--json", action="store_true")
+
+    f = sub.add_parser("flag", help="likely mislabels, net-harmful training examples and patch shortcuts")
+    f.add_argument("store")
+    f.add_argument("--test", default=None, help="DATA SPEC of test images (their failures drive harmful and shortcut)")
+    f.add_argument("--kind", choices=("mislabel", "harmful", "shortcut", "all"), default="all")
+    f.add_argument("--top", type=int, default=20)
+    f.add_argument("--method", choices=METHODS, default="tracin")
+    f.add_argument("--tfa", default=None)
+    f.add_argument("--json", action="store_true")
+
     a = sub.add_parser("attribute", help="pixel attribution map on one image")
     a.add_argument("--model", required=True)
     a.add_argument("--checkpoint", required=True)
@@ -272,9 +295,73 @@ def _input_shape(model) -> tuple[int, int, int] | None:
     return None
 
 
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from influence.explain import explain
+    from influence.query import Influence
+    from influence.report import write_report
+
+    session = Influence.open(args.store)
+    x, labels, ids = _queries(args, session)
+    if args.data and args.ids is None and labels is not None:  # default: the failures
+        wrong = (session.predict(x).argmax(-1).cpu() != torch_tensor(labels)).nonzero().flatten().tolist()
+        if not wrong:
+            raise InfluenceError(f"no misclassified examples in {args.data}; pass --ids to explain correct ones")
+        x, labels, ids = x[wrong], [labels[i] for i in wrong], [ids[i] for i in wrong]
+    found = explain(session, x, targets=_targets(args.target, labels, len(x)), labels=labels, test_ids=ids, k=args.k,
+                    method=args.method, attribution=args.attribution, tfa=args.tfa)
+    report = str(write_report(args.out, found)) if args.out else None
+    if args.json:
+        print(json.dumps({"method": args.method, "report": report, "explanations": [e.to_json() for e in found]}))
+        return 0
+    for e in found:
+        r = e.result
+        head = f"test {r.test_id}" if r.test_id is not None else "image"
+        true = f", true {r.label}" if r.label is not None else ""
+        print(f"{head}: predicted {r.predicted}{true}; explaining class {r.target} (p={r.probability:.3f})")
+        for side, items in (("+", r.proponents), ("-", r.opponents)):
+            for p in items:
+                flags = f"  [{', '.join(e.flags[p.train_id])}]" if p.train_id in e.flags else ""
+                print(f"  {side} #{p.train_id} y={p.label} {p.score:+.3g}{flags}")
+    if report:
+        print(f"report: {report}", file=sys.stderr)
+    return 0
+
+
+def torch_tensor(values):
+    import torch
+
+    return torch.as_tensor(values)
+
+
+def _cmd_flag(args: argparse.Namespace) -> int:
+    from influence.flag import KINDS, run_flags
+    from influence.query import Influence, load_queries
+
+    session = Influence.open(args.store)
+    test = None
+    if args.test:
+        x, y, _ = load_queries(args.test)
+        test = (x, y)
+    kinds = KINDS if args.kind == "all" else (args.kind,)
+    doc = run_flags(session, test, kinds=kinds, top=args.top, method=args.method, tfa=args.tfa)
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    for kind in ("mislabel", "harmful"):
+        if kind in doc:
+            print(f"{kind}: " + (", ".join(f"#{f['train_id']} (y={f['label']}, {f['score']:.3g})" for f in doc[kind][:args.top]) or "none"))
+    if "shortcuts" in doc:
+        if not doc["shortcuts"]:
+            print("shortcuts: none found")
+        for s in doc["shortcuts"]:
+            print(f"shortcut: class {s['class']}, box {s['box']} (x0, y0, x1, y1), {len(s['train_ids'])} training images, score {s['score']:.3g}")
+    return 0
+
+
 COMMANDS = {
     "demo": _cmd_demo, "build": _cmd_build, "query": _cmd_query, "score": _cmd_score,
     "self-influence": _cmd_self_influence, "info": _cmd_info, "attribute": _cmd_attribute,
+    "explain": _cmd_explain, "flag": _cmd_flag,
 }
 
 

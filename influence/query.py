@@ -73,6 +73,7 @@ class Influence:
         self._indexes: dict[str, SearchIndex] = {}
         self._scorers: dict[str, ScoringMethod] = {}
         self._train_labels = store.labels()
+        self._cache: dict[Any, Any] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike, model: str | nn.Module | None = None, device: str | torch.device = "cpu") -> "Influence":
@@ -192,10 +193,26 @@ class Influence:
         return out
 
     def self_influence(self, method: str = "tracin") -> np.ndarray:
-        return self.scorer(method).self_influence().astype(np.float32)
+        if (method, "self") not in self._cache:
+            self._cache[(method, "self")] = self.scorer(method).self_influence().astype(np.float32)
+        return self._cache[(method, "self")]
+
+    def training_examples(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training images and labels by row id, from the data spec the store was built on."""
+        if "train_data" not in self._cache:
+            spec = self.store.attrs.get("data_spec")
+            if spec is None:
+                raise BadSpecError("this store was built from an in-memory dataset; training images are not available")
+            self._cache["train_data"] = load_data(spec)
+        dataset = self._cache["train_data"]
+        if len(dataset) != self.store.n:
+            raise StoreMismatchError(f"training data {self.store.attrs.get('data_spec')} has {len(dataset)} examples; the store has {self.store.n}")
+        if not ids:
+            return torch.empty(0, *self.input_shape), torch.empty(0, dtype=torch.long)
+        xs, ys = zip(*(batch_of(dataset, int(i), int(i) + 1) for i in ids))
+        return torch.cat(xs), torch.cat(ys)
 
     def info(self) -> dict[str, Any]:
-        a = self.store.attrs
         return describe_store(self.store.root) | {"model_loaded": type(self.model).__name__}
 
 

@@ -1,0 +1,103 @@
+"""What to fix: likely mislabels, net-harmful training examples, and patch shortcuts.
+
+- mislabel: rank by self-influence S(i, i) (large for mislabelled and atypical examples);
+- harmful: over the misclassified test images, sum each training example's negative influence on
+  the true-label loss (how much it pushes those images away from their true class);
+- shortcut: for test images predicted as class c, map the top proponents with TFA and look for one
+  small region that recurs across them (``influence.shortcut``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from influence.errors import BadSpecError
+from influence.query import Influence
+
+KINDS = ("mislabel", "harmful", "shortcut")
+
+
+def flag_mislabels(session: Influence, *, method: str = "tracin", top: int = 20) -> list[dict[str, Any]]:
+    """Training examples by descending self-influence, with the final model's probability of their label."""
+    values = session.self_influence(method)
+    prob = session.store.column("prob", session.store.checkpoint_ids[-1])
+    labels = session.store.labels()
+    order = np.argsort(-values, kind="stable")[:top]
+    return [{"train_id": int(i), "score": float(values[i]), "label": int(labels[i]), "model_prob_of_label": round(float(prob[i]), 4)}
+            for i in order]
+
+
+def flag_harmful(session: Influence, x: torch.Tensor, y: torch.Tensor, *, method: str = "tracin", top: int = 20) -> list[dict[str, Any]]:
+    """Training examples ranked by Σ_t max(0, −S(i, t)) over misclassified test images t, explained for their true label."""
+    probs = session.predict(x)
+    wrong = torch.nonzero(probs.argmax(-1).cpu() != y.cpu()).flatten()
+    if len(wrong) == 0:
+        return []
+    scores = session.scores(x[wrong], y[wrong], method=method)
+    harm = np.clip(-scores, 0, None).sum(1)
+    count = (scores < 0).sum(1)
+    labels = session.store.labels()
+    order = np.argsort(-harm, kind="stable")[:top]
+    return [{"train_id": int(i), "score": float(harm[i]), "label": int(labels[i]), "harms": int(count[i]), "of_failures": int(len(wrong))}
+            for i in order if harm[i] > 0]
+
+
+def flag_shortcuts(
+    session: Influence, x: torch.Tensor, y: torch.Tensor | None = None, *, method: str = "tracin", k: int = 10,
+    tfa: str | None = None, max_queries_per_class: int = 20, min_queries: int = 3,
+) -> list[dict[str, Any]]:
+    """Patch shortcuts: per predicted class, TFA maps of the top same-class proponents, clustered by peak location."""
+    from influence.shortcut import detect_shortcuts
+    from influence.tfa import DEFAULT_TFA, get_tfa
+
+    probs = session.predict(x)
+    pred = probs.argmax(-1).cpu()
+    pool = torch.nonzero(pred != y.cpu()).flatten() if y is not None else torch.arange(len(x))
+    model = session.use_checkpoint(-1)
+    explainer = get_tfa(tfa or DEFAULT_TFA)(model)
+    found = []
+    for c in sorted(set(pred[pool].tolist())):
+        queries = pool[pred[pool] == c][:max_queries_per_class]
+        if len(queries) < min_queries:
+            continue
+        results = session.query(x[queries], [c] * len(queries), k=k, method=method)
+        maps: dict[int, list[torch.Tensor]] = {}
+        for q, r in zip(queries.tolist(), results):
+            ids = [p.train_id for p in r.proponents if p.label == c]
+            if not ids:
+                continue
+            tx, ty = session.training_examples(ids)
+            model = session.use_checkpoint(-1)
+            m = explainer.attribute(tx, target=ty, query=(x[q], c))
+            for i, mi in zip(ids, m):
+                maps.setdefault(i, []).append(mi)
+        if not maps:
+            continue
+        ids = sorted(maps)
+        tx, ty = session.training_examples(ids)
+        stacked = torch.stack([torch.stack(maps[i]).mean(0) for i in ids])
+        found += [s.to_json() for s in detect_shortcuts(stacked, tx, ids, ty.tolist())]
+    return sorted(found, key=lambda s: -s["score"])
+
+
+def run_flags(
+    session: Influence, test: tuple[torch.Tensor, torch.Tensor] | None = None, *, kinds: Sequence[str] = KINDS,
+    top: int = 20, method: str = "tracin", tfa: str | None = None,
+) -> dict[str, Any]:
+    """The JSON document of ``influence flag``: rankings are lists of {train_id, score, ...}; shortcuts a list of boxes."""
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise BadSpecError(f"unknown --kind {bad}; choose from {', '.join(KINDS)} or all")
+    if test is None and any(k in ("harmful", "shortcut") for k in kinds):
+        raise BadSpecError("--kind harmful and shortcut need test images: pass --test SPEC (e.g. your failing images)")
+    out: dict[str, Any] = {}
+    if "mislabel" in kinds:
+        out["mislabel"] = flag_mislabels(session, method="trak" if method == "gradcos" else method, top=top)
+    if "harmful" in kinds:
+        out["harmful"] = flag_harmful(session, *test, method=method, top=top)
+    if "shortcut" in kinds:
+        out["shortcuts"] = flag_shortcuts(session, *test, method=method, tfa=tfa)
+    return out
