@@ -114,8 +114,13 @@ def build(
     x0, y0 = batch_of(dataset, 0, 1)
     if x0.ndim != 4:
         raise BadDataError(f"images must be (C, H, W) tensors; got a batch of shape {tuple(x0.shape)}")
-    with torch.no_grad():
-        logits0 = net.eval()(x0.to(device))
+    try:
+        with torch.no_grad():
+            logits0 = net.eval()(x0.to(device))
+    except RuntimeError as e:  # shape mismatches surface here as RuntimeError from some layer
+        raise BadDataError(
+            f"the model cannot run on this data's images of shape {tuple(x0.shape[1:])}: {str(e).strip().splitlines()[0][:160]}"
+        ) from None
     num_classes = int(logits0.shape[-1])
     spec = ProjectorSpec(projector, int(proj_dim), int(seed))
     proj = make_projector(spec, net, names)
@@ -151,28 +156,32 @@ def build(
             store.set_attrs(indexes={})
 
         todo = [(c, i) for c in store.checkpoint_ids for i in np.flatnonzero(~store.done(c))]
-        bar = tqdm(total=len(todo) * rows, desc="featurize", unit="ex", disable=not progress, file=None)
-        current = None
-        for ckpt, chunk in todo:
-            if ckpt != current:
-                rec = store.checkpoints[int(ckpt[1:])]
-                load_checkpoint(net, rec["path"], expected_sha256=rec["sha256"]).to(device)
-                current = ckpt
-            start, stop = store.chunk_rows(int(chunk))
-            parts: list[dict[str, np.ndarray]] = []
-            labels = []
-            for b in range(start, stop, batch_size):
-                x, y = batch_of(dataset, b, min(stop, b + batch_size))
-                _check_batch(x, y, x0.shape[1:], num_classes, b)
-                parts.append(featurize_batch(net, task, names, proj, x.to(device), y.to(device)))
-                labels.append(y.numpy())
-                bar.update(len(y))
-            cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            feats = cols.pop("features")
-            if dtype == "float16" and not np.isfinite(feats.astype(np.float16)).all():
-                raise NonFiniteError("gradient features overflow float16 (|value| > 65504); rebuild with --dtype float32 and a new --out")
-            store.write_chunk(ckpt, int(chunk), feats, np.concatenate(labels), **cols)
-        bar.close()
+        # disable=None: no bar unless stderr is a terminal (logs and captured stderr stay clean); closed on
+        # error too, so an error message starts on its own line.
+        bar = tqdm(total=len(todo) * rows, desc="featurize", unit="ex", disable=None if progress else True, file=None)
+        try:
+            current = None
+            for ckpt, chunk in todo:
+                if ckpt != current:
+                    rec = store.checkpoints[int(ckpt[1:])]
+                    load_checkpoint(net, rec["path"], expected_sha256=rec["sha256"]).to(device)
+                    current = ckpt
+                start, stop = store.chunk_rows(int(chunk))
+                parts: list[dict[str, np.ndarray]] = []
+                labels = []
+                for b in range(start, stop, batch_size):
+                    x, y = batch_of(dataset, b, min(stop, b + batch_size))
+                    _check_batch(x, y, x0.shape[1:], num_classes, b)
+                    parts.append(featurize_batch(net, task, names, proj, x.to(device), y.to(device)))
+                    labels.append(y.numpy())
+                    bar.update(len(y))
+                cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                feats = cols.pop("features")
+                if dtype == "float16" and not np.isfinite(feats.astype(np.float16)).all():
+                    raise NonFiniteError("gradient features overflow float16 (|value| > 65504); rebuild with --dtype float32 and a new --out")
+                store.write_chunk(ckpt, int(chunk), feats, np.concatenate(labels), **cols)
+        finally:
+            bar.close()
 
         if any(get_method(m).needs_trak for m in methods):
             for ckpt in store.checkpoint_ids:

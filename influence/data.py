@@ -23,8 +23,16 @@ class ArrayDataset(Dataset):
     """Images ``x`` (N, C, H, W) float32 and labels ``y`` (N,) int64 held in memory."""
 
     def __init__(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, name: str = "arrays") -> None:
-        x = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-        y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+        if not isinstance(x, torch.Tensor):
+            x = np.asarray(x)
+            if x.dtype.kind not in "biufc":  # strings, objects... torch.as_tensor raises TypeError on them
+                raise BadDataError(f"{name}: images must be a numeric array, got dtype {x.dtype}")
+        if not isinstance(y, torch.Tensor):
+            y = np.asarray(y)
+            if y.dtype.kind not in "biufc":
+                raise BadDataError(f"{name}: labels must be a numeric (integer) array, got dtype {y.dtype}")
+        x = torch.as_tensor(x)
+        y = torch.as_tensor(y)
         if x.ndim == 3:  # (N, H, W): one channel
             x = x[:, None]
         if x.ndim != 4:

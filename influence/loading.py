@@ -170,7 +170,8 @@ def _load_npz(path: Path) -> ArrayDataset:
     if not path.is_file():
         raise BadDataError(f"data file {path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        # Open the file ourselves: np.load leaks its own handle when the zip directory is corrupt.
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as f:
             if "x" not in f or "y" not in f:
                 raise BadDataError(f"{path} must contain arrays named 'x' and 'y', found {sorted(f.files)}")
             x, y = f["x"], f["y"]

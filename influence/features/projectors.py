@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
+from typing import Iterable
 
 import torch
 from torch import nn
 
 from influence.errors import BadSpecError
 from influence.features.grads import num_parameters, per_example_grads
+from influence.features.layer_grads import layer_grad_blocks
 from influence.features.task import Task
 
 DENSE_CACHE_BYTES = 512 * 2**20
@@ -55,16 +57,28 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 
 
 class Projector:
-    """Turns a batch of examples into projected gradient features (B, dim)."""
+    """Turns a batch of examples into projected gradient features (B, dim).
+
+    Gradients come from the layer-hook fast path where the model allows it
+    (``gradients="auto"``), else from ``vmap(grad)``; both are exact.
+    """
 
     spec: ProjectorSpec
     dim: int
+    gradients: str = "auto"  # "auto" | "vmap"
 
     def featurize(self, model: nn.Module, task: Task, names: list[str], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.project(per_example_grads(model, task, names, x, y))
+        blocks = layer_grad_blocks(model, task, names, x, y) if self.gradients == "auto" else None
+        if blocks is None:
+            return self.project(per_example_grads(model, task, names, x, y))
+        return self.project_blocks(blocks, x.shape[0])
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def project_blocks(self, blocks: Iterable[tuple[str, torch.Tensor]], batch: int) -> torch.Tensor:
+        """Project per-parameter gradient blocks given in parameter order (default: concatenate first)."""
+        return self.project(torch.cat([b for _, b in blocks], dim=1))
 
 
 class IdentityProjector(Projector):
@@ -78,17 +92,35 @@ class IdentityProjector(Projector):
 
 
 class SparseProjector(Projector):
-    """CountSketch: coordinate j goes to bucket h(j) with sign s(j); O(p) per example, a few MB of state."""
+    """CountSketch: coordinate j goes to bucket h(j) with sign s(j); O(p) per example, a few MB of state.
+
+    The sign is folded into the bucket (2k slots: positive ones, then negative
+    ones), so projecting is one ``index_add_`` pass over the gradient and one
+    (B, k) subtraction, with no signed copy of the gradient.
+    """
 
     def __init__(self, spec: ProjectorSpec, p: int, device: torch.device | str = "cpu") -> None:
         self.spec, self.dim = spec, spec.k
         g = _generator(spec.seed, 0)
         self.bucket = torch.randint(0, spec.k, (p,), generator=g).to(device)
         self.sign = (torch.randint(0, 2, (p,), generator=g) * 2 - 1).float().to(device)
+        self._slot = self.bucket + spec.k * (self.sign < 0).long()
+
+    def _finish(self, acc: torch.Tensor) -> torch.Tensor:
+        return acc[:, : self.dim] - acc[:, self.dim:]
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(grads.shape[0], self.dim, dtype=grads.dtype, device=grads.device)
-        return out.index_add_(1, self.bucket.to(grads.device), grads * self.sign.to(grads.device, grads.dtype))
+        acc = torch.zeros(grads.shape[0], 2 * self.dim, dtype=grads.dtype, device=grads.device)
+        return self._finish(acc.index_add_(1, self._slot.to(grads.device), grads))
+
+    def project_blocks(self, blocks: Iterable[tuple[str, torch.Tensor]], batch: int) -> torch.Tensor:
+        acc, offset = None, 0
+        for _, g in blocks:
+            if acc is None:
+                acc = torch.zeros(batch, 2 * self.dim, dtype=g.dtype, device=g.device)
+            acc.index_add_(1, self._slot[offset:offset + g.shape[1]].to(g.device), g)
+            offset += g.shape[1]
+        return self._finish(acc)
 
 
 class DenseProjector(Projector):

@@ -1,0 +1,408 @@
+"""FAISS inner-product search over stored feature vectors, treated as untrusted on disk.
+
+Every influence method is one inner-product search (see DESIGN.md), so this module
+only knows vectors and ids. It owns the three things FAISS does not do for us:
+checking the index file before deserializing it (a flipped bit can make FAISS
+allocate gigabytes), checking every returned id against ``[0, N)`` (a negative id
+silently wraps in numpy), and writing the file atomically (temp + fsync + replace).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from influence.errors import BadDataError, BadSpecError, NonFiniteError, StoreIncompleteError
+
+VectorReader = Callable[[np.ndarray], np.ndarray]
+"""Maps sorted unique int64 ids to their float32 rows, e.g. a read from the zarr store."""
+
+_RERANK_QUERY_BLOCK = 64  # queries re-ranked together: bounds the rows fetched at once
+_IO_BLOCK = 1 << 22  # bytes per FAISS IO callback
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """What was built, recorded next to the index so a reader can check and reproduce it."""
+
+    factory: str = "Flat"
+    metric: str = "ip"
+    dim: int = 0
+    ntotal: int = 0
+    nprobe: int | None = None
+    efSearch: int | None = None
+    rerank: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: object) -> "IndexSpec":
+        """Parse a recorded spec; a malformed record means the store's metadata is damaged."""
+        if not isinstance(d, dict):
+            raise StoreIncompleteError(f"index spec record is not a mapping: {d!r}")
+        try:
+            spec = cls(
+                factory=str(d["factory"]),
+                metric=str(d.get("metric", "ip")),
+                dim=_int(d["dim"]),
+                ntotal=_int(d["ntotal"]),
+                nprobe=None if d.get("nprobe") is None else _int(d["nprobe"]),
+                efSearch=None if d.get("efSearch") is None else _int(d["efSearch"]),
+                rerank=_int(d.get("rerank", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise StoreIncompleteError(f"index spec record is malformed ({e!r}): {d!r}") from None
+        if spec.metric != "ip" or spec.dim <= 0 or spec.ntotal < 0 or spec.rerank < 0:
+            raise StoreIncompleteError(f"index spec record is invalid: {d!r}")
+        return spec
+
+
+def _int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"expected an integer, got {v!r}")
+    return int(v)
+
+
+@contextlib.contextmanager
+def _faiss_threads(n: int | None) -> Iterator[None]:
+    """Use n OpenMP threads inside the block and restore the previous setting after."""
+    if n is None:
+        yield
+        return
+    old = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(old)
+
+
+class SearchIndex:
+    """A FAISS index plus the spec it was built with; returns only ids that exist."""
+
+    def __init__(
+        self,
+        index: faiss.Index,
+        spec: IndexSpec,
+        vectors: VectorReader | None = None,
+        threads: int | None = None,
+    ) -> None:
+        self.index = index
+        self.spec = spec
+        self.vectors = vectors
+        self.threads = threads
+
+    def with_vectors(self, vectors: VectorReader | None) -> "SearchIndex":
+        """Same index, with a row reader for exact re-ranking of approximate shortlists."""
+        return SearchIndex(self.index, self.spec, vectors, self.threads)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k training rows by inner product, best first: (scores float32, ids int64).
+
+        Returns fewer than k columns when fewer rows exist (or an approximate index found
+        fewer for some query), never the -1 padding FAISS uses.
+        """
+        k = _check_k(k)
+        q = self._check_queries(queries)
+        exact = self.spec.rerank > 0 and self.vectors is not None
+        depth = max(k, self.spec.rerank) if exact else k
+        depth = min(depth, max(self.spec.ntotal, 1))
+        with _faiss_threads(self.threads):
+            scores, ids = self.index.search(q, depth)
+        scores, ids = self._checked(scores, ids)
+        if exact and ids.shape[1]:
+            scores, ids = self._rerank(q, ids)
+        return scores[:, :k].copy(), ids[:, :k].copy()
+
+    def opponents(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Most negative inner products first: a search with -q, never a scan of all rows."""
+        q = self._check_queries(queries)
+        scores, ids = self.search(-q, k)
+        return -scores, ids
+
+    def _check_queries(self, queries: np.ndarray) -> np.ndarray:
+        q = np.asarray(queries)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2 or q.shape[1] != self.spec.dim:
+            raise BadDataError(
+                f"queries must have shape (n, {self.spec.dim}); got {np.shape(queries)}"
+            )
+        if not np.issubdtype(q.dtype, np.number):
+            raise BadDataError(f"queries must be numeric; got dtype {q.dtype}")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if not np.isfinite(q).all():
+            raise NonFiniteError("queries contain NaN or inf")
+        return q
+
+    def _checked(self, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Refuse ids outside [0, N); move -1 padding to the end and cut it off."""
+        bad = (ids < -1) | (ids >= self.spec.ntotal)
+        if bad.any():
+            raise StoreIncompleteError(
+                f"FAISS index ({self.spec.factory}, N={self.spec.ntotal}) is corrupt: it returned "
+                f"id {int(ids[bad][0])} outside [0, {self.spec.ntotal}); rebuild the index "
+                f"with `influence build ... --index {self.spec.factory}`"
+            )
+        valid = ids >= 0
+        if valid.all():
+            return scores, ids
+        n = int(valid.sum(axis=1).min())
+        order = np.argsort(~valid, axis=1, kind="stable")[:, :n]  # valid entries first, in order
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
+
+    def _rerank(self, q: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact inner products for a shortlist, read from the store, re-sorted best first."""
+        read = self.vectors
+        if read is None:
+            raise BadSpecError("exact re-ranking needs a vector reader (with_vectors)")
+        out = np.empty(ids.shape, dtype=np.float32)
+        for s in range(0, len(q), _RERANK_QUERY_BLOCK):
+            block = ids[s : s + _RERANK_QUERY_BLOCK]
+            uniq, inv = np.unique(block, return_inverse=True)
+            rows = np.asarray(read(uniq))
+            if rows.shape != (len(uniq), self.spec.dim):
+                raise BadDataError(
+                    f"vector reader returned shape {rows.shape} for {len(uniq)} ids; "
+                    f"expected ({len(uniq)}, {self.spec.dim})"
+                )
+            full = rows.astype(np.float32, copy=False) @ q[s : s + _RERANK_QUERY_BLOCK].T
+            inv = inv.reshape(block.shape)
+            out[s : s + len(block)] = full[inv, np.arange(len(block))[:, None]]
+        if not np.isfinite(out).all():
+            raise NonFiniteError("stored vectors read for re-ranking contain NaN or inf")
+        order = np.lexsort((ids, -out), axis=-1)  # score descending, ties by id
+        return np.take_along_axis(out, order, 1), np.take_along_axis(ids, order, 1)
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise BadSpecError(f"k must be a positive integer; got {k!r}")
+    return int(k)
+
+
+def _set_search_params(index: faiss.Index, nprobe: int | None, efSearch: int | None) -> None:
+    ps = faiss.ParameterSpace()
+    for name, value in (("nprobe", nprobe), ("efSearch", efSearch)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise BadSpecError(f"{name} must be a positive integer; got {value!r}")
+        try:
+            ps.set_index_parameter(index, name, int(value))
+        except RuntimeError:
+            raise BadSpecError(f"{name} does not apply to this index type") from None
+
+
+def build_index(
+    vectors: Iterable[np.ndarray] | np.ndarray,
+    dim: int,
+    factory: str = "Flat",
+    train_sample: np.ndarray | None = None,
+    nprobe: int | None = None,
+    efSearch: int | None = None,
+    rerank: int = 0,
+    *,
+    threads: int | None = None,
+) -> SearchIndex:
+    """Build an inner-product index from streamed row blocks (memory: the index itself).
+
+    ``factory`` is a FAISS factory string ("Flat" is exact; "IVF1024,Flat", "HNSW32",
+    "SQ8", "IVF1024,PQ64" are approximate and need ``train_sample`` if they train).
+    """
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
+        raise BadSpecError(f"dim must be a positive integer; got {dim!r}")
+    if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 0:
+        raise BadSpecError(f"rerank must be a non-negative integer; got {rerank!r}")
+    dim = int(dim)
+    try:
+        index = faiss.index_factory(dim, str(factory), faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise BadSpecError(f"invalid FAISS factory string {factory!r}: {_first_line(e)}") from None
+    _set_search_params(index, nprobe, efSearch)
+    with _faiss_threads(threads):
+        if not index.is_trained:
+            if train_sample is None:
+                raise BadSpecError(f"index {factory!r} needs training: pass train_sample")
+            sample = _block(train_sample, dim, "train_sample")
+            try:
+                index.train(sample)
+            except RuntimeError as e:
+                raise BadSpecError(
+                    f"cannot train {factory!r} on {len(sample)} vectors (too few for its "
+                    f"clusters or codebooks?): {_first_line(e)}"
+                ) from None
+        if isinstance(vectors, np.ndarray):
+            vectors = [vectors]
+        for block in vectors:
+            block = _block(block, dim, "vectors")
+            try:
+                index.add(block)
+            except RuntimeError as e:
+                raise BadSpecError(f"cannot add to {factory!r}: {_first_line(e)}") from None
+    spec = IndexSpec(str(factory), "ip", dim, int(index.ntotal), nprobe, efSearch, int(rerank))
+    return SearchIndex(index, spec, threads=threads)
+
+
+def _block(x: np.ndarray, dim: int, what: str) -> np.ndarray:
+    a = np.asarray(x)
+    if a.ndim != 2 or a.shape[1] != dim or not np.issubdtype(a.dtype, np.number):
+        raise BadDataError(f"{what} must be numeric with shape (n, {dim}); got {a.shape} {a.dtype}")
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.isfinite(a).all():
+        raise NonFiniteError(f"{what} contain NaN or inf")
+    return a
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
+
+
+def _spec_path(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator:
+    """Yield a binary file at a unique temp name beside ``path``; fsync + replace on success.
+
+    Concurrent readers see the old file or the new one, never a mix; on failure the
+    temp file is removed and the old file is untouched.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def save_index(index: SearchIndex, path: str | Path) -> dict:
+    """Write the index and its spec atomically; return the record to keep in the store.
+
+    The record (path, size, sha256, spec) is what ``load_index`` checks the file against.
+    Bytes are hashed as FAISS writes them, so no second copy of the index is held.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    size = 0
+    with _atomic_file(path) as f:
+
+        def write(b: bytes) -> int:
+            nonlocal size
+            digest.update(b)
+            f.write(b)
+            size += len(b)
+            return len(b)
+
+        writer = faiss.PyCallbackIOWriter(write, _IO_BLOCK)
+        try:
+            faiss.write_index(index.index, writer)
+        finally:
+            del writer  # flushes its buffer into `write` before the file is closed
+    record = {"path": str(path), "size": size, "sha256": digest.hexdigest(), "spec": index.spec.to_dict()}
+    with _atomic_file(_spec_path(path)) as f:
+        f.write(json.dumps(record, indent=1, sort_keys=True).encode())
+    return record
+
+
+def load_index(
+    path: str | Path,
+    expected: dict,
+    vectors: VectorReader | None = None,
+    *,
+    threads: int | None = None,
+) -> SearchIndex:
+    """Load an index file after checking it against its record from ``save_index``.
+
+    The file is hashed and deserialized through one open descriptor (a concurrent
+    replace cannot swap it in between), with FAISS's per-vector allocation capped near
+    the file size, so a damaged file gives StoreIncompleteError, not a crash or a
+    runaway allocation.
+    """
+    path = Path(path)
+    if not isinstance(expected, dict) or "size" not in expected or "sha256" not in expected:
+        raise StoreIncompleteError(f"no valid record for index file {path}: {expected!r}")
+    spec = IndexSpec.from_dict(expected.get("spec"))
+    rebuild = f"rebuild with `influence build ... --index {spec.factory}`"
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise StoreIncompleteError(f"index file {path} cannot be opened ({e.strerror}); {rebuild}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size != expected["size"] or _sha256(f) != expected["sha256"]:
+            raise StoreIncompleteError(
+                f"index file {path} does not match its recorded checksum "
+                f"(size {size}, recorded {expected['size']}); {rebuild}"
+            )
+        f.seek(0)
+        old_bytes = faiss.get_deserialization_vector_byte_limit()
+        old_loop = faiss.get_deserialization_loop_limit()
+        limit = size + 4096  # no vector or loop in a valid file can exceed the file's size
+        faiss.set_deserialization_vector_byte_limit(limit)
+        faiss.set_deserialization_loop_limit(limit)
+        try:
+            reader = faiss.PyCallbackIOReader(f.read, _IO_BLOCK)
+            index = faiss.read_index(reader)
+            del reader
+        except Exception as e:  # FAISS raises RuntimeError, MemoryError, ... on damage
+            raise StoreIncompleteError(
+                f"index file {path} is corrupt ({type(e).__name__}: {_first_line(e)[:200]}); {rebuild}"
+            ) from None
+        finally:
+            faiss.set_deserialization_vector_byte_limit(old_bytes)
+            faiss.set_deserialization_loop_limit(old_loop)
+    if index.ntotal != spec.ntotal or index.d != spec.dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise StoreIncompleteError(
+            f"index file {path} holds {index.ntotal} vectors of dim {index.d} "
+            f"(metric {index.metric_type}), recorded {spec.ntotal} of dim {spec.dim} (inner product); {rebuild}"
+        )
+    try:
+        _set_search_params(index, spec.nprobe, spec.efSearch)
+    except BadSpecError as e:
+        raise StoreIncompleteError(f"index file {path} does not fit its recorded spec: {e}") from None
+    return SearchIndex(index, spec, vectors, threads)
+
+
+def _sha256(f) -> str:
+    h = hashlib.sha256()
+    while chunk := f.read(1 << 24):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:
+    """Mean fraction of the exact top-k found in the approximate top-k (-1 never counts)."""
+    k = _check_k(k)
+    a, e = np.atleast_2d(approx_ids)[:, :k], np.atleast_2d(exact_ids)[:, :k]
+    if len(a) != len(e):
+        raise BadDataError(f"recall needs the same queries: {len(a)} vs {len(e)} rows")
+    hits = total = 0
+    for ar, er in zip(a, e):
+        er = er[er >= 0]
+        hits += len(np.intersect1d(ar[ar >= 0], er))
+        total += len(er)
+    return hits / total if total else 1.0
