@@ -30,6 +30,7 @@ from influence.scoring import METHOD_NAMES, get_method, trak_inverse
 log = logging.getLogger(__name__)
 
 DEFAULT_ROWS_PER_CHUNK = 1024
+TRAIN_SAMPLE = 50_000  # vectors used to train an approximate index
 
 
 def _spec_string(spec: object) -> str | None:
@@ -208,11 +209,15 @@ def build_method_index(store: FeatureStore, method: str, factory: str = "Flat", 
     """Stream a method's train vectors into a FAISS index, save it atomically, return its record."""
     scorer = get_method(method)(store)
     sample = None
-    if factory != "Flat":
+    if factory != "Flat":  # a seeded uniform sample for training IVF/PQ, gathered chunk by chunk (memory: the sample)
         rng = np.random.default_rng(seed)
-        ids = np.sort(rng.choice(store.n, size=min(store.n, 50_000), replace=False))
-        sample = np.concatenate([scorer.train_vectors(s, e) for s, e in store.iter_chunks()])[ids] if store.n <= 200_000 else \
-            np.concatenate([scorer.train_vectors(s, e) for s, e in list(store.iter_chunks())[:50]])
+        ids = np.sort(rng.choice(store.n, size=min(store.n, TRAIN_SAMPLE), replace=False))
+        parts = []
+        for s, e in store.iter_chunks():
+            rows = ids[(ids >= s) & (ids < e)] - s
+            if len(rows):
+                parts.append(scorer.train_vectors(s, e)[rows])
+        sample = np.concatenate(parts)
     index = build_index((scorer.train_vectors(s, e) for s, e in store.iter_chunks()), dim=scorer.dim,
                         factory=factory, train_sample=sample)
     record = save_index(index, store.index_dir / f"{method}.index")
