@@ -135,8 +135,10 @@ def _parser() -> _Parser:
     a.add_argument("--model", required=True)
     a.add_argument("--checkpoint", required=True)
     a.add_argument("--image", required=True)
-    a.add_argument("--method", default="integrated_gradients")
+    a.add_argument("--method", default="integrated_gradients",
+                   help="saliency | input_x_gradient | integrated_gradients | smoothgrad | gradcam | wam | var[:BASE] (default integrated_gradients)")
     a.add_argument("--target", type=int, default=None)
+    a.add_argument("--size", type=_size, default=None, help="resize the image to H,W (default: keep its size)")
     a.add_argument("--out", required=True, help="PNG overlay to write (a .npy of the raw map is written beside it)")
     a.add_argument("--json", action="store_true")
     return p
@@ -266,13 +268,22 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
+    import torch
+
     from influence.attribution import run_attribute
     from influence.attribution._render import save_overlay
     from influence.loading import load_checkpoint, load_model, read_image
 
     model = load_checkpoint(load_model(args.model), args.checkpoint)
-    shape = _input_shape(model)
-    image = read_image(args.image, channels=shape[0] if shape else None, size=tuple(shape[1:]) if shape else None)
+    image = read_image(args.image, channels=_input_channels(model), size=args.size)
+    try:
+        with torch.no_grad():
+            model(image[None])
+    except RuntimeError as e:
+        raise InfluenceError(
+            f"the model cannot take image {args.image} of shape {tuple(image.shape)} ({str(e).splitlines()[0][:90]}); "
+            "pass --size H,W to resize it to the model's input size"
+        ) from None
     attribution, info = run_attribute(model, image, method=args.method, target=args.target)
     save_overlay(image, attribution, args.out)
     raw = str(Path(args.out).with_suffix(".npy"))
@@ -282,20 +293,27 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _input_shape(model) -> tuple[int, int, int] | None:
-    """Channels from the first conv/linear layer; size 16×16 for 1-channel digits models, else kept from the image."""
+def _input_channels(model) -> int | None:
+    """Input channels from the first Conv2d (None: keep the image's own)."""
     from torch import nn
 
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            return (m.in_channels, 16, 16) if m.in_channels == 1 else None
-        if isinstance(m, nn.Linear):
-            side = int(round(m.in_features ** 0.5))
-            return (1, side, side) if side * side == m.in_features else None
+            return m.in_channels
     return None
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(t) for t in text.replace("x", ",").split(","))
+        return h, w
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must be H,W (e.g. 16,16), got {text!r}") from None
+
+
 def _cmd_explain(args: argparse.Namespace) -> int:
+    import torch
+
     from influence.explain import explain
     from influence.query import Influence
     from influence.report import write_report
@@ -303,7 +321,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     session = Influence.open(args.store)
     x, labels, ids = _queries(args, session)
     if args.data and args.ids is None and labels is not None:  # default: the failures
-        wrong = (session.predict(x).argmax(-1).cpu() != torch_tensor(labels)).nonzero().flatten().tolist()
+        wrong = (session.predict(x).argmax(-1).cpu() != torch.as_tensor(labels)).nonzero().flatten().tolist()
         if not wrong:
             raise InfluenceError(f"no misclassified examples in {args.data}; pass --ids to explain correct ones")
         x, labels, ids = x[wrong], [labels[i] for i in wrong], [ids[i] for i in wrong]
@@ -325,12 +343,6 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if report:
         print(f"report: {report}", file=sys.stderr)
     return 0
-
-
-def torch_tensor(values):
-    import torch
-
-    return torch.as_tensor(values)
 
 
 def _cmd_flag(args: argparse.Namespace) -> int:
