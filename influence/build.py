@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ROWS_PER_CHUNK = 1024
 TRAIN_SAMPLE = 50_000  # vectors used to train an approximate index
+RERANK = 256  # an approximate index's shortlist, re-ranked exactly from the store
+NPROBE = 32  # IVF lists searched (FAISS's default of 1 misses most neighbours of gradient features)
+EF_SEARCH = 256  # HNSW search depth
 
 
 def _spec_string(spec: object) -> str | None:
@@ -219,7 +222,8 @@ def build_method_index(store: FeatureStore, method: str, factory: str = "Flat", 
                 parts.append(scorer.train_vectors(s, e)[rows])
         sample = np.concatenate(parts)
     index = build_index((scorer.train_vectors(s, e) for s, e in store.iter_chunks()), dim=scorer.dim,
-                        factory=factory, train_sample=sample)
+                        factory=factory, train_sample=sample, rerank=0 if factory == "Flat" else RERANK,
+                        nprobe=NPROBE if "IVF" in factory else None, efSearch=EF_SEARCH if "HNSW" in factory else None)
     record = save_index(index, store.index_dir / f"{method}.index")
     record["factory"] = factory
     record["path"] = f"faiss/{method}.index"

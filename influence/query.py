@@ -113,7 +113,7 @@ class Influence:
                     f"store has no index for method {method!r} (has {', '.join(records) or 'none'}); rebuild with --method {method}"
                 )
             rec = records[method]
-            self._indexes[method] = load_index(self.store.root / rec["path"], rec)
+            self._indexes[method] = load_index(self.store.root / rec["path"], rec, vectors=self.scorer(method).train_rows)
         return self._indexes[method]
 
     def _as_batch(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -38,13 +38,35 @@ class ScoringMethod:
         self.store = store
         self.ckpts = store.checkpoint_ids
         self.eta = {c["id"]: float(c.get("lr_weight", 1.0)) for c in store.checkpoints}
+        self._columns: dict[tuple[str, str], np.ndarray] = {}
 
     @property
     def dim(self) -> int:
         return self.store.k * len(self.ckpts)
 
-    def train_vectors(self, start: int, stop: int) -> np.ndarray:
+    def _column(self, name: str, ckpt: str) -> np.ndarray:
+        """A per-example (N,) column, read once: small next to the features."""
+        key = (name, ckpt)
+        if key not in self._columns:
+            self._columns[key] = self.store.column(name, ckpt).astype(np.float32)
+        return self._columns[key]
+
+    def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+        """This method's per-checkpoint train block from stored features of ``rows``."""
         raise NotImplementedError
+
+    def _finish(self, v: np.ndarray) -> np.ndarray:
+        return v
+
+    def train_vectors(self, start: int, stop: int) -> np.ndarray:
+        """Train vectors v_i for rows ``start:stop`` (one store chunk at a time when streaming)."""
+        rows = slice(start, stop)
+        return self._finish(np.concatenate([self._transform(c, self.store.read_features(c, start, stop), rows) for c in self.ckpts], axis=1))
+
+    def train_rows(self, ids: np.ndarray) -> np.ndarray:
+        """Train vectors of arbitrary rows: exact re-ranking of an approximate index's shortlist."""
+        ids = np.asarray(ids, dtype=np.int64)
+        return self._finish(np.concatenate([self._transform(c, self.store.read_rows(c, ids), ids) for c in self.ckpts], axis=1))
 
     def query_vectors(self, feats: dict[str, np.ndarray], weights: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> np.ndarray:
         """Query vectors (nq, dim) from per-checkpoint test features φ_c(t), ``dloss/doutput`` and p_y."""
@@ -57,12 +79,8 @@ class ScoringMethod:
 class TracIn(ScoringMethod, name="tracin"):
     """TracInCP: Σ_c η_c ⟨∇ℓ_c(i), ∇ℓ_c(t)⟩, with ∇ℓ = (dℓ/dm)·∇m from the stored output gradients."""
 
-    def _block(self, ckpt: str, start: int, stop: int) -> np.ndarray:
-        w = self.store.column("loss_weight", ckpt, start, stop)
-        return self.store.read_features(ckpt, start, stop) * (math.sqrt(self.eta[ckpt]) * w)[:, None]
-
-    def train_vectors(self, start: int, stop: int) -> np.ndarray:
-        return np.concatenate([self._block(c, start, stop) for c in self.ckpts], axis=1)
+    def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+        return feats * (math.sqrt(self.eta[ckpt]) * self._column("loss_weight", ckpt)[rows])[:, None]
 
     def query_vectors(self, feats, weights, probs) -> np.ndarray:
         return np.concatenate([feats[c] * (math.sqrt(self.eta[c]) * weights[c])[:, None] for c in self.ckpts], axis=1).astype(np.float32)
@@ -78,13 +96,11 @@ class TracIn(ScoringMethod, name="tracin"):
 class GradCos(TracIn, name="gradcos"):
     """Grad-Cos: cosine of the (checkpoint-concatenated) loss gradients; not dominated by high-loss examples."""
 
-    def train_vectors(self, start: int, stop: int) -> np.ndarray:
-        v = super().train_vectors(start, stop)
+    def _finish(self, v: np.ndarray) -> np.ndarray:
         return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)
 
     def query_vectors(self, feats, weights, probs) -> np.ndarray:
-        q = super().query_vectors(feats, weights, probs)
-        return q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), EPS)
+        return self._finish(super().query_vectors(feats, weights, probs))
 
     def self_influence(self) -> np.ndarray:
         raise BadSpecError("self-influence under gradcos is 1 for every example; use --method tracin or trak")
@@ -104,12 +120,8 @@ class TRAK(ScoringMethod, name="trak"):
             self._inv[ckpt] = self.store.read_matrix(f"trak/{ckpt}").astype(np.float32)
         return self._inv[ckpt]
 
-    def train_vectors(self, start: int, stop: int) -> np.ndarray:
-        blocks = []
-        for c in self.ckpts:
-            q = 1.0 - self.store.column("prob", c, start, stop)
-            blocks.append(self.store.read_features(c, start, stop) * q[:, None])
-        return np.concatenate(blocks, axis=1)
+    def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
+        return feats * (1.0 - self._column("prob", ckpt)[rows])[:, None]
 
     def query_vectors(self, feats, weights, probs) -> np.ndarray:
         n = len(self.ckpts)
@@ -121,7 +133,7 @@ class TRAK(ScoringMethod, name="trak"):
             inv = self.inverse(c)
             for start, stop in self.store.iter_chunks():
                 phi = self.store.read_features(c, start, stop)
-                q = 1.0 - self.store.column("prob", c, start, stop)
+                q = 1.0 - self._column("prob", c)[start:stop]
                 out[start:stop] += np.einsum("ik,kj,ij->i", phi, inv, phi) * q / len(self.ckpts)
         return out
 

@@ -277,3 +277,19 @@ def test_changed_checkpoint_file_is_refused(digits, cnn_ckpts, tmp_path, capsys)
     torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()}, moved[1])
     with pytest.raises(influence.BadCheckpointError, match="has changed since the store was built"):
         influence.Influence.open(tmp_path / "s2")
+
+
+def test_approximate_index_reranked_from_store_matches_exact(digits, cnn_ckpts, tmp_path):
+    """An IVF index's shortlist is re-ranked exactly from the store: same top-k and scores as Flat here."""
+    import influence
+    from conftest import CNN_SPEC
+
+    results = {}
+    for factory in ("Flat", "IVF4,Flat"):
+        out = tmp_path / factory.replace(",", "_")
+        influence.build(CNN_SPEC, str(digits.train_npz), cnn_ckpts.paths, out, proj_dim=64, lr_weights=cnn_ckpts.lrs,
+                        methods=["tracin"], index_factory=factory, progress=False)
+        [r] = influence.Influence.open(out).query(digits.x_test[:1], k=5)
+        results[factory] = ([p.train_id for p in r.proponents], [p.score for p in r.proponents])
+    assert results["Flat"][0] == results["IVF4,Flat"][0]
+    np.testing.assert_allclose(results["Flat"][1], results["IVF4,Flat"][1], rtol=1e-4)
