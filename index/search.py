@@ -75,7 +75,11 @@ def _int(v: object) -> int:
 
 @contextlib.contextmanager
 def _faiss_threads(n: int | None) -> Iterator[None]:
-    """Use n OpenMP threads inside the block and restore the previous setting after."""
+    """Use n OpenMP threads inside the block and restore the previous setting after.
+
+    The setting is process-wide, so concurrent searches from several Python threads
+    should share one value.
+    """
     if n is None:
         yield
         return
@@ -230,6 +234,7 @@ def build_index(
     except RuntimeError as e:
         raise BadSpecError(f"invalid FAISS factory string {factory!r}: {_first_line(e)}") from None
     _set_search_params(index, nprobe, efSearch)
+    _skip_polysemous_training(index)
     with _faiss_threads(threads):
         if not index.is_trained:
             if train_sample is None:
@@ -252,6 +257,22 @@ def build_index(
                 raise BadSpecError(f"cannot add to {factory!r}: {_first_line(e)}") from None
     spec = IndexSpec(str(factory), "ip", dim, int(index.ntotal), nprobe, efSearch, int(rerank))
     return SearchIndex(index, spec, threads=threads)
+
+
+def _skip_polysemous_training(index: faiss.Index) -> None:
+    """The factory turns on polysemous training for 8-bit PQ ("PQ64", "IVF1024,PQ64").
+
+    It only reorders PQ codes for Hamming pre-filtering, which inner-product search
+    never uses, and it made training IVF64,PQ64 on 10k x 512 take minutes instead of
+    seconds here. Distances and results are the same without it.
+    """
+    parts = [faiss.downcast_index(index)]
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        parts.append(faiss.downcast_index(ivf))
+    for part in parts:
+        if getattr(part, "do_polysemous_training", False):
+            part.do_polysemous_training = False
 
 
 def _block(x: np.ndarray, dim: int, what: str) -> np.ndarray:

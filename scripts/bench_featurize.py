@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _benchdoc import write_section  # noqa: E402
 
 from influence.data import load_digits_split  # noqa: E402
-from influence.features import ClassificationTask, ProjectorSpec, make_projector, per_example_grads, select_parameters  # noqa: E402
+from influence.features import ClassificationTask, ProjectorSpec, make_projector, select_parameters  # noqa: E402
 from influence.models import DigitsCNN, ResNet9  # noqa: E402
 from influence.training import train_classifier  # noqa: E402
 
@@ -97,9 +97,11 @@ def _fidelity(model, x, y, projector, names, task, n_train, n_test, exact) -> tu
 
 
 def _exact(model, x, y, names, task, n_train, n_test) -> np.ndarray:
+    """Exact gradient inner products (no projection), streamed in batches of 8 training examples."""
+    exact = make_projector(ProjectorSpec("none", 0), model, names)
     xs, ys = x[n_train:n_train + n_test], y[n_train:n_train + n_test]
-    gs = per_example_grads(model, task, names, xs, ys)
-    rows = [per_example_grads(model, task, names, x[b:min(n_train, b + 8)], y[b:min(n_train, b + 8)]) @ gs.T for b in range(0, n_train, 8)]
+    gs = exact.featurize(model, task, names, xs, ys)
+    rows = [exact.featurize(model, task, names, x[b:min(n_train, b + 8)], y[b:min(n_train, b + 8)]) @ gs.T for b in range(0, n_train, 8)]
     return torch.cat(rows).numpy()
 
 
