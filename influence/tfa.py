@@ -1,0 +1,325 @@
+"""Training feature attribution (TFA): where on a *training* image its influence on a test query lies.
+
+Same calling convention as :mod:`influence.attribution`, on training images::
+
+    maps = get_tfa("occlusion")(model).attribute(x_train, target=y_train, query=(x_test, y_test))
+
+- ``inputs``: training images (B, C, H, W); ``target``: their training labels (B,) (an int or sequence works too).
+- ``query``: the test side, ``(x_test, y_test)`` with ``x_test`` (C, H, W) or (1, C, H, W), or a precomputed flat
+  test gradient (p,) of the *loss* over the selected parameters (``per_example_grads(..., of="loss")[0]``).
+  ``y_test`` is the class whose loss is explained: the predicted class for "why did it predict ŷ?".
+- The result is shaped like ``inputs`` (float32 unless the inputs are float64).
+
+The model is run in eval mode (BatchNorm on running statistics) and left as it was: training flags restored,
+no hooks, ``requires_grad`` untouched (all gradients come from ``torch.func`` on detached parameters).
+
+Methods (METHODS.md §3); sign convention: positive = this region makes i a *proponent* of t:
+
+- ``gradcos_two_step``: gradcos input×gradient × the image's own input×gradient (positive parts). Test-specific.
+- ``gradcos``: ∇_{x_i} cos(g(x_i, y_i), g_t), g_t held constant (a mixed second-order product:
+  ``grad`` of the cosine of an inner ``grad``, vmapped over the batch). Options: ``smooth=n`` (SmoothGrad),
+  ``steps=n`` (path-integrated from a black image, i.e. integrated gradients of the Grad-Cos score),
+  ``input_x_gradient``, ``positive``, ``combine`` (× the training image's own attribution). Test-specific.
+- ``occlusion``: ΔS_R = S(i, t) − S(i with window R replaced by a baseline, t), S = ⟨g_i, g_t⟩ or cosine; all
+  masked copies of one image are one batched per-example-gradient call; a pixel gets the mean ΔS of the windows
+  covering it. Baselines ``zero``, ``blur``, ``mean``. Option ``combine``. Test-specific.
+- ``two_step`` (the default, by measurement): an ordinary attribution of x_i for its own label y_i (integrated
+  gradients of the logit from a black image, 16 steps, by default; or input×gradient, or the plain gradient; of
+  the logit or the margin). *Not* test-specific: ``query`` is accepted and ignored, so the map
+  is the same for every test image.
+
+Every map is computed with the one model given (callers pass the final checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from influence.errors import BadDataError, BadSpecError
+from influence.features import ClassificationTask, Task, per_example_grads, select_parameters
+
+TFA_METHODS: dict[str, type["TFAMethod"]] = {}
+"""CLI name → class; filled by each method's class statement (``name=...``)."""
+
+EPS = 1e-12
+QueryLike = tuple[torch.Tensor, int] | torch.Tensor
+
+
+def get_tfa(name: str) -> type["TFAMethod"]:
+    """The TFA class registered under ``name``; unknown names list the choices."""
+    try:
+        return TFA_METHODS[name]
+    except (KeyError, TypeError):
+        raise BadSpecError(f"unknown TFA method {name!r}; choose one of: {', '.join(sorted(TFA_METHODS))}") from None
+
+
+class TFAMethod:
+    """Base class: ``class X(TFAMethod, name="x")`` registers X under its CLI name."""
+
+    name: ClassVar[str]
+    test_specific: ClassVar[bool] = True
+
+    def __init_subclass__(cls, name: str, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        cls.name = name
+        TFA_METHODS[name] = cls
+
+    def __init__(self, model: nn.Module, *, task: Task | None = None, params: str = "all") -> None:
+        self.model = model
+        self.task = task or ClassificationTask()
+        self.names = select_parameters(model, params)
+
+    # ------------------------------------------------------------------ shared plumbing
+    def attribute(self, inputs: torch.Tensor, target: Any = None, query: QueryLike | None = None, **options: Any) -> torch.Tensor:
+        x = _as_batch(inputs)
+        y = _as_target(target, x.shape[0])
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            out = self._attribute(x, y.to(x.device), query, **options)
+        finally:
+            for m, flag in modes:
+                m.training = flag
+        return out.detach().to(x.dtype)
+
+    def _attribute(self, x: torch.Tensor, y: torch.Tensor, query: QueryLike | None, **options: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _params(self, dtype: torch.dtype) -> tuple[dict, dict]:
+        chosen = set(self.names)
+        params = {n: p.detach().to(dtype) for n, p in self.model.named_parameters() if n in chosen}
+        frozen = {n: p.detach().to(dtype) for n, p in self.model.named_parameters() if n not in chosen}
+        frozen.update({n: b.to(dtype) if b.is_floating_point() else b for n, b in self.model.named_buffers()})
+        return params, frozen
+
+    def test_gradient(self, query: QueryLike | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The flat test loss gradient g_t (p,) from ``query`` (computed, or checked when given)."""
+        p = sum(q.numel() for n, q in self.model.named_parameters() if n in set(self.names))
+        if query is None:
+            raise BadSpecError(f"TFA method {self.name!r} needs query=(x_test, y_test) or a flat test gradient")
+        if isinstance(query, torch.Tensor):
+            g = query.detach().reshape(-1)
+            if g.numel() != p:
+                raise BadDataError(f"query gradient has {g.numel()} values; the selected parameters have {p}")
+            return g.to(dtype)
+        if not isinstance(query, (tuple, list)) or len(query) != 2:
+            raise BadDataError(f"query must be (x_test, y_test) or a flat gradient tensor; got {type(query).__name__}")
+        xt = torch.as_tensor(query[0]).detach().to(dtype)
+        xt = xt[None] if xt.dim() == 3 else xt
+        if xt.dim() != 4 or xt.shape[0] != 1:
+            raise BadDataError(f"query image must be (C, H, W) or (1, C, H, W); got {tuple(xt.shape)}")
+        yt = torch.as_tensor(query[1], dtype=torch.long).reshape(-1)[:1]
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            params, frozen = self._params(dtype)
+            return _flat_grad(self.model, self.task, self.names, params, frozen, xt[0], yt[0], "loss")
+        finally:
+            for m, flag in modes:
+                m.training = flag
+
+    def own_attribution(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Input×gradient of the training image's own logit, for ``combine``."""
+        return TwoStepTFA(self.model, task=self.task, params="all")._attribute(x, y, None, method="input_x_gradient")
+
+
+def _as_batch(inputs: Any) -> torch.Tensor:
+    x = torch.as_tensor(inputs) if not isinstance(inputs, torch.Tensor) else inputs
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or x.shape[0] == 0:
+        raise BadDataError(f"inputs must be training images shaped (B, C, H, W); got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise BadDataError(f"inputs must be floating point; got dtype {x.dtype} (convert with .float())")
+    if not torch.isfinite(x).all():
+        raise BadDataError("inputs contain NaN or inf")
+    return x.detach()
+
+
+def _as_target(target: Any, batch: int) -> torch.Tensor:
+    if target is None:
+        raise BadSpecError("TFA needs target=: the training labels of the inputs")
+    t = torch.as_tensor(target, dtype=torch.long).reshape(-1)
+    if t.numel() == 1 and batch > 1:
+        t = t.expand(batch)
+    if t.numel() != batch:
+        raise BadDataError(f"{t.numel()} targets for {batch} training images; give one label per image")
+    return t
+
+
+def _flat_grad(model: nn.Module, task: Task, names: list[str], params: dict, frozen: dict,
+               xi: torch.Tensor, yi: torch.Tensor, of: str = "loss") -> torch.Tensor:
+    """g(x_i, y_i) flattened over ``names``; differentiable w.r.t. ``xi`` under torch.func transforms."""
+    fn = task.loss if of == "loss" else task.output
+
+    def scalar(p: dict) -> torch.Tensor:
+        return fn(functional_call(model, (p, frozen), (xi[None],)), yi[None]).sum()
+
+    g = grad(scalar)(params)
+    return torch.cat([g[n].reshape(-1) for n in names])
+
+
+def _positive_normalised(m: torch.Tensor) -> torch.Tensor:
+    m = m.clamp(min=0)
+    return m / m.flatten(1).amax(1).clamp(min=EPS).view(-1, *([1] * (m.dim() - 1)))
+
+
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    r = max(1, int(math.ceil(2 * sigma)))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype) ** 2 / (2 * sigma ** 2))
+    k = k / k.sum()
+    c = x.shape[1]
+    out = torch.nn.functional.pad(x, (r, r, r, r), mode="replicate")
+    out = torch.nn.functional.conv2d(out, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return torch.nn.functional.conv2d(out, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+class GradCosTFA(TFAMethod, name="gradcos"):
+    """∇_{x_i} cos(g(x_i, y_i), g_t) (Bacha & George 2025), with SmoothGrad / path / ×input / positive options."""
+
+    def _attribute(self, x, y, query, *, smooth: int = 0, sigma: float = 0.15, steps: int = 0,
+                   input_x_gradient: bool = False, positive: bool = False, combine: bool = False,
+                   seed: int = 0, batch_size: int = 32) -> torch.Tensor:
+        if smooth < 0 or steps < 0:
+            raise BadSpecError(f"smooth and steps must be >= 0; got smooth={smooth}, steps={steps}")
+        if smooth and steps:
+            raise BadSpecError("choose one of smooth= (SmoothGrad) and steps= (path integration), not both")
+        gt = self.test_gradient(query, x.dtype).to(x.device)
+        params, frozen = self._params(x.dtype)
+        model, task, names = self.model, self.task, self.names
+        gt_unit = gt / gt.norm().clamp(min=EPS)
+
+        def score(xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            g = _flat_grad(model, task, names, params, frozen, xi, yi, "loss")
+            return (g @ gt_unit) / g.norm().clamp(min=EPS)
+
+        grad_fn = vmap(grad(score))
+
+        def grads(points: torch.Tensor) -> torch.Tensor:
+            return torch.cat([grad_fn(points[b:b + batch_size], y[b:b + batch_size]) for b in range(0, len(points), batch_size)])
+
+        if smooth:
+            gen = torch.Generator().manual_seed(seed)
+            spread = sigma * (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, 1, 1, 1)
+            acc = torch.zeros_like(x)
+            for _ in range(smooth):
+                noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+                acc += grads(x + spread * noise)
+            m = acc / smooth
+        elif steps:
+            acc = torch.zeros_like(x)
+            for s in range(steps):
+                acc += grads(x * ((s + 0.5) / steps))
+            m = x * acc / steps
+        else:
+            m = grads(x)
+        if input_x_gradient and not steps:
+            m = m * x
+        if positive:
+            m = m.clamp(min=0)
+        if combine:
+            m = _positive_normalised(m) * _positive_normalised(self.own_attribution(x, y))
+        return m
+
+
+class GradCosTwoStepTFA(GradCosTFA, name="gradcos_two_step"):
+    """gradcos input×gradient × the image's own input×gradient (positive parts, each scaled to max 1).
+
+    The test-specific factor says which pixels make i a proponent of *this* query; the second factor keeps the
+    map on evidence the model uses for y_i, which is what localises (docs/BENCHMARKS.md). Options as gradcos.
+    """
+
+    def _attribute(self, x, y, query, **options: Any) -> torch.Tensor:
+        options.setdefault("input_x_gradient", True)
+        options.setdefault("combine", True)
+        return super()._attribute(x, y, query, **options)
+
+
+class TwoStepTFA(TFAMethod, name="two_step"):
+    """Ordinary attribution of x_i for its own label y_i; the same map whatever the query (not test-specific)."""
+
+    test_specific = False
+
+    def _attribute(self, x, y, query=None, *, of: str = "logit", method: str = "integrated_gradients",
+                   steps: int = 16) -> torch.Tensor:
+        if of not in ("logit", "margin"):
+            raise BadSpecError(f"two_step of={of!r}; choose logit or margin")
+        if method not in ("input_x_gradient", "gradient", "integrated_gradients"):
+            raise BadSpecError(f"two_step method={method!r}; choose input_x_gradient, gradient or integrated_gradients")
+        params, frozen = self._params(x.dtype)
+        model, task = self.model, self.task
+
+        def out(xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            logits = functional_call(model, (params, frozen), (xi[None],))
+            return logits[0].gather(0, yi[None])[0] if of == "logit" else task.output(logits, yi[None])[0]
+
+        g = vmap(grad(out))
+        if method == "gradient":
+            return g(x, y)
+        if method == "input_x_gradient":
+            return x * g(x, y)
+        acc = torch.zeros_like(x)
+        for s in range(steps):
+            acc += g(x * ((s + 0.5) / steps), y)
+        return x * acc / steps
+
+
+class OcclusionTFA(TFAMethod, name="occlusion"):
+    """Region influence: drop in S(i, t) when a window of x_i is replaced by a baseline, averaged per pixel."""
+
+    def _attribute(self, x, y, query, *, window: int = 4, stride: int = 2, baseline: str = "zero",
+                   score: str = "dot", blur_sigma: float = 2.0, combine: bool = False) -> torch.Tensor:
+        if baseline not in ("zero", "blur", "mean"):
+            raise BadSpecError(f"occlusion baseline={baseline!r}; choose zero, blur or mean")
+        if score not in ("dot", "cos"):
+            raise BadSpecError(f"occlusion score={score!r}; choose dot or cos")
+        h, w = x.shape[-2:]
+        if not 1 <= window <= min(h, w) or stride < 1:
+            raise BadSpecError(f"occlusion window={window}, stride={stride}: need 1 <= window <= {min(h, w)} and stride >= 1")
+        gt = self.test_gradient(query, x.dtype).to(x.device)
+        if baseline == "zero":
+            base = torch.zeros_like(x)
+        elif baseline == "mean":
+            base = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
+        else:
+            base = _blur(x, blur_sigma)
+        rows = _starts(h, window, stride)
+        cols = _starts(w, window, stride)
+        masks = torch.zeros(len(rows) * len(cols), h, w, dtype=x.dtype, device=x.device)
+        for k, (r, c) in enumerate((r, c) for r in rows for c in cols):
+            masks[k, r:r + window, c:c + window] = 1
+        cover = masks.sum(0).clamp(min=1)
+        maps = []
+        for i in range(x.shape[0]):
+            xi, bi = x[i], base[i]
+            variants = torch.cat([xi[None], xi[None] * (1 - masks[:, None]) + bi[None] * masks[:, None]])
+            g = per_example_grads(self.model, self.task, self.names, variants, y[i].repeat(len(variants)), of="loss")
+            s = g @ gt
+            if score == "cos":
+                s = s / (g.norm(dim=1) * gt.norm()).clamp(min=EPS)
+            delta = s[0] - s[1:]
+            pixel = (delta[:, None, None] * masks).sum(0) / cover
+            maps.append(pixel.expand_as(xi))
+        m = torch.stack(maps)
+        if combine:
+            m = _positive_normalised(m) * _positive_normalised(self.own_attribution(x, y))
+        return m
+
+
+def _starts(size: int, window: int, stride: int) -> list[int]:
+    s = list(range(0, size - window + 1, stride))
+    if s[-1] != size - window:
+        s.append(size - window)
+    return s
+
+
+DEFAULT_TFA = "two_step"
+"""The default TFA method, chosen by the measured shortcut localisation (docs/BENCHMARKS.md)."""
+
+
+__all__ = ["DEFAULT_TFA", "GradCosTFA", "GradCosTwoStepTFA", "OcclusionTFA", "TFAMethod", "TFA_METHODS", "TwoStepTFA", "get_tfa"]
