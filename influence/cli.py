@@ -127,8 +127,9 @@ def _parser() -> _Parser:
     f.add_argument("--test", default=None, help="DATA SPEC of test images (their failures drive harmful and shortcut)")
     f.add_argument("--kind", choices=("mislabel", "harmful", "shortcut", "all"), default="all")
     f.add_argument("--top", type=int, default=20)
-    f.add_argument("--method", choices=METHODS, default="tracin")
-    f.add_argument("--tfa", default=None)
+    f.add_argument("--method", choices=METHODS, default=None,
+                   help="override the measured defaults: trak for mislabel, tracin for harmful, gradcos for shortcut")
+    f.add_argument("--tfa", default=None, help="TFA method for shortcut search (default: the measured best)")
     f.add_argument("--json", action="store_true")
 
     a = sub.add_parser("attribute", help="pixel attribution map on one image")

@@ -99,7 +99,7 @@ def _report_and_flags(session: Influence, out: Path, test, patched, wrong: list[
     n = session.store.n
     flipped = set(truth["flipped"])
     top = len(flipped)
-    mislabels = flag_mislabels(session, method="tracin", top=n)
+    mislabels = flag_mislabels(session, method="trak", top=n)
     order = [m["train_id"] for m in mislabels]
     found_at = {p: sum(1 for i in order[: int(p * n)] if i in flipped) / len(flipped) for p in (0.1, 0.2)}
     harmful = flag_harmful(session, test.x, test.y, top=20)
@@ -115,7 +115,7 @@ def _report_and_flags(session: Influence, out: Path, test, patched, wrong: list[
     explanations = explain(session, test.x[wrong[:8]], labels=test.y[wrong[:8]].tolist(), test_ids=wrong[:8], k=k) if wrong else []
     images = {j: session.training_examples(s["train_ids"][:8])[0] for j, s in enumerate(shortcuts)}
     notes = [
-        f"Label noise: {len(flipped)} training labels flipped; self-influence (TracInCP) ranks {found_at[0.1]:.0%} of them in its "
+        f"Label noise: {len(flipped)} training labels flipped; self-influence (TRAK) ranks {found_at[0.1]:.0%} of them in its "
         f"top 10% and {found_at[0.2]:.0%} in its top 20%.",
         f"Patch shortcut: injected on {len(truth['patched'])} class-{truth['patch_class']} training images at box {box}; "
         + (f"detected at {hit['box']} with {len(hit['train_ids'])} supporting images." if hit else "not detected."),

@@ -52,7 +52,9 @@ def _peak(m: torch.Tensor) -> list[int]:
 
 def influencer_flags(session: Influence, ids: Sequence[int]) -> dict[int, list[str]]:
     """Warnings per training example: high self-influence, and a label the final model disagrees with."""
-    selfinf = session.self_influence("tracin")
+    from influence.flag import _best_self_influence
+
+    selfinf = session.self_influence(_best_self_influence(session))
     cut = float(np.quantile(selfinf, MISLABEL_QUANTILE))
     prob = session.store.column("prob", session.store.checkpoint_ids[-1])
     flags: dict[int, list[str]] = {}

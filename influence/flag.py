@@ -20,8 +20,12 @@ from influence.query import Influence
 KINDS = ("mislabel", "harmful", "shortcut")
 
 
-def flag_mislabels(session: Influence, *, method: str = "tracin", top: int = 20) -> list[dict[str, Any]]:
-    """Training examples by descending self-influence, with the final model's probability of their label."""
+def flag_mislabels(session: Influence, *, method: str = "trak", top: int = 20) -> list[dict[str, Any]]:
+    """Training examples by descending self-influence, with the final model's probability of their label.
+
+    TRAK is the default: on the digits demo (3 seeds) its self-influence found flipped labels with AUC 0.999
+    and 96% of them in the top 10%, against 0.987 and 80% for TracIn (scripts/eval_mislabel.py).
+    """
     values = session.self_influence(method)
     prob = session.store.column("prob", session.store.checkpoint_ids[-1])
     labels = session.store.labels()
@@ -90,9 +94,12 @@ def flag_shortcuts(
 
 def run_flags(
     session: Influence, test: tuple[torch.Tensor, torch.Tensor] | None = None, *, kinds: Sequence[str] = KINDS,
-    top: int = 20, method: str = "tracin", tfa: str | None = None,
+    top: int = 20, method: str | None = None, tfa: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON document of ``influence flag``: rankings are lists of {train_id, score, ...}; shortcuts a list of boxes."""
+    """The JSON document of ``influence flag``: rankings are lists of {train_id, score, ...}; shortcuts a list of boxes.
+
+    ``method`` overrides the measured defaults (mislabel: trak, harmful: tracin, shortcut: gradcos).
+    """
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise BadSpecError(f"unknown --kind {bad}; choose from {', '.join(KINDS)} or all")
@@ -100,9 +107,16 @@ def run_flags(
         raise BadSpecError("--kind harmful and shortcut need test images: pass --test SPEC (e.g. your failing images)")
     out: dict[str, Any] = {}
     if "mislabel" in kinds:
-        out["mislabel"] = flag_mislabels(session, method="trak" if method == "gradcos" else method, top=top)
+        if method == "gradcos":
+            raise BadSpecError("mislabel ranking needs self-influence, which is constant under gradcos; use --method trak or tracin")
+        out["mislabel"] = flag_mislabels(session, method=method or _best_self_influence(session), top=top)
     if "harmful" in kinds:
-        out["harmful"] = flag_harmful(session, *test, method=method, top=top)
+        out["harmful"] = flag_harmful(session, *test, method=method or "tracin", top=top)
     if "shortcut" in kinds:
-        out["shortcuts"] = flag_shortcuts(session, *test, tfa=tfa)
+        out["shortcuts"] = flag_shortcuts(session, *test, method=method or "gradcos", tfa=tfa)
     return out
+
+
+def _best_self_influence(session: Influence) -> str:
+    """TRAK when the store was built with it (measured best for mislabels), else TracIn."""
+    return "trak" if "trak" in session.store.attrs.get("indexes", {}) else "tracin"

@@ -64,7 +64,7 @@ def test_explain_api_maps_have_image_shapes(session, digits):
 
 def test_mislabel_ranking_is_self_influence_order(session):
     flags = flag_mislabels(session, top=10)
-    values = session.self_influence("tracin")
+    values = session.self_influence("trak")
     assert [f["train_id"] for f in flags] == list(np.argsort(-values, kind="stable")[:10])
     assert all(f["score"] == pytest.approx(float(values[f["train_id"]])) for f in flags)
 
