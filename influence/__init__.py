@@ -2,20 +2,48 @@
 
 Data flow: features (per-example gradients, projected) → index.store (zarr) →
 index.search (FAISS) → scoring (TracIn, Grad-Cos, TRAK) → query → attribution / tfa → report → cli.
+
+The pipeline names are loaded on first use, so ``index`` (which raises this
+package's errors) can be imported on its own without a cycle.
 """
 
-from influence.build import build
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from influence.errors import (
     BadCheckpointError, BadDataError, BadSpecError, InfluenceError, NonFiniteError, StoreIncompleteError,
     StoreLockedError, StoreMismatchError,
 )
-from influence.features import ClassificationTask, ProjectorSpec, Task
-from influence.query import Influence, Influencer, QueryResult, describe_store
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "build": "influence.pipeline",
+    "ClassificationTask": "influence.features",
+    "ProjectorSpec": "influence.features",
+    "Task": "influence.features",
+    "Influence": "influence.query",
+    "Influencer": "influence.query",
+    "QueryResult": "influence.query",
+    "describe_store": "influence.query",
+}
 
 __all__ = [
     "BadCheckpointError", "BadDataError", "BadSpecError", "ClassificationTask", "Influence", "InfluenceError",
     "Influencer", "NonFiniteError", "ProjectorSpec", "QueryResult", "StoreIncompleteError", "StoreLockedError",
     "StoreMismatchError", "Task", "build", "describe_store",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'influence' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -161,7 +161,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from influence.build import build
+    from influence.pipeline import build
     from influence.query import describe_store
 
     t0 = time.perf_counter()

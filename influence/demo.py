@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from influence.build import build
+from influence.pipeline import build
 from influence.data import inject, load_digits_split
 from influence.models import DigitsCNN
 from influence.query import Influence

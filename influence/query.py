@@ -113,7 +113,9 @@ class Influence:
                     f"store has no index for method {method!r} (has {', '.join(records) or 'none'}); rebuild with --method {method}"
                 )
             rec = records[method]
-            self._indexes[method] = load_index(self.store.root / rec["path"], rec, vectors=self.scorer(method).train_rows)
+            # One FAISS thread: a query is a handful of vectors, and on a busy 2-core machine a second OpenMP
+            # thread waiting to be scheduled made single queries ~4× slower (docs/BENCHMARKS.md, index table).
+            self._indexes[method] = load_index(self.store.root / rec["path"], rec, vectors=self.scorer(method).train_rows, threads=1)
         return self._indexes[method]
 
     def _as_batch(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -45,3 +45,19 @@ def test_errors_share_one_hierarchy():
         obj = getattr(influence, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, influence.InfluenceError), name
+
+
+def test_index_imports_on_its_own_in_a_fresh_interpreter():
+    """`index` raises influence's errors; importing it first must not hit a cycle through influence/__init__."""
+    import subprocess
+    import sys
+
+    for stmt in ("import index", "import index.search", "from index import FeatureStore; import influence; influence.build"):
+        subprocess.run([sys.executable, "-c", stmt], check=True, capture_output=True)
+
+
+def test_build_stays_the_function_after_its_module_is_imported():
+    import influence
+    from influence.pipeline import build
+
+    assert influence.build is build and callable(influence.build)

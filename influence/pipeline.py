@@ -1,4 +1,4 @@
-"""extract → store → index: featurize the training set for each checkpoint, then build the indexes.
+"""extract → store → index (the `build` stage): featurize the training set for each checkpoint, then build the indexes.
 
 Work is done in whole row chunks (the unit of resume): a chunk is computed in
 batches whose size divides the chunk, written, then flagged done. Re-running
