@@ -13,6 +13,7 @@ per-example-gradient inner products on a sample.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -74,7 +75,8 @@ def _throughput(model, x, y, projector, names, task, batch, reps, workdir: Path)
         arr[i * batch:(i + 1) * batch] = f
 
     train_step()
-    featurize(0)
+    if reps > 1:  # warm-up (skipped for the dense-on-big-model case, where one call takes minutes)
+        featurize(0)
     t_train, t_feat = [], []
     for i in range(reps):
         s = time.perf_counter()
@@ -136,8 +138,12 @@ def main() -> None:
                       f"spearman {rho:.3f} top10 {top:.2f}", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    load = os.getloadavg()[0]
     lines = [
         "## Featurization throughput (ratio to training) and projection fidelity",
+        "",
+        f"Machine: 2 cores, load average {load:.1f} during the run (other jobs were running; ratios are measured "
+        "alternately in one run so load hits both sides, but absolute examples/s are depressed).",
         "",
         f"Command: `python scripts/bench_featurize.py --models {args.models} --kinds {args.kinds} --k {args.k} --batch {args.batch} --reps {args.reps}` "
         "(2 CPU threads; training and featurization timed alternately in one run, medians; featurization = per-example "
