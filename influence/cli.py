@@ -79,6 +79,7 @@ def _parser() -> _Parser:
     b.add_argument("--index", default="Flat", help="FAISS index factory string (default Flat: exact)")
     b.add_argument("--seed", type=int, default=0, help="projection seed")
     b.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage type")
+    b.add_argument("--trak-lambda", type=float, default=1.0, help="TRAK ridge λ relative to trace(ΦᵀΦ)/k (default 1, measured best)")
     b.add_argument("--chunk-rows", type=int, default=1024, help="rows per store chunk (rounded to a multiple of the batch size)")
     b.add_argument("--device", default="cpu")
     b.add_argument("--json", action="store_true", help="print the store summary as JSON")
@@ -132,6 +133,16 @@ def _parser() -> _Parser:
     f.add_argument("--tfa", default=None, help="TFA method for shortcut search (default: the measured best)")
     f.add_argument("--json", action="store_true")
 
+    r = sub.add_parser("repair", help="(demo) drop/relabel flagged mislabels, mask the detected shortcut, retrain, compare")
+    r.add_argument("--out", default="runs/demo", help="a finished `influence demo` folder (default: runs/demo)")
+    r.add_argument("--action", choices=("drop", "relabel"), default="drop", help="what to do with flagged mislabels")
+    r.add_argument("--fraction", type=float, default=0.1, help="share of training examples flagged as mislabels (default 0.1)")
+    r.add_argument("--mask-scope", choices=("flagged", "class"), default="class",
+                   help="mask the shortcut box on the flagged images only, or on every image of its class")
+    r.add_argument("--method", choices=("tracin", "trak"), default="trak", help="self-influence used to flag mislabels")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--json", action="store_true")
+
     a = sub.add_parser("attribute", help="pixel attribution map on one image")
     a.add_argument("--model", required=True)
     a.add_argument("--checkpoint", required=True)
@@ -167,7 +178,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
                  params=args.params, lr_weights=args.lr_weights, batch_size=args.batch_size, methods=args.method,
-                 index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows,
+                 index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows, trak_lambda=args.trak_lambda,
                  device=args.device, progress=True)
     info = describe_store(path) | {"seconds": round(time.perf_counter() - t0, 2)}
     _emit(info, args.json, f"store {info['path']}: {info['n']} examples × {len(info['checkpoints'])} checkpoints, "
@@ -371,10 +382,20 @@ def _cmd_flag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_repair(args: argparse.Namespace) -> int:
+    from influence.repair import run_repair
+
+    report = run_repair(args.out, mislabel_fraction=args.fraction, action=args.action, seed=args.seed,
+                        mask_scope=args.mask_scope, method=args.method, log=sys.stderr)
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
 COMMANDS = {
     "demo": _cmd_demo, "build": _cmd_build, "query": _cmd_query, "score": _cmd_score,
     "self-influence": _cmd_self_influence, "info": _cmd_info, "attribute": _cmd_attribute,
-    "explain": _cmd_explain, "flag": _cmd_flag,
+    "explain": _cmd_explain, "flag": _cmd_flag, "repair": _cmd_repair,
 }
 
 

@@ -88,7 +88,7 @@ def build(
     task: Task | None = None,
     seed: int = 0,
     dtype: str = "float16",
-    trak_lambda: float = 0.01,
+    trak_lambda: float = 1.0,
     rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -187,16 +187,16 @@ def build(
         finally:
             bar.close()
 
-        if any(get_method(m).needs_trak for m in methods):
+        if any(get_method(m).needs_trak for m in methods):  # the inverse is applied on the query side only
             for ckpt in store.checkpoint_ids:
-                if f"trak/{ckpt}" not in store.group:
+                if f"trak/{ckpt}" not in store.group or store.attrs.get(f"trak_lambda_rel_{ckpt}") != trak_lambda:
                     gram = np.zeros((store.k, store.k))
                     for s, e in store.iter_chunks():
                         phi = store.read_features(ckpt, s, e).astype(np.float64)
                         gram += phi.T @ phi
                     inv, lam = trak_inverse(gram, trak_lambda)
                     store.write_matrix(f"trak/{ckpt}", inv.astype(np.float32))
-                    store.set_attrs(**{f"trak_lambda_{ckpt}": lam})
+                    store.set_attrs(**{f"trak_lambda_{ckpt}": lam, f"trak_lambda_rel_{ckpt}": trak_lambda})
 
         indexes = dict(store.attrs.get("indexes", {}))
         for m in methods:

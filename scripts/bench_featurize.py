@@ -114,9 +114,10 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a machine shared with other jobs)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     task = ClassificationTask()
     rows = []
     workdir = Path(tempfile.mkdtemp())
@@ -145,8 +146,8 @@ def main() -> None:
         f"Machine: 2 cores, load average {load:.1f} during the run (other jobs were running; ratios are measured "
         "alternately in one run so load hits both sides, but absolute examples/s are depressed).",
         "",
-        f"Command: `python scripts/bench_featurize.py --models {args.models} --kinds {args.kinds} --k {args.k} --batch {args.batch} --reps {args.reps}` "
-        "(2 CPU threads; training and featurization timed alternately in one run, medians; featurization = per-example "
+        f"Command: `python scripts/bench_featurize.py --models {args.models} --kinds {args.kinds} --k {args.k} --batch {args.batch} --reps {args.reps} --threads {args.threads}` "
+        f"({args.threads} torch thread(s); training and featurization timed alternately in one run, medians; featurization = per-example "
         "gradients + projection + float16 cast + zarr write; fidelity = mean Spearman and top-10 overlap of projected vs exact "
         "gradient inner products, digits-cnn: 200 train × 10 test real digits after 3 epochs; resnet9: 96 × 8 random 3×32×32 inputs).",
         "",

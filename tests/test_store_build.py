@@ -293,3 +293,20 @@ def test_approximate_index_reranked_from_store_matches_exact(digits, cnn_ckpts, 
         results[factory] = ([p.train_id for p in r.proponents], [p.score for p in r.proponents])
     assert results["Flat"][0] == results["IVF4,Flat"][0]
     np.testing.assert_allclose(results["Flat"][1], results["IVF4,Flat"][1], rtol=1e-4)
+
+
+def test_changing_trak_lambda_recomputes_the_inverse_and_index(digits, cnn_ckpts, copy_store):
+    """A re-run with another --trak-lambda must not serve the old (ΦᵀΦ + λI)⁻¹."""
+    import influence
+    from conftest import BATCH, CHUNK, CNN_SPEC, PROJ_DIM
+
+    path = copy_store()
+    before = influence.Influence.open(path).scores(digits.x_test[:2], method="trak")
+    influence.build(CNN_SPEC, str(digits.train_npz), cnn_ckpts.paths, path, proj_dim=PROJ_DIM, lr_weights=cnn_ckpts.lrs,
+                    batch_size=BATCH, rows_per_chunk=CHUNK, trak_lambda=100.0, progress=False)
+    session = influence.Influence.open(path)
+    after = session.scores(digits.x_test[:2], method="trak")
+    assert not np.allclose(before, after)
+    assert session.store.attrs["trak_lambda_rel_c0"] == 100.0
+    [r] = session.query(digits.x_test[:1], k=3, method="trak")
+    assert [p.train_id for p in r.proponents] == list(np.argsort(-after[:, 0], kind="stable")[:3])

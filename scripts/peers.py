@@ -1,0 +1,227 @@
+"""Adapters that run peer attribution libraries on our models and data and return score matrices + wall time.
+
+Every adapter takes the same inputs as our build (a model class, checkpoint paths with their
+learning rates, the training and test ArrayDatasets, a projection size ``k``) and yields
+``(method, (scores (n_train, n_test) float32, seconds, note))`` rows, with scores in our sign
+convention (positive = proponent: training on i raises t's margin / lowers its loss), ready
+for the same LDS code. ``None`` instead of the tuple means the peer could not run that config.
+
+Peers (all CPU, 2 threads):
+- ``traker`` (TRAK reference, ``pip install traker``; no fast_jl, so its CPU ``BasicProjector``
+  with ``ProjectionType.rademacher``): TRAK at its default λ = 0 and at λ = 0.01·trace/k (ours' default).
+- ``captum`` (``captum.influence``): ``TracInCP`` (exact full gradients, no projection; equal to our
+  TracInCP with projector none) and ``TracInCPFastRandProj`` (last layer only, projected to k).
+- ``dattri`` (``pip install dattri``): ``TRAKAttributor`` (normal projection, regularization 0 and
+  the same relative λ) and ``TracInAttributor`` (projected to k, lr-weighted).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import warnings
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+Row = tuple[str, "tuple[np.ndarray, float, dict] | None"]
+TOOLS = ("traker", "captum", "dattri")
+
+
+def _load(model_cls: Callable[[], nn.Module], path: str) -> nn.Module:
+    net = model_cls()
+    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return net.eval()
+
+
+def _loader(ds, batch_size: int = 64) -> DataLoader:
+    return DataLoader(torch.utils.data.TensorDataset(ds.x, ds.y), batch_size=batch_size, shuffle=False)
+
+
+def _final_linear(net: nn.Module) -> nn.Module:
+    return [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+
+
+# ----------------------------------------------------------------------------- traker
+
+def run_traker(model_cls, ckpts, lrs, train, test, *, k: int, grad_sq: float | None = None, rels=(0.0, 0.01)) -> Iterator[Row]:
+    """TRAK reference: featurize each checkpoint once with its CPU rademacher projector, then solve and score per λ.
+
+    traker's projector has ±1 entries (no 1/√k), so trace(ΦᵀΦ)/k ≈ Σ_i ||g_i||² = ``grad_sq`` and
+    λ = rel·grad_sq matches our relative λ. Seconds for each λ = featurize + that λ's solve and scoring.
+    """
+    from trak import TRAKer
+    from trak.projectors import BasicProjector, ProjectionType
+
+    net = _load(model_cls, ckpts[0])
+    grad_dim = sum(p.numel() for p in net.parameters())
+    save = tempfile.mkdtemp(prefix="traker_")
+    try:
+        t0 = time.perf_counter()
+        proj = BasicProjector(grad_dim=grad_dim, proj_dim=k, seed=0, proj_type=ProjectionType.rademacher,
+                              device=torch.device("cpu"), block_size=128, dtype=torch.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tr = TRAKer(model=net, task="image_classification", train_set_size=len(train), save_dir=save, device="cpu",
+                        projector=proj, proj_dim=k, use_half_precision=False, logging_level=40, load_from_save_dir=True)
+            for mid, c in enumerate(ckpts):
+                tr.load_checkpoint(torch.load(c, map_location="cpu", weights_only=True), model_id=mid)
+                for x, y in _loader(train):
+                    tr.featurize(batch=(x, y), num_samples=len(y))
+        featurize_s = time.perf_counter() - t0
+    except Exception as e:  # a peer failing on a config is a result, not a crash of the benchmark
+        print(f"[peers] traker k={k} featurize: {type(e).__name__}: {e}")
+        shutil.rmtree(save, ignore_errors=True)
+        yield ("trak", None)
+        return
+    for i, rel in enumerate(rels):
+        name = f"trak(λ={'0' if not rel else f'{rel}·tr/k'})"
+        if rel and grad_sq is None:
+            continue
+        try:
+            t0 = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tr.score_computer.lambda_reg = float(rel * grad_sq) if rel else 0.0
+                for mid in range(len(ckpts)):
+                    tr.saver.model_ids[mid]["is_finalized"] = 0
+                tr.finalize_features()
+                for mid, c in enumerate(ckpts):
+                    tr.start_scoring_checkpoint(exp_name=f"lds{i}", checkpoint=torch.load(c, map_location="cpu", weights_only=True),
+                                                model_id=mid, num_targets=len(test))
+                    for x, y in _loader(test):
+                        tr.score(batch=(x, y), num_samples=len(y))
+                scores = np.asarray(tr.finalize_scores(exp_name=f"lds{i}"), dtype=np.float32)
+            yield (name, (scores, featurize_s + time.perf_counter() - t0, {"projector": "rademacher", "k": k}))
+        except Exception as e:
+            print(f"[peers] traker k={k} rel={rel}: {type(e).__name__}: {e}")
+            yield (name, None)
+    shutil.rmtree(save, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- captum
+
+class _BruteForceNN:
+    """captum's NearestNeighbors contract without annoy (only used by its top-k path, never by influence())."""
+
+    def setup(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    def get_nearest_neighbors(self, query: torch.Tensor, k: int):
+        s = query @ self.data.T
+        d, i = torch.topk(s, k, dim=1)
+        return i, d
+
+
+def run_captum(model_cls, ckpts, lrs, train, test, *, k: int, exact: bool = True, **_: object) -> Iterator[Row]:
+    from captum.influence import TracInCP, TracInCPFastRandProj
+    from captum.influence._utils.nearest_neighbors import NearestNeighbors
+
+    NN = type("NN", (_BruteForceNN, NearestNeighbors), {})
+    lr_of = dict(zip(ckpts, lrs))
+    net = _load(model_cls, ckpts[0])
+
+    def load(model: nn.Module, path: str) -> float:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.eval()
+        return float(lr_of[path])
+
+    ds = torch.utils.data.TensorDataset(train.x, train.y)
+    test_batch = (test.x, test.y)
+    if exact:
+        t0 = time.perf_counter()
+        try:
+            tc = TracInCP(net, ds, ckpts, checkpoints_load_func=load, loss_fn=nn.CrossEntropyLoss(reduction="sum"),
+                          batch_size=64, sample_wise_grads_per_batch=True)
+            s = tc.influence(test_batch).T.numpy().astype(np.float32)
+            yield ("tracincp(exact)", (s, time.perf_counter() - t0, {"projector": "none", "k": None}))
+        except Exception as e:
+            print(f"[peers] captum TracInCP: {type(e).__name__}: {e}")
+            yield ("tracincp(exact)", None)
+    t0 = time.perf_counter()
+    try:
+        tf = TracInCPFastRandProj(net, _final_linear(net), ds, ckpts, checkpoints_load_func=load,
+                                  loss_fn=nn.CrossEntropyLoss(reduction="sum"), batch_size=64, nearest_neighbors=NN(),
+                                  projection_dim=k, seed=0)
+        s = tf.influence(test_batch, k=None).T.numpy().astype(np.float32)
+        yield ("tracincp-fast-randproj(last layer)", (s, time.perf_counter() - t0, {"projector": "gaussian(last layer)", "k": k}))
+    except Exception as e:
+        print(f"[peers] captum TracInCPFastRandProj: {type(e).__name__}: {e}")
+        yield ("tracincp-fast-randproj(last layer)", None)
+
+
+# ----------------------------------------------------------------------------- dattri
+
+def run_dattri(model_cls, ckpts, lrs, train, test, *, k: int, grad_sq: float | None = None, rels=(0.0, 0.01)) -> Iterator[Row]:
+    """dattri TRAK (margin target, normal projection) at regularization 0 and rel·tr/k, then lr-weighted TracIn.
+
+    dattri divides gradients by √p and projects with N(0, 1) entries, so trace(ΦᵀΦ)/k ≈ grad_sq/p.
+    Each λ is a full ``cache`` (featurize + solve): dattri does not separate the two.
+    """
+    from dattri.algorithm.tracin import TracInAttributor
+    from dattri.algorithm.trak import TRAKAttributor
+    from dattri.task import AttributionTask
+
+    net = _load(model_cls, ckpts[0])
+    p_dim = sum(p.numel() for p in net.parameters())
+    ce = nn.CrossEntropyLoss()
+
+    def margin(params, data):
+        x, y = data
+        logp = -ce(torch.func.functional_call(net, params, x.unsqueeze(0)), y.unsqueeze(0))
+        return logp - torch.log(1 - torch.exp(logp))
+
+    def loss(params, data):
+        x, y = data
+        return ce(torch.func.functional_call(net, params, x.unsqueeze(0)), y.unsqueeze(0))
+
+    def prob(params, data):  # no @flatten_func: dattri 0.3 unflattens the params before calling it
+        x, y = data
+        return torch.exp(-ce(torch.func.functional_call(net, params, x.unsqueeze(0)), y.unsqueeze(0)))
+
+    states = [torch.load(c, map_location="cpu", weights_only=True) for c in ckpts]
+    proj = {"proj_dim": k, "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu", "proj_type": "normal"}
+    for rel in rels:
+        name = f"trak(λ={'0' if not rel else f'{rel}·tr/k'})"
+        if rel and grad_sq is None:
+            continue
+        t0 = time.perf_counter()
+        try:
+            task = AttributionTask(loss_func=margin, model=net, checkpoints=states)
+            att = TRAKAttributor(task=task, correct_probability_func=prob, projector_kwargs=dict(proj), device="cpu",
+                                 regularization=float(rel * grad_sq / p_dim) if rel else 0.0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                att.cache(_loader(train))
+                s = att.attribute(_loader(test)).numpy().astype(np.float32)
+            yield (name, (np.nan_to_num(s), time.perf_counter() - t0, {"projector": "normal", "k": k}))
+        except Exception as e:
+            print(f"[peers] dattri TRAK k={k} rel={rel}: {type(e).__name__}: {e}")
+            yield (name, None)
+    t0 = time.perf_counter()
+    try:
+        task = AttributionTask(loss_func=loss, model=net, checkpoints=states)
+        att = TracInAttributor(task=task, weight_list=torch.tensor(lrs, dtype=torch.float32), normalized_grad=False,
+                               projector_kwargs=dict(proj), device="cpu")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = att.attribute(_loader(train), _loader(test)).numpy().astype(np.float32)
+        yield ("tracin", (s, time.perf_counter() - t0, {"projector": "normal", "k": k}))
+    except Exception as e:
+        print(f"[peers] dattri TracIn k={k}: {type(e).__name__}: {e}")
+        yield ("tracin", None)
+
+
+RUNNERS = {"traker": run_traker, "captum": run_captum, "dattri": run_dattri}
+
+
+def run(tool: str, model_cls, ckpts, lrs, train, test, *, k: int, **kw) -> Iterator[Row]:
+    """``kw``: ``grad_sq`` (Σ_i ||margin gradient_i||², mean over checkpoints, for relative λ), ``rels``, ``exact``. Rows ``(method, (scores, seconds, note) | None)`` of one peer tool on one model set at projection size k."""
+    if tool not in RUNNERS:
+        raise ValueError(f"unknown peer {tool!r}; choose one of {', '.join(RUNNERS)}")
+    torch.set_num_threads(2)
+    yield from RUNNERS[tool](model_cls, [str(c) for c in ckpts], list(lrs), train, test, k=k, **kw)
