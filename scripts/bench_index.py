@@ -266,6 +266,11 @@ Not run: N > {a.max_n_large_d:.0e} at d > 512 (a 10^6 x 2048 flat index is 8 GB;
     print(doc)
     if a.out:
         Path(a.out).write_text(doc)
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _benchdoc import write_section
+
+        write_section("bench_index", doc)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,14 @@ Protocols: grid pointing game (with and without VAR), cascading model-parameter
 randomisation (MPRT), insertion/deletion AUC and μ-fidelity (pixels, and wavelet
 coefficients for WAM), and seed-to-seed stability of the stochastic samplers.
 
-Run:  python scripts/eval_attribution.py --out docs/BENCHMARKS_attribution.md
+Run:  python scripts/eval_attribution.py          # writes its section of docs/BENCHMARKS.md
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -492,6 +493,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _benchdoc import write_section
+
+        write_section("attribution", text)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ Stages (each one resumable; the retraining ground truth is cached in a zarr stor
     python scripts/eval_lds.py ours    --model mlp            # build stores for the grid, score all three methods, LDS
     python scripts/eval_lds.py lambda  --model mlp            # TRAK λ sweep (reuses the stores)
     python scripts/eval_lds.py peers   --model mlp            # traker / captum / dattri (scripts/peers.py)
-    python scripts/eval_lds.py report                         # docs/BENCHMARKS_lds.md + docs/lds_vs_cost.png
+    python scripts/eval_lds.py report                         # docs/BENCHMARKS.md + docs/lds_vs_cost.png
 
 Results are appended as JSON lines to runs/lds_cache/results_<model>.jsonl (one row per
 (model set, projector, k, method)); ``report`` keeps the last row per key.
@@ -213,7 +213,7 @@ def store_path(model: str, set_name: str, projector: str, k: int) -> Path:
     return CACHE / "stores" / f"{model}_{set_name}_{projector}_{k}.zarr"
 
 
-def build_store(model: str, set_name: str, projector: str, k: int, trak_lambda: float = 0.01) -> tuple[Path, float]:
+def build_store(model: str, set_name: str, projector: str, k: int, trak_lambda: float = 1.0) -> tuple[Path, float]:
     from influence.pipeline import build
 
     train, _ = data()
@@ -243,7 +243,8 @@ def stage_ours(model: str, sets: list[str], projectors: list[str], ks: list[int]
                     row = {"tool": "ours", "model": model, "set": set_name, "n_models": len(session.store.checkpoint_ids),
                            "projector": projector, "k": int(session.store.k), "method": method,
                            "build_s": round(build_s, 2), "score_s": round(score_s, 2), "seconds": round(build_s + score_s, 2),
-                           "extra_train_s": round(model_set(model, set_name)[2], 1), **lds(s, masks, actual)}
+                           "extra_train_s": round(model_set(model, set_name)[2], 1),
+                           "trak_lambda_rel": session.store.attrs.get("trak_lambda_rel"), **lds(s, masks, actual)}
                     append(model, row)
                 session.store.close() if hasattr(session.store, "close") else None
                 if not keep and not (set_name in ("ckpt1", "half10") and projector == "sparse"):
@@ -332,7 +333,7 @@ def stage_peers(model: str, tools: list[str], sets: list[str], ks: list[int]) ->
 
 # ----------------------------------------------------------------------------- stage: report
 
-DOC = ROOT / "docs" / "BENCHMARKS_lds.md"
+DOC = ROOT / "docs" / "BENCHMARKS.md"
 COMMANDS = """### How these were produced
 
 ```

@@ -10,7 +10,7 @@ random training examples as the control.
     python scripts/eval_removal.py --model mlp --method trak --set ckpt1
 
 Uses the store runs/lds_cache/stores/<model>_<set>_sparse_<k>.zarr (built if missing).
-Results: runs/lds_cache/removal_<model>.json, and a section of docs/BENCHMARKS_lds.md via
+Results: runs/lds_cache/removal_<model>.json, and a section of docs/BENCHMARKS.md via
 ``python scripts/eval_lds.py report``.
 """
 
