@@ -336,18 +336,28 @@ def stage_peers(model: str, tools: list[str], sets: list[str], ks: list[int]) ->
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 COMMANDS = """### How these were produced
 
+Ground truth first (cached in runs/lds_cache/<model>.zarr, so every later stage reuses it), then our stores and
+scores, then the peers on the same checkpoints. The timed rows of "ours vs peers" were all re-run in one sequence on
+an otherwise idle 2-core machine (the last block below), so their seconds compare.
+
 ```
-pip install -c constraints.txt traker dattri                  # peers (captum is already a test dependency)
-python scripts/eval_lds.py retrain --model mlp                # 100 half-subset retrains (cached: runs/lds_cache/mlp.zarr)
+pip install -c constraints.txt -e ".[peers]"                  # traker, dattri, captum (never runtime dependencies)
+python scripts/eval_lds.py retrain --model mlp --M 100        # 100 half-subset retrains
+python scripts/eval_lds.py retrain --model cnn --M 100        # 0.7 s per CNN retrain on an idle machine
 python scripts/eval_lds.py models  --model mlp                # 10-checkpoint run + 9 full-data + 10 half-data models
-python scripts/eval_lds.py ours    --model mlp --projectors sparse,factorized --sets ckpt1,ckpt5   # k = 512, 2048, 8192
-python scripts/eval_lds.py ours    --model mlp --sets ckpt10,full10,half10 --projectors sparse --ks 512,2048
-python scripts/eval_lds.py ours    --model mlp --sets ckpt1 --projectors gaussian,rademacher --ks 512,2048
+python scripts/eval_lds.py models  --model cnn
+python scripts/eval_lds.py ours    --model cnn --sets ckpt1,ckpt5,ckpt10,half10 --projectors sparse --ks 512,2048
+python scripts/eval_lds.py ours    --model cnn --sets ckpt1 --projectors factorized --ks 512,2048
+python scripts/eval_lds.py ours    --model mlp --sets ckpt1 --projectors sparse,factorized,gaussian,rademacher --ks 512,2048
+python scripts/eval_lds.py ours    --model mlp --sets ckpt5,ckpt10,full10,half10 --projectors sparse --ks 512,2048
 python scripts/eval_lds.py lambda  --model mlp --sets ckpt1,half10 --ks 512,2048 --rels 0.001,0.01,0.1,1,10,100,1000
+python scripts/eval_lds.py lambda  --model cnn --sets ckpt1,half10 --ks 512 --rels 0.01,0.1,1,10
+# one sequence on an idle machine:
 python scripts/eval_lds.py peers   --model mlp --sets ckpt1 --ks 512,2048 --tools traker,captum
 python scripts/eval_lds.py peers   --model mlp --sets ckpt1 --ks 512 --tools dattri
 python scripts/eval_lds.py peers   --model mlp --sets half10 --ks 512 --tools traker,captum
-# not run yet (cut for time): the same stages with --model cnn
+python scripts/eval_lds.py peers   --model cnn --sets ckpt1,half10 --ks 512 --tools traker,captum
+python scripts/eval_lds.py ours    --model mlp --sets ckpt1 --projectors sparse,factorized --ks 8192
 python scripts/eval_removal.py --model mlp --method tracin --set ckpt10 --proj-dim 512
 python -c "from influence.repair import run_repair; run_repair('/tmp/demo2_repair', action='drop')"   # + boxes=/oracle= variants
 python scripts/eval_lds.py report                             # this file and docs/lds_vs_cost.png
@@ -390,8 +400,8 @@ def write_report() -> None:
                  f"Ground truth: {n_done} half-subsets of the 1,437-image training split, each retrained with {recipe}; "
                  f"margins of the true label on all {rows[0]['n_test']} test images. LDS = mean Spearman over test points, "
                  "[bootstrap 95% interval over test points]. Seconds = `influence.build` (featurize, TRAK solve, three FAISS "
-                 "indexes) + `Influence.scores` for all test images, 2 CPU threads on a machine shared with other jobs "
-                 "(timings are noisy, ±30%). Model sets: `ckptN` = N checkpoints of one full-data run (lr-weighted for TracIn), "
+                 "indexes) + `Influence.scores` for all test images, 2 CPU threads (rows built while other jobs shared the "
+                 "machine are slower than idle ones by up to 25×: compare seconds within the peers table). Model sets: `ckptN` = N checkpoints of one full-data run (lr-weighted for TracIn), "
                  "`full10` = 10 independently seeded full-data models, `half10` = 10 models each trained on a random half "
                  "(extra training cost in the last column).", "",
                  "| models | projector | k | TracIn | Grad-Cos | TRAK | seconds | extra training s |",
@@ -470,10 +480,7 @@ def _plot() -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
     for ax, model in zip(axes[0], models):
         allrows = _rows(model)
-        cost = {(r["set"], r["k"]): r["seconds"] for r in allrows if r.get("tool") == "ours" and r["projector"] == "sparse" and r["method"] == "trak"}
         rows = [r for r in allrows if r.get("tool") != "ours-lambda" and r.get("seconds", 0) > 0]
-        rows += [{**r, "method": "trak λ_rel=1", "tool": "ours", "seconds": cost[(r["set"], r["k"])]} for r in allrows
-                 if r.get("tool") == "ours-lambda" and r.get("lambda_rel") == 1.0 and (r["set"], r["k"]) in cost]
         groups: dict[str, list] = {}
         for r in rows:
             groups.setdefault(f"{r['tool']}: {r['method']}", []).append(r)
