@@ -15,10 +15,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from influence.attribution import METHODS as ATTRIBUTION_METHODS  # choices come from the registries
 from influence.errors import InfluenceError
+from influence.features.projectors import ProjectorKind
+from influence.scoring import METHOD_NAMES as METHODS
+from influence.tfa import DEFAULT_TFA, TFA_METHODS
 
-METHODS = ("tracin", "gradcos", "trak")
-PROJECTORS = ("none", "sparse", "gaussian", "rademacher", "factorized")
+PROJECTORS = tuple(k.value for k in ProjectorKind)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,7 +78,7 @@ def _parser() -> _Parser:
     b.add_argument("--params", default="all", help="all | last:N | comma-separated parameter or module names")
     b.add_argument("--lr-weights", type=_floats, default=None, help="learning rate per checkpoint (default 1 each)")
     b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--method", type=_methods, default=list(METHODS), help="methods to index (default: all of tracin,gradcos,trak)")
+    b.add_argument("--method", type=_methods, default=list(METHODS), help=f"methods to index (default: all of {','.join(METHODS)})")
     b.add_argument("--index", default="Flat", help="FAISS index factory string (default Flat: exact)")
     b.add_argument("--seed", type=int, default=0, help="projection seed")
     b.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage type")
@@ -119,7 +122,7 @@ def _parser() -> _Parser:
     e.add_argument("--method", choices=METHODS, default="tracin")
     e.add_argument("--target", default=None, help="class to explain: an integer, 'label' or 'predicted' (default)")
     e.add_argument("--attribution", default="integrated_gradients", help="pixel attribution method (see `influence attribute --help`)")
-    e.add_argument("--tfa", default=None, help="training feature attribution: gradcos | two_step | occlusion (default: the measured best)")
+    e.add_argument("--tfa", default=None, choices=sorted(TFA_METHODS), help=f"map on training images (default {DEFAULT_TFA}, the measured best)")
     e.add_argument("--out", default=None, help="folder for an HTML report with PNG figures")
     e.add_argument("--json", action="store_true")
 
@@ -130,7 +133,7 @@ def _parser() -> _Parser:
     f.add_argument("--top", type=int, default=20)
     f.add_argument("--method", choices=METHODS, default=None,
                    help="override the measured defaults: trak for mislabel, tracin for harmful, gradcos for shortcut")
-    f.add_argument("--tfa", default=None, help="TFA method for shortcut search (default: the measured best)")
+    f.add_argument("--tfa", default=None, choices=sorted(TFA_METHODS), help=f"map on training images for shortcut search (default {DEFAULT_TFA})")
     f.add_argument("--json", action="store_true")
 
     r = sub.add_parser("repair", help="(demo) drop/relabel flagged mislabels, mask the detected shortcut, retrain, compare")
@@ -148,7 +151,7 @@ def _parser() -> _Parser:
     a.add_argument("--checkpoint", required=True)
     a.add_argument("--image", required=True)
     a.add_argument("--method", default="integrated_gradients",
-                   help="saliency | input_x_gradient | integrated_gradients | smoothgrad | gradcam | wam | var[:BASE] (default integrated_gradients)")
+                   help=f"{' | '.join(sorted(ATTRIBUTION_METHODS))}, or var:BASE (default integrated_gradients)")
     a.add_argument("--target", type=int, default=None)
     a.add_argument("--size", type=_size, default=None, help="resize the image to H,W (default: keep its size)")
     a.add_argument("--out", required=True, help="PNG overlay to write (a .npy of the raw map is written beside it)")
