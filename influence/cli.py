@@ -168,7 +168,7 @@ def _emit(doc: Any, as_json: bool, text: str) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from influence.demo import run_demo
 
-    summary = run_demo(args.out, seed=args.seed, k=args.k, log=sys.stderr)
+    summary = run_demo(args.out, seed=args.seed, k=args.k, log=sys.stderr, listing=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -228,7 +228,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
         true = f", true {r.label}" if r.label is not None else ""
         print(f"{head}: predicted {r.predicted}{true}; explaining class {r.target} (p={r.probability:.3f}) by {r.method}, search {r.search_ms:.2f} ms")
         print("  proponents: " + ", ".join(f"#{p.train_id} y={p.label} {p.score:+.3g}" for p in r.proponents))
-        print("  opponents:  " + ", ".join(f"#{p.train_id} y={p.label} {p.score:+.3g}" for p in r.opponents))
+        print(f"  opponents of {r.opponents_target}: " + ", ".join(f"#{p.train_id} y={p.label} {p.score:+.3g}" for p in r.opponents))
     return 0
 
 

@@ -38,8 +38,15 @@ def prepare_data(out: Path, seed: int = 0) -> dict[str, Any]:
     return truth.to_json()
 
 
-def run_demo(out: str | Path = "runs/demo", *, seed: int = 0, k: int = 5, progress: bool = True, log: TextIO = sys.stderr) -> dict[str, Any]:
-    """Run the whole demo into ``out``; returns a summary (also written to summary.json)."""
+def run_demo(
+    out: str | Path = "runs/demo", *, seed: int = 0, k: int = 5, progress: bool = True, log: TextIO = sys.stderr,
+    listing: TextIO | None = None,
+) -> dict[str, Any]:
+    """Run the whole demo into ``out``; returns a summary (also written to summary.json).
+
+    Progress goes to ``log``; the influencers of each misclassified image go to ``listing`` (default stdout).
+    """
+    listing = listing or sys.stdout
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -73,11 +80,12 @@ def run_demo(out: str | Path = "runs/demo", *, seed: int = 0, k: int = 5, progre
     def tag(i: int) -> str:
         return ("*flipped" if i in flipped else "") + ("*patched" if i in patched_ids else "")
 
-    print(f"\n{len(wrong)} misclassified test images; top {k} proponents (+) and opponents (-) by TracInCP:")
+    print(f"\n{len(wrong)} misclassified test images; top {k} TracInCP proponents of the predicted class (+) "
+          "and opponents of the true class (-):", file=listing)
     for r in results:
         pro = ", ".join(f"#{p.train_id}(y={p.label}{tag(p.train_id)})" for p in r.proponents)
         opp = ", ".join(f"#{p.train_id}(y={p.label}{tag(p.train_id)})" for p in r.opponents)
-        print(f"test {r.test_id}: true {r.label}, predicted {r.predicted} (p={r.probability:.2f})\n  + {pro}\n  - {opp}")
+        print(f"test {r.test_id}: true {r.label}, predicted {r.predicted} (p={r.probability:.2f})\n  + {pro}\n  - {opp}", file=listing)
     report_info = _report_and_flags(session, out, test, patched, wrong, truth, k=k, log=log)
     summary = {
         "out": str(out), "train": len(train), "test": len(test), "clean_accuracy": acc, "patched_accuracy": patched_acc,

@@ -87,14 +87,21 @@ def explain(
     for xi, r in zip(x, results):
         model = session.use_checkpoint(-1)
         pixel_map, _ = run_attribute(model, xi, method=attribution, target=r.target)
-        ids = [p.train_id for p in r.proponents] + [p.train_id for p in r.opponents]
-        ids = list(dict.fromkeys(ids))
-        tx, ty = session.training_examples(ids)
-        model = session.use_checkpoint(-1)
-        maps = tfa_cls(model).attribute(tx, target=ty, query=(xi, r.target)) if ids else torch.empty(0)
+        tfa_maps: dict[int, torch.Tensor] = {}
+        train_images: dict[int, torch.Tensor] = {}
+        for side, cls in ((r.proponents, r.target), (r.opponents, r.opponents_target)):
+            ids = [p.train_id for p in side if p.train_id not in tfa_maps]
+            if not ids:
+                continue
+            tx, ty = session.training_examples(ids)
+            model = session.use_checkpoint(-1)
+            maps = tfa_cls(model).attribute(tx, target=ty, query=(xi, cls))  # maps for the class each side answers
+            tfa_maps.update({i: m.cpu() for i, m in zip(ids, maps)})
+            train_images.update({i: t for i, t in zip(ids, tx)})
+        ids = list(tfa_maps)
         out.append(Explanation(
             result=r, image=xi.cpu(), pixel_map=pixel_map.detach().cpu(),
-            tfa_maps={i: m.cpu() for i, m in zip(ids, maps)}, train_images={i: t for i, t in zip(ids, tx)},
+            tfa_maps=tfa_maps, train_images=train_images,
             flags=influencer_flags(session, ids), attribution=attribution, tfa=tfa,
         ))
     return out

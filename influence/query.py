@@ -44,6 +44,7 @@ class QueryResult:
     probability: float
     proponents: list[Influencer]
     opponents: list[Influencer]
+    opponents_target: int = -1
     label: int | None = None
     test_id: int | None = None
     method: str = "tracin"
@@ -162,16 +163,30 @@ class Influence:
         self, inputs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None = None, *, k: int = 10,
         method: str = "tracin", labels: Sequence[int] | None = None, test_ids: Sequence[int] | None = None,
     ) -> list[QueryResult]:
-        """Top-``k`` proponents and opponents of each input's target class (default: the predicted class)."""
+        """Top-``k`` proponents and opponents of each input.
+
+        Proponents answer "why this class?" for the target (default: the predicted class). Opponents are
+        the most harmful examples for the same class, except when ``labels`` are given and no target is:
+        then, as METHODS.md recommends for failures, they answer "what pulled it away from its true
+        label?" (``opponents_target`` in the result says which class they were searched for).
+        """
         if k < 1:
             raise BadSpecError(f"--k must be a positive integer, got {k}")
-        probs = self.predict(inputs)
+        x = self._as_batch(inputs)
+        probs = self.predict(x)
         t = self._targets(probs, targets)
-        q = self.query_vectors(inputs, t, method)
+        q = self.query_vectors(x, t, method)
+        opp_t, q_opp = t, q
+        if targets is None and labels is not None:
+            opp_t = self._targets(probs, labels)
+            differ = (opp_t != t).numpy()
+            if differ.any():
+                q_opp = q.copy()
+                q_opp[differ] = self.query_vectors(x[torch.as_tensor(differ)], opp_t[torch.as_tensor(differ)], method)
         index = self.index(method)
         start = time.perf_counter()
         pro_s, pro_i = index.search(q, k)
-        opp_s, opp_i = index.opponents(q, k)
+        opp_s, opp_i = index.opponents(q_opp, k)
         ms = (time.perf_counter() - start) * 1000 / max(1, len(q))
         results = []
         for r in range(len(q)):
@@ -179,6 +194,7 @@ class Influence:
                 target=int(t[r]), predicted=int(probs[r].argmax()), probability=float(probs[r, t[r]]),
                 proponents=[Influencer(int(i), float(s), int(self._train_labels[i])) for s, i in zip(pro_s[r], pro_i[r])],
                 opponents=[Influencer(int(i), float(s), int(self._train_labels[i])) for s, i in zip(opp_s[r], opp_i[r])],
+                opponents_target=int(opp_t[r]),
                 label=None if labels is None else int(labels[r]), test_id=None if test_ids is None else int(test_ids[r]),
                 method=method, search_ms=round(ms, 3),
             ))

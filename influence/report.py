@@ -68,7 +68,8 @@ def explanation_figure(e: Explanation, path: Path) -> None:
     true = f" true {r.label}" if r.label is not None else ""
     _overlay(axes[0, 0], e.image, None, f"test{'' if r.test_id is None else ' ' + str(r.test_id)}\npred {r.predicted}{true}")
     _overlay(axes[1, 0], e.image, e.pixel_map, f"{e.attribution}\nclass {r.target}")
-    for row, (side, items) in enumerate((("proponents", r.proponents), ("opponents", r.opponents))):
+    sides = ((f"proponents of {r.target}", r.proponents), (f"opponents of {r.opponents_target}", r.opponents))
+    for row, (side, items) in enumerate(sides):
         axes[row, 1].text(0.5, 0.5, side, ha="center", va="center", fontsize=9, rotation=90)
         axes[row, 1].axis("off")
         for j in range(k):
@@ -79,7 +80,8 @@ def explanation_figure(e: Explanation, path: Path) -> None:
             p = items[j]
             flag = "\n" + ", ".join(e.flags[p.train_id]) if p.train_id in e.flags else ""
             _overlay(ax, e.train_images[p.train_id], e.tfa_maps.get(p.train_id), f"#{p.train_id} y={p.label}\n{p.score:+.3g}{flag}")
-    fig.suptitle(f"why class {r.target}? ({r.method}; TFA: {e.tfa})", fontsize=9, y=1.06)
+    away = f"; what pulled it away from {r.opponents_target}?" if r.opponents_target != r.target else ""
+    fig.suptitle(f"why class {r.target}?{away} ({r.method}; TFA: {e.tfa})", fontsize=9, y=1.06)
     _save(fig, path)
 
 

@@ -123,7 +123,7 @@ def test_query_image(store, digits, tmp_path, capsys, suffix):
 def test_plain_query_output(store, digits, capsys):
     code, out, err = run(capsys, "query", store, "--data", digits.test_npz, "--ids", "1", "--k", "2")
     assert code == 0, err
-    assert out.startswith("test 1: predicted") and "proponents:" in out and "opponents:" in out
+    assert out.startswith("test 1: predicted") and "proponents:" in out and "opponents of " in out
 
 
 # ----------------------------------------------------------------------------- bad input → exit 2, one line

@@ -310,3 +310,19 @@ def test_changing_trak_lambda_recomputes_the_inverse_and_index(digits, cnn_ckpts
     assert session.store.attrs["trak_lambda_rel_c0"] == 100.0
     [r] = session.query(digits.x_test[:1], k=3, method="trak")
     assert [p.train_id for p in r.proponents] == list(np.argsort(-after[:, 0], kind="stable")[:3])
+
+
+def test_opponents_answer_the_true_label_when_it_is_known(session, digits):
+    """METHODS.md default: proponents for the predicted class, opponents for the true label when given."""
+    x = digits.x_test[:4]
+    pred = session.predict(x).argmax(-1)
+    labels = ((pred + 1) % 10).tolist()  # labels that disagree with every prediction
+    results = session.query(x, labels=labels, k=3)
+    by_pred = session.scores(x, pred, method="tracin")
+    by_label = session.scores(x, labels, method="tracin")
+    for j, r in enumerate(results):
+        assert r.target == int(pred[j]) and r.opponents_target == labels[j]
+        assert [p.train_id for p in r.proponents] == list(np.argsort(-by_pred[:, j], kind="stable")[:3])
+        assert [p.train_id for p in r.opponents] == list(np.argsort(by_label[:, j], kind="stable")[:3])
+    explicit = session.query(x, pred, labels=labels, k=3)  # an explicit target keeps both sides on it
+    assert all(r.opponents_target == r.target for r in explicit)
