@@ -326,22 +326,3 @@ def test_opponents_answer_the_true_label_when_it_is_known(session, digits):
         assert [p.train_id for p in r.opponents] == list(np.argsort(by_label[:, j], kind="stable")[:3])
     explicit = session.query(x, pred, labels=labels, k=3)  # an explicit target keeps both sides on it
     assert all(r.opponents_target == r.target for r in explicit)
-
-
-def test_gradcos_is_the_lr_weighted_mean_of_per_checkpoint_cosines(session, digits):
-    """Grad-Cos over checkpoints is Σ_c η_c cos(g_c(i), g_c(t)) / Σ_c η_c (GAS), computed here from raw features."""
-    x, y = digits.x_test[:3], digits.y_test[:3]
-    got = session.scores(x, y, method="gradcos")
-    store = session.store
-    eta = np.array([c["lr_weight"] for c in store.checkpoints])
-
-    def unit(v):
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-    want = np.zeros_like(got)
-    for i, ckpt in enumerate(store.checkpoint_ids):
-        net = session.use_checkpoint(i)
-        q = session.projector.featurize(net, session.task, session.names, x, y).detach().numpy()
-        want += eta[i] * (unit(store.read_features(ckpt)) @ unit(q).T)
-    np.testing.assert_allclose(got, want / eta.sum(), rtol=1e-4, atol=1e-5)
-    assert np.abs(got).max() <= 1 + 1e-5
