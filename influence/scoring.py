@@ -94,7 +94,12 @@ class TracIn(ScoringMethod, name="tracin"):
 
 
 class GradCos(TracIn, name="gradcos"):
-    """Grad-Cos: cosine of the (checkpoint-concatenated) loss gradients; not dominated by high-loss examples."""
+    """Grad-Cos: cosine of the (checkpoint-concatenated) loss gradients; not dominated by high-loss examples.
+
+    Measured and rejected: the lr-weighted mean of per-checkpoint cosines (GAS). It raised shortcut AUPRC
+    (0.687 → 0.754 over 6 digits runs) but let the early, high-lr checkpoint pick the top proponents, which
+    stopped being same-class images, and the shortcut detector then missed 3 of 6 patches (docs/BENCHMARKS.md).
+    """
 
     def _finish(self, v: np.ndarray) -> np.ndarray:
         return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)
