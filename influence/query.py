@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from index.search import SearchIndex, load_index
 from index.store import FeatureStore
-from influence.data import batch_of
+from influence.data import batch_of, index_subset
 from influence.errors import BadDataError, BadSpecError, StoreIncompleteError, StoreMismatchError
 from influence.features import ClassificationTask, ProjectorSpec, make_projector
 from influence.features.task import TASKS
@@ -227,8 +227,8 @@ class Influence:
             raise StoreMismatchError(f"training data {self.store.attrs.get('data_spec')} has {len(dataset)} examples; the store has {self.store.n}")
         if not ids:
             return torch.empty(0, *self.input_shape), torch.empty(0, dtype=torch.long)
-        xs, ys = zip(*(batch_of(dataset, int(i), int(i) + 1) for i in ids))
-        return torch.cat(xs), torch.cat(ys)
+        subset = index_subset(dataset, [int(i) for i in ids])
+        return batch_of(subset, 0, len(subset))
 
     def info(self) -> dict[str, Any]:
         return describe_store(self.store.root) | {"model_loaded": type(self.model).__name__}
@@ -254,10 +254,11 @@ def load_queries(spec: str | Dataset, ids: Sequence[int] | None = None) -> tuple
     """Test examples from a DATA SPEC (optionally only ``ids``) as (x, labels, ids)."""
     dataset = load_data(spec)
     ids = list(range(len(dataset))) if ids is None else list(ids)
+    if not ids:
+        raise BadDataError("no test examples selected")
     bad = [i for i in ids if not 0 <= i < len(dataset)]
     if bad:
         raise BadDataError(f"--ids {bad[:5]} out of range for a data set of {len(dataset)} examples (0..{len(dataset) - 1})")
-    xs, ys = zip(*(batch_of(dataset, i, i + 1) for i in ids)) if ids else ((), ())
-    if not ids:
-        raise BadDataError("no test examples selected")
-    return torch.cat(xs), torch.cat(ys), ids
+    subset = index_subset(dataset, ids)
+    x, y = batch_of(subset, 0, len(subset))
+    return x, y, ids
