@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a machine shared with other jobs)")
+    ap.add_argument("--section", default="bench_featurize", help="section of docs/BENCHMARKS.md to (re)write")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -141,7 +142,7 @@ def main() -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     load = os.getloadavg()[0]
     lines = [
-        "## Featurization throughput (ratio to training) and projection fidelity",
+        f"## Featurization throughput (ratio to training) and projection fidelity, {args.threads} thread(s)",
         "",
         f"Machine: 2 cores, load average {load:.1f} during the run (other jobs were running; ratios are measured "
         "alternately in one run so load hits both sides, but absolute examples/s are depressed).",
@@ -158,7 +159,7 @@ def main() -> None:
         fid = f"{rho:.3f} | {top:.2f}" if not np.isnan(rho) else "not measured (dense p×k too slow) | –"
         lines.append(f"| {name} | {p:,} | {kind} | {dim} | {tr:.1f} | {fe:.1f} | {ratio:.2f} | {fid} |")
     if not args.no_write:
-        write_section("bench_featurize", "\n".join(lines))
+        write_section(args.section, "\n".join(lines))
     print("\n".join(lines))
 
 
