@@ -359,6 +359,7 @@ python scripts/eval_lds.py peers   --model mlp --sets half10 --ks 512 --tools tr
 python scripts/eval_lds.py peers   --model cnn --sets ckpt1,half10 --ks 512 --tools traker,captum
 python scripts/eval_lds.py ours    --model mlp --sets ckpt1 --projectors sparse,factorized --ks 8192
 python scripts/eval_removal.py --model mlp --method tracin --set ckpt10 --proj-dim 512
+python scripts/eval_removal.py --model cnn --method trak --set ckpt10 --proj-dim 512
 python -c "from influence.repair import run_repair; run_repair('/tmp/demo2_repair', action='drop')"   # + boxes=/oracle= variants
 python scripts/eval_lds.py report                             # this file and docs/lds_vs_cost.png
 ```"""
