@@ -151,9 +151,6 @@ class FeatureStore:
     def status(self) -> str:
         return str(self.group.attrs.get("status"))
 
-    def mark_building(self) -> None:
-        self.group.attrs["status"] = StoreStatus.BUILDING.value
-
     def mark_complete(self) -> None:
         """The last write of a build: only now may readers use the store."""
         for ckpt in self.checkpoint_ids:

@@ -74,6 +74,7 @@ def flag_shortcuts(
             continue
         results = session.query(x[queries], [c] * len(queries), k=k, method=method)
         maps: dict[int, list[torch.Tensor]] = {}
+        images: dict[int, torch.Tensor] = {}
         for q, r in zip(queries.tolist(), results):
             ids = [p.train_id for p in r.proponents if p.label == c]
             if not ids:
@@ -81,14 +82,15 @@ def flag_shortcuts(
             tx, ty = session.training_examples(ids)
             model = session.use_checkpoint(-1)
             m = explainer.attribute(tx, target=ty, query=(x[q], c))
-            for i, mi in zip(ids, m):
+            for i, xi, mi in zip(ids, tx, m):
                 maps.setdefault(i, []).append(mi)
+                images[i] = xi
         if not maps:
             continue
         ids = sorted(maps)
-        tx, ty = session.training_examples(ids)
         stacked = torch.stack([torch.stack(maps[i]).mean(0) for i in ids])
-        found += [s.to_json() for s in detect_shortcuts(stacked, tx, ids, ty.tolist())]
+        tx = torch.stack([images[i] for i in ids])
+        found += [s.to_json() for s in detect_shortcuts(stacked, tx, ids, [c] * len(ids))]
     return sorted(found, key=lambda s: -s["score"])
 
 

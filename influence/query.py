@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -49,12 +49,9 @@ class QueryResult:
     test_id: int | None = None
     method: str = "tracin"
     search_ms: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d.update(d.pop("extra"))
-        return d
+        return asdict(self)
 
 
 class Influence:
@@ -229,9 +226,6 @@ class Influence:
             return torch.empty(0, *self.input_shape), torch.empty(0, dtype=torch.long)
         subset = index_subset(dataset, [int(i) for i in ids])
         return batch_of(subset, 0, len(subset))
-
-    def info(self) -> dict[str, Any]:
-        return describe_store(self.store.root) | {"model_loaded": type(self.model).__name__}
 
 
 def describe_store(path: str | os.PathLike) -> dict[str, Any]:

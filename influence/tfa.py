@@ -33,15 +33,16 @@ Every map is computed with the one model given (callers pass the final checkpoin
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from influence.attribution._path import gaussian_blur
 from influence.errors import BadDataError, BadSpecError
 from influence.features import ClassificationTask, Task, per_example_grads, select_parameters
+from influence.features.grads import split_params
 
 TFA_METHODS: dict[str, type["TFAMethod"]] = {}
 """CLI name → class; filled by each method's class statement (``name=...``)."""
@@ -91,11 +92,7 @@ class TFAMethod:
         raise NotImplementedError
 
     def _params(self, dtype: torch.dtype) -> tuple[dict, dict]:
-        chosen = set(self.names)
-        params = {n: p.detach().to(dtype) for n, p in self.model.named_parameters() if n in chosen}
-        frozen = {n: p.detach().to(dtype) for n, p in self.model.named_parameters() if n not in chosen}
-        frozen.update({n: b.to(dtype) if b.is_floating_point() else b for n, b in self.model.named_buffers()})
-        return params, frozen
+        return split_params(self.model, self.names, dtype)
 
     def test_gradient(self, query: QueryLike | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The flat test loss gradient g_t (p,) from ``query`` (computed, or checked when given)."""
@@ -167,16 +164,6 @@ def _flat_grad(model: nn.Module, task: Task, names: list[str], params: dict, fro
 def _positive_normalised(m: torch.Tensor) -> torch.Tensor:
     m = m.clamp(min=0)
     return m / m.flatten(1).amax(1).clamp(min=EPS).view(-1, *([1] * (m.dim() - 1)))
-
-
-def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    r = max(1, int(math.ceil(2 * sigma)))
-    k = torch.exp(-torch.arange(-r, r + 1, dtype=x.dtype) ** 2 / (2 * sigma ** 2))
-    k = k / k.sum()
-    c = x.shape[1]
-    out = torch.nn.functional.pad(x, (r, r, r, r), mode="replicate")
-    out = torch.nn.functional.conv2d(out, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return torch.nn.functional.conv2d(out, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
 
 
 class GradCosTFA(TFAMethod, name="gradcos"):
@@ -287,7 +274,7 @@ class OcclusionTFA(TFAMethod, name="occlusion"):
         elif baseline == "mean":
             base = x.mean(dim=(2, 3), keepdim=True).expand_as(x)
         else:
-            base = _blur(x, blur_sigma)
+            base = gaussian_blur(x, blur_sigma, truncate=2.0)
         rows = _starts(h, window, stride)
         cols = _starts(w, window, stride)
         masks = torch.zeros(len(rows) * len(cols), h, w, dtype=x.dtype, device=x.device)

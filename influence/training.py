@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from influence.data import ArrayDataset, batch_of
+from influence.data import ArrayDataset, batch_of, index_subset
 
 
 def train_classifier(
@@ -53,8 +53,8 @@ def train_classifier(
             if isinstance(dataset, ArrayDataset):
                 x, y = dataset.x[idx], dataset.y[idx]
             else:
-                pairs = [batch_of(dataset, int(i), int(i) + 1) for i in idx]
-                x, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+                subset = index_subset(dataset, idx.tolist())
+                x, y = batch_of(subset, 0, len(subset))
             loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -152,7 +152,6 @@ def run_patched(seed: int, placement: str, args, work: Path) -> dict:
             stats[v] += [pixel_metrics(mm, box) for mm in maps]
     out["pixel_maps"] = n_maps
     out["pixel"] = {v: ([float(np.mean([a for a, _ in s])), float(np.mean([b for _, b in s]))] if s else None) for v, s in stats.items()}
-    t2 = time.perf_counter()
     # detector on the default TFA (or --detector-tfa)
     maps, imgs, ids, labs = detector_maps(final, sess, test_patched.x, args.detector_tfa, args.per_class, args.k, noisy, args.rank_method)
     found = detect_shortcuts(maps, imgs, ids, labs)

@@ -91,7 +91,7 @@ def test_gradcos_options_compose(net, batch):
 @pytest.mark.parametrize("baseline", ["zero", "blur", "mean"])
 @pytest.mark.parametrize("score", ["dot", "cos"])
 def test_occlusion_equals_explicit_masking(net, batch, baseline, score):
-    from influence.tfa import _blur
+    from influence.attribution._path import gaussian_blur
 
     x, y, query = batch
     gt = _grad_of(net, *query)
@@ -104,7 +104,7 @@ def test_occlusion_equals_explicit_masking(net, batch, baseline, score):
     for i in range(x.shape[0]):
         xi, yi = x[i], int(y[i])
         base = {"zero": torch.zeros_like(xi), "mean": xi.mean(dim=(1, 2), keepdim=True).expand_as(xi),
-                "blur": _blur(xi[None], 2.0)[0]}[baseline]
+                "blur": gaussian_blur(xi[None], 2.0, truncate=2.0)[0]}[baseline]
         total = torch.zeros(8, 8, dtype=x.dtype)
         count = torch.zeros(8, 8, dtype=x.dtype)
         s0 = s(xi, yi)

@@ -129,11 +129,11 @@ class LinearPathSampler(Sampler, name="linear_path"):
         return (x - self.start(x)) * integral
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur per channel, edges replicated."""
+def gaussian_blur(x: torch.Tensor, sigma: float, truncate: float = 3.0) -> torch.Tensor:
+    """Separable Gaussian blur per channel, edges replicated; the kernel reaches ``truncate``·σ."""
     if sigma <= 0:
         return x
-    radius = max(1, math.ceil(3 * sigma))
+    radius = max(1, math.ceil(truncate * sigma))
     grid = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-0.5 * (grid / sigma) ** 2)
     kernel = kernel / kernel.sum()

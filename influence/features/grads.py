@@ -9,11 +9,16 @@ from torch.func import functional_call, grad, vmap
 from influence.features.task import Task
 
 
-def _split_params(model: nn.Module, names: list[str]) -> tuple[dict, dict]:
+def split_params(model: nn.Module, names: list[str], dtype: torch.dtype | None = None) -> tuple[dict, dict]:
+    """Detached (differentiated, frozen) tensors for ``functional_call``; floating ones cast to ``dtype`` if given."""
     chosen = set(names)
-    params = {n: p.detach() for n, p in model.named_parameters() if n in chosen}
-    frozen = {n: p.detach() for n, p in model.named_parameters() if n not in chosen}
-    frozen.update({n: b for n, b in model.named_buffers()})
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    params = {n: cast(p.detach()) for n, p in model.named_parameters() if n in chosen}
+    frozen = {n: cast(p.detach()) for n, p in model.named_parameters() if n not in chosen}
+    frozen.update({n: cast(b) for n, b in model.named_buffers()})
     return params, frozen
 
 
@@ -25,7 +30,7 @@ def per_example_grads(
     The model must be in eval mode (BatchNorm on running statistics, no dropout),
     so examples do not interact and each row is the gradient of that example alone.
     """
-    params, frozen = _split_params(model, names)
+    params, frozen = split_params(model, names)
     fn = task.output if of == "output" else task.loss
 
     def one(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:

@@ -42,10 +42,6 @@ def _owner_map(model: nn.Module, names: list[str]) -> dict[str, tuple[str, nn.Mo
     return owners
 
 
-def supports_layer_grads(model: nn.Module, names: list[str]) -> bool:
-    return _owner_map(model, names) is not None
-
-
 def _blocks(mod: nn.Module, inp: torch.Tensor, delta: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example gradients of one module's weight and bias from its input and output gradient."""
     b = inp.shape[0]
