@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from influence.attribution._base import as_batch
 from influence.attribution._path import gaussian_blur
 from influence.errors import BadDataError, BadSpecError
 from influence.features import ClassificationTask, Task, per_example_grads, select_parameters
@@ -126,16 +127,9 @@ class TFAMethod:
 
 
 def _as_batch(inputs: Any) -> torch.Tensor:
+    """Training images as a checked (B, C, H, W) batch; one (C, H, W) image is accepted too."""
     x = torch.as_tensor(inputs) if not isinstance(inputs, torch.Tensor) else inputs
-    if x.dim() == 3:
-        x = x[None]
-    if x.dim() != 4 or x.shape[0] == 0:
-        raise BadDataError(f"inputs must be training images shaped (B, C, H, W); got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise BadDataError(f"inputs must be floating point; got dtype {x.dtype} (convert with .float())")
-    if not torch.isfinite(x).all():
-        raise BadDataError("inputs contain NaN or inf")
-    return x.detach()
+    return as_batch(x[None] if x.dim() == 3 else x)
 
 
 def _as_target(target: Any, batch: int) -> torch.Tensor:
