@@ -352,6 +352,42 @@ def test_integrate_linear_path_is_ig(model64: nn.Module) -> None:
     torch.testing.assert_close(integrate(model64, x, TARGETS, n=50), IntegratedGradients(model64).attribute(x, TARGETS))
 
 
+def test_integrate_differentiates_a_given_score(model64: nn.Module) -> None:
+    """Any per-example score: f(x) = Σ x², so IG from 0 is exactly x² and SmoothGrad with σ = 0 is 2x."""
+    x = images()
+    squares = lambda v, t: (v**2).flatten(1).sum(1)  # noqa: E731
+    ig = integrate(model64, x, TARGETS, "linear_path", n=3, score=squares)
+    torch.testing.assert_close(ig, x**2, atol=1e-12, rtol=1e-12)
+    noise = integrate(model64, x, TARGETS, get_sampler("noise", sigma_fraction=0.0), n=2, score=squares)
+    torch.testing.assert_close(noise, 2 * x, atol=1e-12, rtol=1e-12)
+    with pytest.raises(BadSpecError, match=r"one value per example, shape \(6,\); got \(\)"):
+        integrate(model64, x, TARGETS, n=2, score=lambda v, t: v.sum())
+
+
+def test_integrate_passes_hold_at_most_batch_size_inputs(model64: nn.Module) -> None:
+    x = images(5)
+    seen: list[int] = []
+
+    def counted(v: torch.Tensor) -> torch.Tensor:
+        seen.append(v.shape[0])
+        return model64(v)
+
+    target = torch.tensor([0, 1, 2, 3, 4])
+    small = integrate(counted, x, target, "noise", n=3, seed=2, batch_size=2)
+    assert seen and max(seen) <= 2
+    torch.testing.assert_close(small, integrate(model64, x, target, "noise", n=3, seed=2), atol=1e-12, rtol=1e-10)
+
+
+def test_registries_list_their_names() -> None:
+    names = METHODS.names()
+    assert sorted(names) == ["gradcam", "input_x_gradient", "integrated_gradients", "saliency", "smoothgrad", "var", "wam"]
+    assert SAMPLERS.names() == ["noise", "linear_path", "blur_path", "suppression"]
+    assert get_sampler("blur_path", sigma=1.0).sigma == 1.0
+    with pytest.raises(ValueError, match="registered twice"):
+        class Again(AttributionMethod, name="saliency"):  # noqa: F841
+            pass
+
+
 # --- errors, CLI entry point, rendering --------------------------------------------------------
 
 def test_bad_inputs_raise_project_errors(model64: nn.Module) -> None:
@@ -364,9 +400,9 @@ def test_bad_inputs_raise_project_errors(model64: nn.Module) -> None:
         sal.attribute(torch.full((1, 1, 16, 16), float("nan"), dtype=torch.float64))
     with pytest.raises(BadSpecError, match="out of range for a model with 10 classes"):
         sal.attribute(images(1), target=10)
-    with pytest.raises(BadSpecError, match="one class per example"):
+    with pytest.raises(BadDataError, match="2 targets for 3 inputs; give an int or one class per example"):
         sal.attribute(images(3), target=[1, 2])
-    with pytest.raises(BadSpecError, match="choose one of: blur_path, linear_path, noise, suppression"):
+    with pytest.raises(BadSpecError, match="unknown sampler 'uniform'; choose one of: noise, linear_path, blur_path, suppression"):
         IntegratedGradients(model64).attribute(images(1), sampler="uniform")
     with pytest.raises(BadSpecError, match=r"does not take \['cell'\]"):
         get_sampler("noise", cell=2)

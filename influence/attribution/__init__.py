@@ -1,8 +1,8 @@
 """Pixel attribution: where in the test image the model looked.
 
 Every method: ``Method(model).attribute(inputs, target=None, **options) -> Tensor`` shaped
-like ``inputs``; see ``_base`` for the shared argument vocabulary. ``METHODS`` maps CLI
-names to classes and is filled by the classes themselves.
+like ``inputs``; see ``_base`` for the shared argument vocabulary. ``METHODS`` and ``SAMPLERS``
+are registries (``.names()`` for CLI choices) filled by the classes themselves.
 """
 
 from influence.attribution._base import METHODS, AttributionMethod, get_method

@@ -14,54 +14,39 @@ Argument vocabulary, shared by every method:
   or None for the predicted class.
 - ``n``: number of samples or path steps; ``seed``: seeds a local generator (stochastic
   samplers only); ``batch_size``: most model inputs per forward pass.
+
+What a gradient method differentiates is a *score*: ``score(x, target) -> (N,)``, one scalar
+per example. Most methods explain the target class's logit (``class_logit``); training
+feature attribution differentiates other scores (e.g. a gradient cosine) with the same core.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from influence.errors import BadDataError, BadSpecError
+from influence._inputs import TargetLike, as_batch, as_targets
+from influence._registry import Registry
+from influence.errors import BadSpecError
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-TargetLike = int | Sequence[int] | torch.Tensor | None
+Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``score(x (N, ...), target (N,)) -> (N,)``: the scalar per example that a gradient method differentiates.
 
-METHODS: dict[str, type["AttributionMethod"]] = {}
+Example n's score must depend on example n only (eval mode), so one backward pass of the sum gives every
+example's own gradient."""
+
+METHODS: Registry[type["AttributionMethod"]] = Registry("attribution method")
 """CLI name → class; filled by each method's class statement (``name=...``)."""
 
 
 def get_method(name: str) -> type["AttributionMethod"]:
     """The class registered under ``name``; unknown names list the choices."""
-    try:
-        return METHODS[name]
-    except (KeyError, TypeError):
-        choices = ", ".join(sorted(METHODS))
-        raise BadSpecError(f"unknown attribution method {name!r}; choose one of: {choices}") from None
-
-
-def as_batch(inputs: Any) -> torch.Tensor:
-    """Normalise ``inputs`` to a detached, finite, floating (B, C, H, W) tensor."""
-    if not isinstance(inputs, torch.Tensor):
-        try:
-            inputs = torch.as_tensor(inputs)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise BadDataError(f"inputs must be a tensor or array shaped (B, C, H, W); got {type(inputs).__name__}") from exc
-    if inputs.dim() != 4:
-        raise BadDataError(
-            f"inputs must be a batch shaped (B, C, H, W); got shape {tuple(inputs.shape)} "
-            "(add a batch dimension with inputs.unsqueeze(0) for one image)"
-        )
-    if inputs.shape[0] == 0:
-        raise BadDataError("inputs is an empty batch (B = 0)")
-    if not inputs.is_floating_point():
-        raise BadDataError(f"inputs must be floating point; got dtype {inputs.dtype} (convert with .float())")
-    if not torch.isfinite(inputs).all():
-        raise BadDataError("inputs contain NaN or inf")
-    return inputs.detach()
+    return METHODS.get(name)
 
 
 def logits_of(forward: Forward, x: torch.Tensor) -> torch.Tensor:
@@ -74,29 +59,12 @@ def logits_of(forward: Forward, x: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_target(forward: Forward, x: torch.Tensor, target: TargetLike) -> torch.Tensor:
-    """A LongTensor (B,) on ``x.device``; None means each example's predicted class."""
-    batch = x.shape[0]
-    if target is None:
-        with torch.no_grad():
-            return logits_of(forward, x).argmax(dim=1)
-    if isinstance(target, bool):
-        raise BadSpecError(f"target must be an int class index; got {target!r}")
-    if isinstance(target, int):
-        t = torch.full((batch,), target, dtype=torch.long, device=x.device)
-    else:
-        t = torch.as_tensor(target, device=x.device)
-        if t.is_floating_point() or t.dtype == torch.bool:
-            raise BadSpecError(f"target must hold integer class indices; got dtype {t.dtype}")
-        t = t.long().reshape(-1) if t.dim() == 0 else t.long()
-        if t.numel() == 1:
-            t = t.reshape(1).expand(batch).clone()
-        if t.shape != (batch,):
-            raise BadSpecError(f"target must be an int or hold one class per example ({batch}); got shape {tuple(t.shape)}")
+    """A LongTensor (B,) on ``x.device``, checked against the model's class count; None means the predicted class."""
     with torch.no_grad():
+        if target is None:
+            return logits_of(forward, x).argmax(dim=1)
         k = logits_of(forward, x[:1]).shape[1]
-    if (t < 0).any() or (t >= k).any():
-        raise BadSpecError(f"target class out of range for a model with {k} classes: {t.tolist()}")
-    return t
+    return as_targets(target, x.shape[0], k).to(x.device)
 
 
 @contextlib.contextmanager
@@ -114,20 +82,41 @@ def evaluating(model: Any) -> Iterator[None]:
             module.training = flag
 
 
-def gradient(forward: Forward, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """∂f_target/∂x per example, without writing ``.grad`` anywhere."""
+def class_logit(forward: Forward) -> Score:
+    """The score most methods explain: the target class's logit, f_c(x)."""
+
+    def score(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return logits_of(forward, x).gather(1, target[:, None])[:, 0]
+
+    return score
+
+
+def score_gradient(score: Score, x: torch.Tensor, target: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """∂score_n/∂x_n per example, at most ``batch_size`` examples per pass, without writing ``.grad`` anywhere."""
+    step = batch_size or x.shape[0]
+    return torch.cat([_score_gradient(score, x[i : i + step], target[i : i + step]) for i in range(0, x.shape[0], step)])
+
+
+def _score_gradient(score: Score, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        out = logits_of(forward, x)
-        selected = out.gather(1, target[:, None]).sum()
-        (grad,) = torch.autograd.grad(selected, x)
+        values = score(x, target)
+        if not isinstance(values, torch.Tensor) or values.shape != (x.shape[0],):
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise BadSpecError(f"a score must return one value per example, shape ({x.shape[0]},); got {shape}")
+        (grad,) = torch.autograd.grad(values.sum(), x)
     return grad
+
+
+def gradient(forward: Forward, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """∂f_target/∂x per example, without writing ``.grad`` anywhere."""
+    return score_gradient(class_logit(forward), x, target)
 
 
 class AttributionMethod:
     """Base of every pixel-attribution method; subclasses implement ``_attribute``.
 
-    ``class Foo(AttributionMethod, name="foo")`` registers ``Foo`` in ``METHODS``.
+    ``class Foo(AttributionMethod, name="foo")`` registers ``Foo`` in ``METHODS`` (a name taken twice is an error).
     """
 
     name: ClassVar[str] = ""
@@ -135,10 +124,8 @@ class AttributionMethod:
     def __init_subclass__(cls, name: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if name is not None:
-            if name in METHODS:
-                raise BadSpecError(f"attribution method name {name!r} is already registered by {METHODS[name].__name__}")
             cls.name = name
-            METHODS[name] = cls
+            METHODS.register(name, cls)
 
     def __init__(self, model: nn.Module | Forward) -> None:
         if not callable(model):

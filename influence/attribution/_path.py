@@ -1,9 +1,11 @@
 """The one path-integration core: average gradients over samples drawn by a sampler.
 
 Integrated Gradients, SmoothGrad and WAM are the same computation with different
-sample sets: ``integrate`` evaluates Σ_i w_i ∇f_c(x_i) and lets the sampler finish the
+sample sets: ``integrate`` evaluates Σ_i w_i ∇f(x_i) and lets the sampler finish the
 map (multiply by x − x₀ for a path, by x for suppression, nothing for noise). Any path
-method therefore accepts any sampler, and a new sampler is one small class.
+method therefore accepts any sampler, and a new sampler is one small class. f is a
+score (``_base.Score``): the target logit by default, or any per-example scalar, such
+as the gradient cosine that training feature attribution differentiates.
 
 Stochastic samplers draw each sample from a local generator seeded with ``seed`` and
 share the draw across the batch (scaled per example), so an example's map does not
@@ -21,20 +23,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from influence._inputs import TargetLike, as_batch
+from influence._registry import Registry
 from influence.attribution._base import (
     AttributionMethod,
     Forward,
-    TargetLike,
-    as_batch,
+    Score,
+    class_logit,
     evaluating,
-    gradient,
     resolve_target,
+    score_gradient,
 )
 from influence.errors import BadSpecError
 
 RULES = ("gausslegendre", "riemann_trapezoid", "riemann_left", "riemann_right", "riemann_middle")
 
-SAMPLERS: dict[str, type["Sampler"]] = {}
+SAMPLERS: Registry[type["Sampler"]] = Registry("sampler")
 """Sampler name → class; filled by each sampler's class statement."""
 
 
@@ -67,7 +71,7 @@ class Sampler:
         super().__init_subclass__(**kwargs)
         if name is not None:
             cls.name = name
-            SAMPLERS[name] = cls
+            SAMPLERS.register(name, cls)
 
     def points(self, x: torch.Tensor, n: int, generator: torch.Generator) -> Iterator[tuple[torch.Tensor, float]]:
         """Yield (sample shaped like x, weight); weights sum to one."""
@@ -196,9 +200,7 @@ def get_sampler(sampler: str | Sampler, **options: Any) -> Sampler:
         if options:
             raise BadSpecError(f"options {sorted(options)} given with a sampler instance; set them on the instance")
         return sampler
-    cls = SAMPLERS.get(sampler) if isinstance(sampler, str) else None
-    if cls is None:
-        raise BadSpecError(f"unknown sampler {sampler!r}; choose one of: {', '.join(sorted(SAMPLERS))}")
+    cls = SAMPLERS.get(sampler)
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
@@ -219,36 +221,42 @@ def integrate(
     n: int = 50,
     seed: int = 0,
     batch_size: int | None = None,
+    *,
+    score: Score | None = None,
 ) -> torch.Tensor:
-    """``sampler.finish(x, Σ_i w_i ∇f_c(x_i))`` for the samples x_i the sampler draws; shaped like inputs.
+    """``sampler.finish(x, Σ_i w_i ∇f(x_i))`` for the samples x_i the sampler draws; shaped like inputs.
 
-    ``model`` may be any callable returning logits (WAM passes "IDWT then the model").
+    ``model`` may be any callable returning logits (WAM passes "IDWT then the model"); it resolves
+    ``target`` (None: the predicted class) and runs in eval mode. f is ``score`` (see ``_base.Score``),
+    by default the target class's logit of ``model``. At most ``batch_size`` (512) inputs per pass.
     """
     _check_count("n", n)
     _check_count("batch_size", batch_size)
     draw = get_sampler(sampler)
     x = as_batch(inputs)
+    rows = batch_size or 512
     with evaluating(model):
         t = resolve_target(model, x, target)
+        f = class_logit(model) if score is None else score
         generator = torch.Generator(device=x.device).manual_seed(int(seed))
-        per_pass = max(1, (batch_size or 512) // x.shape[0])
+        per_pass = max(1, rows // x.shape[0])
         total = torch.zeros_like(x)
         chunk: list[tuple[torch.Tensor, float]] = []
         for point in draw.points(x, n, generator):
             chunk.append(point)
             if len(chunk) == per_pass:
-                total += _weighted_gradients(model, chunk, t)
+                total += _weighted_gradients(f, chunk, t, rows)
                 chunk = []
         if chunk:
-            total += _weighted_gradients(model, chunk, t)
+            total += _weighted_gradients(f, chunk, t, rows)
         return draw.finish(x, total).detach()
 
 
-def _weighted_gradients(model: Forward, chunk: list[tuple[torch.Tensor, float]], target: torch.Tensor) -> torch.Tensor:
-    """Σ w_i ∇f(x_i) over one chunk of samples, as a single forward/backward pass."""
+def _weighted_gradients(score: Score, chunk: list[tuple[torch.Tensor, float]], target: torch.Tensor, rows: int) -> torch.Tensor:
+    """Σ w_i ∇f(x_i) over one chunk of samples, in passes of at most ``rows`` inputs."""
     samples = torch.stack([s for s, _ in chunk])  # (k, B, C, H, W)
     k, b = samples.shape[:2]
-    grads = gradient(model, samples.reshape(k * b, *samples.shape[2:]), target.repeat(k))
+    grads = score_gradient(score, samples.reshape(k * b, *samples.shape[2:]), target.repeat(k), rows)
     weights = torch.tensor([w for _, w in chunk], dtype=grads.dtype, device=grads.device)
     return torch.einsum("k,kb...->b...", weights, grads.reshape(k, b, *grads.shape[1:]))
 

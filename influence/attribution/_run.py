@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from influence.attribution._base import AttributionMethod, as_batch, evaluating, get_method, logits_of, resolve_target
+from influence._inputs import as_batch
+from influence.attribution._base import AttributionMethod, evaluating, get_method, logits_of, resolve_target
 from influence.attribution._var import VAR
 from influence.errors import BadDataError, BadSpecError
 

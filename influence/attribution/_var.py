@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from influence.attribution._base import METHODS, AttributionMethod, TargetLike, as_batch, evaluating, get_method, logits_of, resolve_target
+from influence._inputs import TargetLike, as_batch
+from influence.attribution._base import METHODS, AttributionMethod, evaluating, get_method, logits_of, resolve_target
 from influence.errors import BadSpecError
 
 ClassesLike = int | Sequence[int] | torch.Tensor | None

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from influence.attribution._base import AttributionMethod, Forward, TargetLike, as_batch, evaluating, gradient, resolve_target
+from influence._inputs import TargetLike, as_batch
+from influence.attribution._base import AttributionMethod, Forward, evaluating, gradient, resolve_target
 from influence.attribution._path import LinearPathSampler, NoiseSampler, Sampler, get_sampler, integrate
 from influence.errors import BadDataError, BadSpecError
 
