@@ -11,14 +11,15 @@ Same calling convention as :mod:`influence.attribution`, on training images::
 - The result is shaped like ``inputs`` (float32 unless the inputs are float64).
 
 The model is run in eval mode (BatchNorm on running statistics) and left as it was: training flags restored,
-no hooks, ``requires_grad`` untouched (all gradients come from ``torch.func`` on detached parameters).
+no hooks, ``requires_grad`` untouched (parameters are detached copies; pixel gradients are taken w.r.t. the input
+only, parameter gradients with ``torch.func``).
 
-Methods (METHODS.md §3); sign convention: positive = this region makes i a *proponent* of t:
+Methods; sign convention: positive = this region makes i a *proponent* of t:
 
 - ``gradcos_two_step``: gradcos input×gradient × the image's own input×gradient (positive parts). Test-specific.
 - ``gradcos``: ∇_{x_i} cos(g(x_i, y_i), g_t), g_t held constant (a mixed second-order product:
-  ``grad`` of the cosine of an inner ``grad``, vmapped over the batch). Options: ``smooth=n`` (SmoothGrad),
-  ``steps=n`` (path-integrated from a black image, i.e. integrated gradients of the Grad-Cos score),
+  ``grad`` of the cosine of an inner ``grad``, vmapped over the batch). Options: ``smooth=n`` (SmoothGrad, noise
+  σ = ``sigma``·pixel range), ``steps=n`` (path-integrated from a black image, i.e. integrated gradients of the Grad-Cos score),
   ``input_x_gradient``, ``positive``, ``combine`` (× the training image's own attribution). Test-specific.
 - ``occlusion``: ΔS_R = S(i, t) − S(i with window R replaced by a baseline, t), S = ⟨g_i, g_t⟩ or cosine; all
   masked copies of one image are one batched per-example-gradient call; a pixel gets the mean ΔS of the windows
@@ -28,7 +29,10 @@ Methods (METHODS.md §3); sign convention: positive = this region makes i a *pro
   the logit or the margin). *Not* test-specific: ``query`` is accepted and ignored, so the map
   is the same for every test image.
 
-Every map is computed with the one model given (callers pass the final checkpoint).
+Every map is computed with the one model given (callers pass the final checkpoint). The gradient maps are the
+pixel-attribution core run on a training-side score (``influence.attribution.integrate`` with ``score=``):
+``smooth`` is its noise sampler (one draw per sample shared by the batch, so a map does not depend on the
+other images in its batch), ``steps`` and two_step's integrated gradients its straight path from black.
 """
 
 from __future__ import annotations
@@ -39,13 +43,15 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from influence.attribution._base import as_batch
-from influence.attribution._path import gaussian_blur
+from influence._inputs import as_batch
+from influence._registry import Registry
+from influence.attribution._base import Forward, Score, class_logit, evaluating, resolve_target, score_gradient
+from influence.attribution._path import LinearPathSampler, NoiseSampler, Sampler, gaussian_blur, integrate
 from influence.errors import BadDataError, BadSpecError
 from influence.features import ClassificationTask, Task, per_example_grads, select_parameters
 from influence.features.grads import split_params
 
-TFA_METHODS: dict[str, type["TFAMethod"]] = {}
+TFA_METHODS: Registry[type["TFAMethod"]] = Registry("TFA method")
 """CLI name → class; filled by each method's class statement (``name=...``)."""
 
 EPS = 1e-12
@@ -54,10 +60,7 @@ QueryLike = tuple[torch.Tensor, int] | torch.Tensor
 
 def get_tfa(name: str) -> type["TFAMethod"]:
     """The TFA class registered under ``name``; unknown names list the choices."""
-    try:
-        return TFA_METHODS[name]
-    except (KeyError, TypeError):
-        raise BadSpecError(f"unknown TFA method {name!r}; choose one of: {', '.join(sorted(TFA_METHODS))}") from None
+    return TFA_METHODS.get(name)
 
 
 class TFAMethod:
@@ -69,7 +72,7 @@ class TFAMethod:
     def __init_subclass__(cls, name: str, **kw: Any) -> None:
         super().__init_subclass__(**kw)
         cls.name = name
-        TFA_METHODS[name] = cls
+        TFA_METHODS.register(name, cls)
 
     def __init__(self, model: nn.Module, *, task: Task | None = None, params: str = "all") -> None:
         self.model = model
@@ -78,15 +81,12 @@ class TFAMethod:
 
     # ------------------------------------------------------------------ shared plumbing
     def attribute(self, inputs: torch.Tensor, target: Any = None, query: QueryLike | None = None, **options: Any) -> torch.Tensor:
-        x = _as_batch(inputs)
-        y = _as_target(target, x.shape[0])
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            out = self._attribute(x, y.to(x.device), query, **options)
-        finally:
-            for m, flag in modes:
-                m.training = flag
+        x = as_batch(inputs, single=True)
+        if target is None:
+            raise BadSpecError("TFA needs target=: the training labels of the inputs")
+        with evaluating(self.model):
+            y = resolve_target(self.forward(x.dtype), x, target)
+            out = self._attribute(x, y, query, **options)
         return out.detach().to(x.dtype)
 
     def _attribute(self, x: torch.Tensor, y: torch.Tensor, query: QueryLike | None, **options: Any) -> torch.Tensor:
@@ -94,6 +94,16 @@ class TFAMethod:
 
     def _params(self, dtype: torch.dtype) -> tuple[dict, dict]:
         return split_params(self.model, self.names, dtype)
+
+    def forward(self, dtype: torch.dtype) -> Forward:
+        """The model on detached parameters cast to ``dtype``: gradients reach the input only."""
+        params, frozen = self._params(dtype)
+        model = self.model
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, (params, frozen), (x,))
+
+        return run
 
     def test_gradient(self, query: QueryLike | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The flat test loss gradient g_t (p,) from ``query`` (computed, or checked when given)."""
@@ -112,35 +122,13 @@ class TFAMethod:
         if xt.dim() != 4 or xt.shape[0] != 1:
             raise BadDataError(f"query image must be (C, H, W) or (1, C, H, W); got {tuple(xt.shape)}")
         yt = torch.as_tensor(query[1], dtype=torch.long).reshape(-1)[:1]
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
+        with evaluating(self.model):
             params, frozen = self._params(dtype)
             return _flat_grad(self.model, self.task, self.names, params, frozen, xt[0], yt[0], "loss")
-        finally:
-            for m, flag in modes:
-                m.training = flag
 
     def own_attribution(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Input×gradient of the training image's own logit, for ``combine``."""
         return TwoStepTFA(self.model, task=self.task, params="all")._attribute(x, y, None, method="input_x_gradient")
-
-
-def _as_batch(inputs: Any) -> torch.Tensor:
-    """Training images as a checked (B, C, H, W) batch; one (C, H, W) image is accepted too."""
-    x = torch.as_tensor(inputs) if not isinstance(inputs, torch.Tensor) else inputs
-    return as_batch(x[None] if x.dim() == 3 else x)
-
-
-def _as_target(target: Any, batch: int) -> torch.Tensor:
-    if target is None:
-        raise BadSpecError("TFA needs target=: the training labels of the inputs")
-    t = torch.as_tensor(target, dtype=torch.long).reshape(-1)
-    if t.numel() == 1 and batch > 1:
-        t = t.expand(batch)
-    if t.numel() != batch:
-        raise BadDataError(f"{t.numel()} targets for {batch} training images; give one label per image")
-    return t
 
 
 def _flat_grad(model: nn.Module, task: Task, names: list[str], params: dict, frozen: dict,
@@ -161,7 +149,24 @@ def _positive_normalised(m: torch.Tensor) -> torch.Tensor:
 
 
 class GradCosTFA(TFAMethod, name="gradcos"):
-    """∇_{x_i} cos(g(x_i, y_i), g_t) (Bacha & George 2025), with SmoothGrad / path / ×input / positive options."""
+    """∇_{x_i} cos(g(x_i, y_i), g_t) (Bacha & George 2025), with SmoothGrad / path / ×input / positive options.
+
+    ``smooth=n`` and ``steps=n`` hand the Grad-Cos score to the one path-integration core with the noise
+    sampler (σ = ``sigma``·pixel range) and the straight path from a black image (midpoint rule).
+    """
+
+    def score(self, query: QueryLike | None, dtype: torch.dtype = torch.float32) -> Score:
+        """The Grad-Cos score cos(g(x_i, y_i), g_t) per training example, g_t from ``query`` held constant."""
+        gt = self.test_gradient(query, dtype)
+        gt_unit = gt / gt.norm().clamp(min=EPS)
+        params, frozen = self._params(dtype)
+        model, task, names = self.model, self.task, self.names
+
+        def one(xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            g = _flat_grad(model, task, names, params, frozen, xi, yi, "loss")
+            return (g @ gt_unit.to(xi.device)) / g.norm().clamp(min=EPS)
+
+        return vmap(one)
 
     def _attribute(self, x, y, query, *, smooth: int = 0, sigma: float = 0.15, steps: int = 0,
                    input_x_gradient: bool = False, positive: bool = False, combine: bool = False,
@@ -170,35 +175,16 @@ class GradCosTFA(TFAMethod, name="gradcos"):
             raise BadSpecError(f"smooth and steps must be >= 0; got smooth={smooth}, steps={steps}")
         if smooth and steps:
             raise BadSpecError("choose one of smooth= (SmoothGrad) and steps= (path integration), not both")
-        gt = self.test_gradient(query, x.dtype).to(x.device)
-        params, frozen = self._params(x.dtype)
-        model, task, names = self.model, self.task, self.names
-        gt_unit = gt / gt.norm().clamp(min=EPS)
-
-        def score(xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            g = _flat_grad(model, task, names, params, frozen, xi, yi, "loss")
-            return (g @ gt_unit) / g.norm().clamp(min=EPS)
-
-        grad_fn = vmap(grad(score))
-
-        def grads(points: torch.Tensor) -> torch.Tensor:
-            return torch.cat([grad_fn(points[b:b + batch_size], y[b:b + batch_size]) for b in range(0, len(points), batch_size)])
-
+        score = self.score(query, x.dtype)
+        sampler: Sampler | None = None
         if smooth:
-            gen = torch.Generator().manual_seed(seed)
-            spread = sigma * (x.flatten(1).amax(1) - x.flatten(1).amin(1)).view(-1, 1, 1, 1)
-            acc = torch.zeros_like(x)
-            for _ in range(smooth):
-                noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-                acc += grads(x + spread * noise)
-            m = acc / smooth
+            sampler = NoiseSampler(sigma_fraction=sigma)
         elif steps:
-            acc = torch.zeros_like(x)
-            for s in range(steps):
-                acc += grads(x * ((s + 0.5) / steps))
-            m = x * acc / steps
+            sampler = LinearPathSampler(0.0, rule="riemann_middle")
+        if sampler is None:
+            m = score_gradient(score, x, y, batch_size)
         else:
-            m = grads(x)
+            m = integrate(self.forward(x.dtype), x, y, sampler, smooth or steps, seed, batch_size, score=score)
         if input_x_gradient and not steps:
             m = m * x
         if positive:
@@ -222,32 +208,33 @@ class GradCosTwoStepTFA(GradCosTFA, name="gradcos_two_step"):
 
 
 class TwoStepTFA(TFAMethod, name="two_step"):
-    """Ordinary attribution of x_i for its own label y_i; the same map whatever the query (not test-specific)."""
+    """Ordinary attribution of x_i for its own label y_i; the same map whatever the query (not test-specific).
+
+    Integrated gradients here is the path core on the straight path from a black image, midpoint rule.
+    """
 
     test_specific = False
 
-    def _attribute(self, x, y, query=None, *, of: str = "logit", method: str = "integrated_gradients",
-                   steps: int = 16) -> torch.Tensor:
+    def score(self, dtype: torch.dtype = torch.float32, of: str = "logit") -> Score:
+        """The logit of y_i, or the task's output (the margin for classification)."""
         if of not in ("logit", "margin"):
             raise BadSpecError(f"two_step of={of!r}; choose logit or margin")
+        forward, task = self.forward(dtype), self.task
+        if of == "logit":
+            return class_logit(forward)
+        return lambda x, y: task.output(forward(x), y)
+
+    def _attribute(self, x, y, query=None, *, of: str = "logit", method: str = "integrated_gradients",
+                   steps: int = 16, batch_size: int = 32) -> torch.Tensor:
         if method not in ("input_x_gradient", "gradient", "integrated_gradients"):
             raise BadSpecError(f"two_step method={method!r}; choose input_x_gradient, gradient or integrated_gradients")
-        params, frozen = self._params(x.dtype)
-        model, task = self.model, self.task
-
-        def out(xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            logits = functional_call(model, (params, frozen), (xi[None],))
-            return logits[0].gather(0, yi[None])[0] if of == "logit" else task.output(logits, yi[None])[0]
-
-        g = vmap(grad(out))
+        score = self.score(x.dtype, of)
         if method == "gradient":
-            return g(x, y)
+            return score_gradient(score, x, y, batch_size)
         if method == "input_x_gradient":
-            return x * g(x, y)
-        acc = torch.zeros_like(x)
-        for s in range(steps):
-            acc += g(x * ((s + 0.5) / steps), y)
-        return x * acc / steps
+            return x * score_gradient(score, x, y, batch_size)
+        path = LinearPathSampler(0.0, rule="riemann_middle")
+        return integrate(self.forward(x.dtype), x, y, path, steps, batch_size=batch_size, score=score)
 
 
 class OcclusionTFA(TFAMethod, name="occlusion"):

@@ -1,8 +1,9 @@
 """Training feature attribution (influence.tfa) and the shortcut detector (influence.shortcut).
 
 Oracles at float64 on a tiny smooth model (tanh, average pooling: no kinks, so central finite differences are
-accurate): gradcos against finite differences of the Grad-Cos score, occlusion against explicitly masked copies
-scored one by one.
+accurate): gradcos against finite differences of the Grad-Cos score, its path-integrated variant against the
+score's change along the path (completeness), occlusion against explicitly masked copies scored one by one,
+two_step against the pixel-attribution integrated gradients (itself checked against Captum).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from influence.attribution import IntegratedGradients, LinearPathSampler, NoiseSampler, integrate
 from influence.errors import BadDataError, BadSpecError
 from influence.features import ClassificationTask, per_example_grads, select_parameters
 from influence.shortcut import Shortcut, box_iou, detect_shortcuts
@@ -117,15 +119,19 @@ def test_occlusion_equals_explicit_masking(net, batch, baseline, score):
         torch.testing.assert_close(maps[i, 0], total / count, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("name", sorted(TFA_METHODS))
-def test_shape_batch_equals_single_and_model_unchanged(name, batch):
+@pytest.mark.parametrize("name, options", [(n, {}) for n in sorted(TFA_METHODS)] + [
+    ("gradcos", {"smooth": 3, "seed": 4}), ("gradcos", {"steps": 3, "batch_size": 2}), ("gradcos_two_step", {"smooth": 2}),
+    ("two_step", {"of": "margin", "batch_size": 2}),
+], ids=str)
+def test_shape_batch_equals_single_and_model_unchanged(name, options, batch):
+    """Also for SmoothGrad: one noise draw per sample, shared by the batch, so a map does not depend on its batch."""
     net = smooth_net().train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x, y, query = batch
-    maps = get_tfa(name)(net).attribute(x, target=y, query=query)
+    maps = get_tfa(name)(net).attribute(x, target=y, query=query, **options)
     assert maps.shape == x.shape and torch.isfinite(maps).all()
     for i in range(x.shape[0]):
-        one = get_tfa(name)(net).attribute(x[i:i + 1], target=int(y[i]), query=query)
+        one = get_tfa(name)(net).attribute(x[i:i + 1], target=int(y[i]), query=query, **options)
         torch.testing.assert_close(one[0], maps[i], atol=1e-10, rtol=1e-7)
     assert all(m.training for m in net.modules())
     assert all(p.requires_grad and p.grad is None for p in net.parameters())
@@ -154,19 +160,67 @@ def test_query_specificity(net, batch):
     torch.testing.assert_close(two.attribute(x, target=y, query=query), two.attribute(x, target=y, query=other))
 
 
+def _gradcos_score(net: nn.Module, gt: torch.Tensor):
+    """cos(g(x_n, y_n), g_t) per example, spelled with the public per-example gradient (differentiable in x)."""
+    names = select_parameters(net)
+
+    def score(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        g = per_example_grads(net, ClassificationTask(), names, x, y, of="loss")
+        return torch.nn.functional.cosine_similarity(g, gt[None], dim=1)
+
+    return score
+
+
+def test_gradcos_path_options_are_the_integrate_core(net, batch):
+    """smooth= is the noise sampler and steps= the midpoint path from black, on the Grad-Cos score."""
+    x, y, query = batch
+    gt = _grad_of(net, *query)
+    score = _gradcos_score(net, gt)
+    method = get_tfa("gradcos")(net)
+    smooth = integrate(net, x, y, NoiseSampler(sigma_fraction=0.2), n=3, seed=7, score=score)
+    torch.testing.assert_close(method.attribute(x, target=y, query=query, smooth=3, sigma=0.2, seed=7), smooth,
+                               atol=ATOL, rtol=RTOL)
+    path = integrate(net, x, y, LinearPathSampler(0.0, rule="riemann_middle"), n=4, score=score)
+    torch.testing.assert_close(method.attribute(x, target=y, query=query, steps=4), path, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(method.attribute(x, target=y, query=query, steps=4, input_x_gradient=True), path)
+
+
+def test_gradcos_path_completeness(net, batch):
+    """Integrated gradients of the Grad-Cos score sum to the score's change from the black image to x."""
+    x, y, query = batch
+    score = _gradcos_score(net, _grad_of(net, *query))
+    maps = get_tfa("gradcos")(net).attribute(x, target=y, query=query, steps=100)
+    with torch.no_grad():
+        gap = score(x, y) - score(torch.zeros_like(x), y)
+    assert gap.abs().min() > 1e-3  # a non-trivial change to recover
+    torch.testing.assert_close(maps.flatten(1).sum(1), gap, atol=1e-5, rtol=1e-4)
+
+
+def test_two_step_equals_pixel_integrated_gradients(net, batch):
+    x, y, _ = batch
+    ours = get_tfa("two_step")(net).attribute(x, target=y, steps=16)
+    ref = IntegratedGradients(net).attribute(x, target=y, n=16, rule="riemann_middle")
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=1e-10)
+
+
 def test_two_step_integrated_gradients_completeness(net, batch):
     x, y, _ = batch
     ig = get_tfa("two_step")(net).attribute(x, target=y, method="integrated_gradients", steps=200)
     with torch.no_grad():
         gap = net(x).gather(1, y[:, None])[:, 0] - net(torch.zeros_like(x)).gather(1, y[:, None])[:, 0]
     torch.testing.assert_close(ig.flatten(1).sum(1), gap, atol=1e-3, rtol=1e-3)
+    margin = get_tfa("two_step")(net).attribute(x, target=y, of="margin", steps=200)
+    task = ClassificationTask()
+    with torch.no_grad():
+        gap = task.output(net(x), y) - task.output(net(torch.zeros_like(x)), y)
+    torch.testing.assert_close(margin.flatten(1).sum(1), gap, atol=1e-3, rtol=1e-3)
 
 
 def test_registry_and_errors(net, batch):
     x, y, query = batch
-    assert {"gradcos", "two_step", "occlusion", "gradcos_two_step"} <= set(TFA_METHODS)
+    assert TFA_METHODS.names() == ["gradcos", "gradcos_two_step", "two_step", "occlusion"]
     assert DEFAULT_TFA in TFA_METHODS
-    with pytest.raises(BadSpecError, match=r"unknown TFA method 'nope'; choose one of: .*gradcos.*occlusion.*two_step"):
+    with pytest.raises(BadSpecError, match=r"unknown TFA method 'nope'; choose one of: gradcos, gradcos_two_step, two_step, occlusion"):
         get_tfa("nope")
     with pytest.raises(BadSpecError, match="needs query"):
         get_tfa("gradcos")(net).attribute(x, target=y)
@@ -174,6 +228,10 @@ def test_registry_and_errors(net, batch):
         get_tfa("gradcos")(net).attribute(x, target=y, query=torch.zeros(5, dtype=torch.float64))
     with pytest.raises(BadDataError, match="2 targets for 3"):
         get_tfa("two_step")(net).attribute(x, target=[0, 1])
+    with pytest.raises(BadSpecError, match="TFA needs target="):
+        get_tfa("two_step")(net).attribute(x)
+    with pytest.raises(BadSpecError, match=r"out of range for a model with 4 classes: \[0, 4, 3\]"):
+        get_tfa("two_step")(net).attribute(x, target=[0, 4, 3])
     with pytest.raises(BadSpecError, match="baseline='gray'"):
         get_tfa("occlusion")(net).attribute(x, target=y, query=query, baseline="gray")
     with pytest.raises(BadDataError, match=r"\(B, C, H, W\)"):
