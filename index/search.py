@@ -1,10 +1,10 @@
 """FAISS inner-product search over stored feature vectors, treated as untrusted on disk.
 
-Every influence method is one inner-product search (see DESIGN.md), so this module
+Every influence method is one inner-product search, so this module
 only knows vectors and ids. It owns the three things FAISS does not do for us:
 checking the index file before deserializing it (a flipped bit can make FAISS
 allocate gigabytes), checking every returned id against ``[0, N)`` (a negative id
-silently wraps in numpy), and writing the file atomically (temp + fsync + replace).
+silently wraps in numpy), and writing the file atomically (``index.atomic``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from influence.errors import BadDataError, BadSpecError, NonFiniteError, StoreIncompleteError
+from index.atomic import atomic_write
+from index.errors import BadDataError, BadSpecError, IndexFileError, NonFiniteError, StoreDamagedError
 
 VectorReader = Callable[[np.ndarray], np.ndarray]
 """Maps sorted unique int64 ids to their float32 rows, e.g. a read from the zarr store."""
@@ -47,9 +47,9 @@ class IndexSpec:
 
     @classmethod
     def from_dict(cls, d: object) -> "IndexSpec":
-        """Parse a recorded spec; a malformed record means the store's metadata is damaged."""
+        """Parse a recorded spec; a malformed record means the store's metadata is damaged (StoreDamagedError)."""
         if not isinstance(d, dict):
-            raise StoreIncompleteError(f"index spec record is not a mapping: {d!r}")
+            raise StoreDamagedError(f"index spec record is not a mapping: {d!r}")
         try:
             spec = cls(
                 factory=str(d["factory"]),
@@ -61,9 +61,9 @@ class IndexSpec:
                 rerank=_int(d.get("rerank", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise StoreIncompleteError(f"index spec record is malformed ({e!r}): {d!r}") from None
+            raise StoreDamagedError(f"index spec record is malformed ({e!r}): {d!r}") from None
         if spec.metric != "ip" or spec.dim <= 0 or spec.ntotal < 0 or spec.rerank < 0:
-            raise StoreIncompleteError(f"index spec record is invalid: {d!r}")
+            raise StoreDamagedError(f"index spec record is invalid: {d!r}")
         return spec
 
 
@@ -153,7 +153,7 @@ class SearchIndex:
         """Refuse ids outside [0, N); move -1 padding to the end and cut it off."""
         bad = (ids < -1) | (ids >= self.spec.ntotal)
         if bad.any():
-            raise StoreIncompleteError(
+            raise IndexFileError(
                 f"FAISS index ({self.spec.factory}, N={self.spec.ntotal}) is corrupt: it returned "
                 f"id {int(ids[bad][0])} outside [0, {self.spec.ntotal}); rebuild the index "
                 f"with `influence build ... --index {self.spec.factory}`"
@@ -294,32 +294,6 @@ def _spec_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator:
-    """Yield a binary file at a unique temp name beside ``path``; fsync + replace on success.
-
-    Concurrent readers see the old file or the new one, never a mix; on failure the
-    temp file is removed and the old file is untouched.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-
 def save_index(index: SearchIndex, path: str | Path) -> dict:
     """Write the index and its spec atomically; return the record to keep in the store.
 
@@ -329,7 +303,7 @@ def save_index(index: SearchIndex, path: str | Path) -> dict:
     path = Path(path)
     digest = hashlib.sha256()
     size = 0
-    with _atomic_file(path) as f:
+    with atomic_write(path) as f:
 
         def write(b: bytes) -> int:
             nonlocal size
@@ -344,7 +318,7 @@ def save_index(index: SearchIndex, path: str | Path) -> dict:
         finally:
             del writer  # flushes its buffer into `write` before the file is closed
     record = {"path": str(path), "size": size, "sha256": digest.hexdigest(), "spec": index.spec.to_dict()}
-    with _atomic_file(_spec_path(path)) as f:
+    with atomic_write(_spec_path(path)) as f:
         f.write(json.dumps(record, indent=1, sort_keys=True).encode())
     return record
 
@@ -360,22 +334,22 @@ def load_index(
 
     The file is hashed and deserialized through one open descriptor (a concurrent
     replace cannot swap it in between), with FAISS's per-vector allocation capped near
-    the file size, so a damaged file gives StoreIncompleteError, not a crash or a
+    the file size, so a damaged file gives IndexFileError, not a crash or a
     runaway allocation.
     """
     path = Path(path)
     if not isinstance(expected, dict) or "size" not in expected or "sha256" not in expected:
-        raise StoreIncompleteError(f"no valid record for index file {path}: {expected!r}")
+        raise IndexFileError(f"no valid record for index file {path}: {expected!r}")
     spec = IndexSpec.from_dict(expected.get("spec"))
     rebuild = f"rebuild with `influence build ... --index {spec.factory}`"
     try:
         f = open(path, "rb")
     except OSError as e:
-        raise StoreIncompleteError(f"index file {path} cannot be opened ({e.strerror}); {rebuild}") from None
+        raise IndexFileError(f"index file {path} cannot be opened ({e.strerror}); {rebuild}") from None
     with f:
         size = os.fstat(f.fileno()).st_size
         if size != expected["size"] or _sha256(f) != expected["sha256"]:
-            raise StoreIncompleteError(
+            raise IndexFileError(
                 f"index file {path} does not match its recorded checksum "
                 f"(size {size}, recorded {expected['size']}); {rebuild}"
             )
@@ -390,21 +364,21 @@ def load_index(
             index = faiss.read_index(reader)
             del reader
         except Exception as e:  # FAISS raises RuntimeError, MemoryError, ... on damage
-            raise StoreIncompleteError(
+            raise IndexFileError(
                 f"index file {path} is corrupt ({type(e).__name__}: {_first_line(e)[:200]}); {rebuild}"
             ) from None
         finally:
             faiss.set_deserialization_vector_byte_limit(old_bytes)
             faiss.set_deserialization_loop_limit(old_loop)
     if index.ntotal != spec.ntotal or index.d != spec.dim or index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise StoreIncompleteError(
+        raise IndexFileError(
             f"index file {path} holds {index.ntotal} vectors of dim {index.d} "
             f"(metric {index.metric_type}), recorded {spec.ntotal} of dim {spec.dim} (inner product); {rebuild}"
         )
     try:
         _set_search_params(index, spec.nprobe, spec.efSearch)
     except BadSpecError as e:
-        raise StoreIncompleteError(f"index file {path} does not fit its recorded spec: {e}") from None
+        raise IndexFileError(f"index file {path} does not fit its recorded spec: {e}") from None
     return SearchIndex(index, spec, vectors, threads)
 
 

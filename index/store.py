@@ -1,7 +1,7 @@
 """The on-disk gradient store: a zarr v3 group with its own commit protocol.
 
 zarr writes each chunk file atomically but knows nothing of a build as a
-whole, so the store adds (DESIGN.md, "Keeping data safe"):
+whole, so the store adds:
 status first (``building`` before any data, ``complete`` last); chunk, then
 its ``done`` flag, and readers trust flags, never array shapes; a crc32c codec
 on feature arrays; one writer at a time through an OS lock; and a sweep of
@@ -21,10 +21,11 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
-from influence.errors import InfluenceError, StoreIncompleteError, StoreLockedError, StoreMismatchError
+from index.errors import BadSpecError, StoreDamagedError, StoreIncompleteError, StoreLockedError, StoreMismatchError
 
 FORMAT_VERSION = 1
 LOCK_NAME = ".influence.lock"
+FEATURE_DTYPES = ("float16", "float32")  # what feature arrays may be stored as (float16 is the default)
 
 
 class StoreStatus(str, Enum):
@@ -74,7 +75,7 @@ class FeatureStore:
             group = zarr.open_group(str(root), mode="r")
             attrs = dict(group.attrs)
         except Exception as e:
-            raise StoreIncompleteError(f"store {root} is unreadable ({type(e).__name__}); rebuild it") from None
+            raise StoreDamagedError(f"store {root} is unreadable ({type(e).__name__}); rebuild it") from None
         if attrs.get("format_version") != FORMAT_VERSION:
             raise StoreIncompleteError(f"{root} is not an influence store of format {FORMAT_VERSION} (found {attrs.get('format_version')!r})")
         store = cls(root, group)
@@ -87,7 +88,7 @@ class FeatureStore:
         """Create the store, or reopen it to resume or extend; refuses a different model/projector/task."""
         root = Path(path)
         if root.exists() and not root.is_dir():
-            raise InfluenceError(f"--out {root} exists and is not a directory; choose a new path")
+            raise BadSpecError(f"--out {root} exists and is not a directory; choose a new path")
         root.mkdir(parents=True, exist_ok=True)
         lock = _WriterLock(root)
         try:
@@ -98,7 +99,7 @@ class FeatureStore:
                 store._sweep_partials()
             else:
                 if any(p.name != LOCK_NAME for p in root.iterdir()):
-                    raise InfluenceError(f"--out {root} is a non-empty directory that is not an influence store; choose a new path")
+                    raise BadSpecError(f"--out {root} is a non-empty directory that is not an influence store; choose a new path")
                 group = zarr.open_group(str(root), mode="w")
                 store = cls(root, group, lock)
             # Status first: nothing else is written before the store says it is building.

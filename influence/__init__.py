@@ -3,8 +3,9 @@
 Data flow: features (per-example gradients, projected) → index.store (zarr) →
 index.search (FAISS) → scoring (TracIn, Grad-Cos, TRAK) → query → attribution / tfa → report → cli.
 
-The pipeline names are loaded on first use, so ``index`` (which raises this
-package's errors) can be imported on its own without a cycle.
+The pipeline names are loaded on first use, so ``import influence`` (and catching
+its errors) stays cheap. The errors are the classes ``index`` raises (see
+``influence.errors``): ``except influence.InfluenceError`` catches store errors too.
 """
 
 from __future__ import annotations

@@ -7,21 +7,46 @@ Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 internal
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from influence.attribution import METHODS as ATTRIBUTION_METHODS  # choices come from the registries
-from influence.errors import InfluenceError
+from index.atomic import atomic_write
+from index.store import FEATURE_DTYPES
+from influence.attribution import METHODS as ATTRIBUTION_METHODS
+from influence.attribution import run_attribute
+from influence.demo.retrain import run_repair
+from influence.demo.run import run_demo
+from influence.errors import BadSpecError, InfluenceError
+from influence.explain import explain
 from influence.features.projectors import ProjectorKind
-from influence.scoring import METHOD_NAMES as METHODS
+from influence.flag import KINDS, _best_self_influence, run_flags
+from influence.loading import load_checkpoint, load_model, read_image
+from influence.pipeline import build
+from influence.query import Influence, describe_store, load_queries
+from influence.repair import ACTIONS, MASK_SCOPES
+from influence.scoring import METHOD_NAMES
 from influence.tfa import DEFAULT_TFA, TFA_METHODS
 
-PROJECTORS = tuple(k.value for k in ProjectorKind)
+
+def _choices(family: str) -> list[str]:
+    """CLI choices, read from where each family is defined: the one place to adapt when a registry changes."""
+    families: dict[str, Any] = {
+        "scoring": METHOD_NAMES, "attribution": sorted(ATTRIBUTION_METHODS), "tfa": sorted(TFA_METHODS),
+        "flag-kind": KINDS, "projector": [k.value for k in ProjectorKind], "dtype": FEATURE_DTYPES,
+        "repair-action": ACTIONS, "mask-scope": MASK_SCOPES,
+    }
+    return list(families[family])
+
+
+def _default(fn: Callable[..., Any], name: str) -> Any:
+    """The default of ``fn``'s parameter ``name``: the CLI takes the API's own, so the two cannot drift apart."""
+    return inspect.signature(fn).parameters[name].default
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,21 +76,23 @@ def _floats(text: str) -> list[float]:
 
 def _methods(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in METHODS]
+    methods = _choices("scoring")
+    bad = [n for n in names if n not in methods]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown method {bad or text!r}; choose from {', '.join(METHODS)} (comma-separated)")
+        raise argparse.ArgumentTypeError(f"unknown method {bad or text!r}; choose from {', '.join(methods)} (comma-separated)")
     return names
 
 
 def _parser() -> _Parser:
+    methods, tfas = _choices("scoring"), _choices("tfa")
     p = _Parser(prog="influence", description="Which training images, and which regions of them, made my model predict this?")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     d = sub.add_parser("demo", help="train the digits demo (label noise + patch shortcut), build, and explain its errors")
-    d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--k", type=int, default=5, help="influencers to print per misclassified image")
+    d.add_argument("--out", default=_default(run_demo, "out"), help="output folder (default: %(default)s)")
+    d.add_argument("--seed", type=int, default=_default(run_demo, "seed"))
+    d.add_argument("--k", type=int, default=_default(run_demo, "k"), help="influencers to print per misclassified image")
     d.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
     b = sub.add_parser("build", help="extract per-example gradient features into a store and build its FAISS indexes")
@@ -73,39 +100,44 @@ def _parser() -> _Parser:
     b.add_argument("--data", required=True, help="built-in name, image folder, .npz with x and y, or module:function")
     b.add_argument("--checkpoint", action="append", required=True, help="a state dict (.pt or .safetensors); repeat for TracInCP")
     b.add_argument("--out", required=True, help="store folder (re-run the same command to resume; add checkpoints to extend)")
-    b.add_argument("--projector", choices=PROJECTORS, default="sparse")
-    b.add_argument("--proj-dim", type=int, default=2048, help="projected dimension k per checkpoint (default 2048)")
-    b.add_argument("--params", default="all", help="all | last:N | comma-separated parameter or module names")
-    b.add_argument("--lr-weights", type=_floats, default=None, help="learning rate per checkpoint (default 1 each)")
-    b.add_argument("--batch-size", type=int, default=64)
-    b.add_argument("--method", type=_methods, default=list(METHODS), help=f"methods to index (default: all of {','.join(METHODS)})")
-    b.add_argument("--index", default="Flat", help="FAISS index factory string (default Flat: exact)")
-    b.add_argument("--seed", type=int, default=0, help="projection seed")
-    b.add_argument("--dtype", choices=("float16", "float32"), default="float16", help="feature storage type")
-    b.add_argument("--trak-lambda", type=float, default=1.0, help="TRAK ridge λ relative to trace(ΦᵀΦ)/k (default 1, measured best)")
-    b.add_argument("--chunk-rows", type=int, default=1024, help="rows per store chunk (rounded to a multiple of the batch size)")
-    b.add_argument("--device", default="cpu")
+    b.add_argument("--projector", choices=_choices("projector"), default=_default(build, "projector"))
+    b.add_argument("--proj-dim", type=int, default=_default(build, "proj_dim"), help="projected dimension k per checkpoint (default %(default)s)")
+    b.add_argument("--params", default=_default(build, "params"), help="all | last:N | comma-separated parameter or module names")
+    b.add_argument("--lr-weights", type=_floats, default=_default(build, "lr_weights"), help="learning rate per checkpoint (default 1 each)")
+    b.add_argument("--batch-size", type=int, default=_default(build, "batch_size"))
+    b.add_argument("--method", type=_methods, default=list(_default(build, "methods")),
+                   help=f"methods to index (default: all of {','.join(methods)})")
+    b.add_argument("--index", default=_default(build, "index_factory"), help="FAISS index factory string (default %(default)s: exact)")
+    b.add_argument("--seed", type=int, default=_default(build, "seed"), help="projection seed")
+    b.add_argument("--dtype", choices=_choices("dtype"), default=_default(build, "dtype"), help="feature storage type")
+    b.add_argument("--trak-lambda", type=float, default=_default(build, "trak_lambda"),
+                   help="TRAK ridge λ relative to trace(ΦᵀΦ)/k (default %(default)s, measured best)")
+    b.add_argument("--chunk-rows", type=int, default=_default(build, "rows_per_chunk"),
+                   help="rows per store chunk (rounded to a multiple of the batch size)")
+    b.add_argument("--device", default=_default(build, "device"))
     b.add_argument("--json", action="store_true", help="print the store summary as JSON")
 
-    for name, helptext in (("query", "top proponents and opponents of test images"), ("score", "the full (n_train, n_test) score matrix")):
+    for name, helptext, api in (("query", "top proponents and opponents of test images", Influence.query),
+                                ("score", "the full (n_train, n_test) score matrix", Influence.scores)):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("store")
         src = q.add_mutually_exclusive_group(required=(name == "query"))
         src.add_argument("--image", help="an image file (png, jpg, ...) or .npy array")
         src.add_argument("--data", help="DATA SPEC of test examples")
         q.add_argument("--ids", type=_ids, default=None, help="comma-separated example ids in --data (default: all)")
-        q.add_argument("--method", choices=METHODS, default="tracin")
+        q.add_argument("--method", choices=methods, default=_default(api, "method"))
         q.add_argument("--target", default=None, help="class to explain: an integer, 'label' (true label) or 'predicted' (default)")
-        q.add_argument("--device", default="cpu")
+        q.add_argument("--device", default=_default(Influence.open, "device"))
         if name == "query":
-            q.add_argument("--k", type=int, default=10)
+            q.add_argument("--k", type=int, default=_default(api, "k"))
             q.add_argument("--json", action="store_true")
         else:
             q.add_argument("--out", required=True, help="where to write the .npy matrix")
 
     s = sub.add_parser("self-influence", help="per-training-example self-influence (the mislabel detector's score)")
     s.add_argument("store")
-    s.add_argument("--method", choices=("tracin", "trak"), default="tracin")
+    s.add_argument("--method", choices=methods, default=None,
+                   help="default: the one `influence flag` ranks mislabels by (trak when the store has it, else tracin)")
     s.add_argument("--out", required=True)
 
     i = sub.add_parser("info", help="what a store holds: model, checkpoints, projector, N, status")
@@ -118,40 +150,43 @@ def _parser() -> _Parser:
     src.add_argument("--image", help="an image file (png, jpg, ...) or .npy array")
     src.add_argument("--data", help="DATA SPEC of test examples")
     e.add_argument("--ids", type=_ids, default=None, help="comma-separated example ids in --data (default: the misclassified ones)")
-    e.add_argument("--k", type=int, default=5)
-    e.add_argument("--method", choices=METHODS, default="tracin")
+    e.add_argument("--k", type=int, default=_default(explain, "k"))
+    e.add_argument("--method", choices=methods, default=_default(explain, "method"))
     e.add_argument("--target", default=None, help="class to explain: an integer, 'label' or 'predicted' (default)")
-    e.add_argument("--attribution", default="integrated_gradients", help="pixel attribution method (see `influence attribute --help`)")
-    e.add_argument("--tfa", default=None, choices=sorted(TFA_METHODS), help=f"map on training images (default {DEFAULT_TFA}, the measured best)")
+    e.add_argument("--attribution", default=_default(explain, "attribution"),
+                   help="pixel attribution method (see `influence attribute --help`; default %(default)s)")
+    e.add_argument("--tfa", default=_default(explain, "tfa"), choices=tfas, help=f"map on training images (default {DEFAULT_TFA}, the measured best)")
     e.add_argument("--out", default=None, help="folder for an HTML report with PNG figures")
     e.add_argument("--json", action="store_true")
 
     f = sub.add_parser("flag", help="likely mislabels, net-harmful training examples and patch shortcuts")
     f.add_argument("store")
     f.add_argument("--test", default=None, help="DATA SPEC of test images (their failures drive harmful and shortcut)")
-    f.add_argument("--kind", choices=("mislabel", "harmful", "shortcut", "all"), default="all")
-    f.add_argument("--top", type=int, default=20)
-    f.add_argument("--method", choices=METHODS, default=None,
+    f.add_argument("--kind", choices=[*_choices("flag-kind"), "all"], default="all")
+    f.add_argument("--top", type=int, default=_default(run_flags, "top"))
+    f.add_argument("--method", choices=methods, default=_default(run_flags, "method"),
                    help="override the measured defaults: trak for mislabel, tracin for harmful, gradcos for shortcut")
-    f.add_argument("--tfa", default=None, choices=sorted(TFA_METHODS), help=f"map on training images for shortcut search (default {DEFAULT_TFA})")
+    f.add_argument("--tfa", default=_default(run_flags, "tfa"), choices=tfas, help=f"map on training images for shortcut search (default {DEFAULT_TFA})")
     f.add_argument("--json", action="store_true")
 
     r = sub.add_parser("repair", help="(demo) drop/relabel flagged mislabels, mask the detected shortcut, retrain, compare")
-    r.add_argument("--out", default="runs/demo", help="a finished `influence demo` folder (default: runs/demo)")
-    r.add_argument("--action", choices=("drop", "relabel"), default="drop", help="what to do with flagged mislabels")
-    r.add_argument("--fraction", type=float, default=0.1, help="share of training examples flagged as mislabels (default 0.1)")
-    r.add_argument("--mask-scope", choices=("flagged", "class"), default="class",
-                   help="mask the shortcut box on the flagged images only, or on every image of its class")
-    r.add_argument("--method", choices=("tracin", "trak"), default="trak", help="self-influence used to flag mislabels")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", default=_default(run_repair, "demo_dir"), help="a finished `influence demo` folder (default: %(default)s)")
+    r.add_argument("--action", choices=_choices("repair-action"), default=_default(run_repair, "action"), help="what to do with flagged mislabels")
+    r.add_argument("--fraction", type=float, default=_default(run_repair, "mislabel_fraction"),
+                   help="share of training examples flagged as mislabels (default %(default)s)")
+    r.add_argument("--mask-scope", choices=_choices("mask-scope"), default=_default(run_repair, "mask_scope"),
+                   help="mask the shortcut box on the flagged images only, or on every image of its class (default %(default)s)")
+    r.add_argument("--method", choices=methods, default=_default(run_repair, "method"),
+                   help="self-influence used to flag mislabels (default: as `influence flag`, trak when the store has it, else tracin)")
+    r.add_argument("--seed", type=int, default=_default(run_repair, "seed"))
     r.add_argument("--json", action="store_true")
 
     a = sub.add_parser("attribute", help="pixel attribution map on one image")
     a.add_argument("--model", required=True)
     a.add_argument("--checkpoint", required=True)
     a.add_argument("--image", required=True)
-    a.add_argument("--method", default="integrated_gradients",
-                   help=f"{' | '.join(sorted(ATTRIBUTION_METHODS))}, or var:BASE (default integrated_gradients)")
+    a.add_argument("--method", default=_default(run_attribute, "method"),
+                   help=f"{' | '.join(_choices('attribution'))}, or var:BASE (default %(default)s)")
     a.add_argument("--target", type=int, default=None)
     a.add_argument("--size", type=_size, default=None, help="resize the image to H,W (default: keep its size)")
     a.add_argument("--out", required=True, help="PNG overlay to write (a .npy of the raw map is written beside it)")
@@ -166,8 +201,6 @@ def _emit(doc: Any, as_json: bool, text: str) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from influence.demo import run_demo
-
     summary = run_demo(args.out, seed=args.seed, k=args.k, log=sys.stderr, listing=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(summary))
@@ -175,9 +208,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    from influence.pipeline import build
-    from influence.query import describe_store
-
     t0 = time.perf_counter()
     path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
                  params=args.params, lr_weights=args.lr_weights, batch_size=args.batch_size, methods=args.method,
@@ -190,9 +220,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _queries(args: argparse.Namespace, session) -> tuple[Any, list[int] | None, list[int] | None]:
-    from influence.loading import read_image
-    from influence.query import load_queries
-
     if args.image:
         shape = session.input_shape
         x = read_image(args.image, channels=shape[0], size=tuple(shape[1:]))[None]
@@ -206,17 +233,15 @@ def _targets(arg: str | None, labels: list[int] | None, n: int) -> list[int] | N
         return None
     if arg == "label":
         if labels is None:
-            raise InfluenceError("--target label needs --data with labels (an --image has none)")
+            raise BadSpecError("--target label needs --data with labels (an --image has none)")
         return labels
     try:
         return [int(arg)] * n
     except ValueError:
-        raise InfluenceError(f"--target must be an integer class, 'label' or 'predicted', got {arg!r}") from None
+        raise BadSpecError(f"--target must be an integer class, 'label' or 'predicted', got {arg!r}") from None
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from influence.query import Influence
-
     session = Influence.open(args.store, device=args.device)
     x, labels, ids = _queries(args, session)
     results = session.query(x, _targets(args.target, labels, len(x)), k=args.k, method=args.method, labels=labels, test_ids=ids)
@@ -233,8 +258,6 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from influence.query import Influence
-
     session = Influence.open(args.store, device=args.device)
     if not args.image and not args.data:
         raise InfluenceError("give --data SPEC (with optional --ids) or --image FILE")
@@ -246,36 +269,23 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_self_influence(args: argparse.Namespace) -> int:
-    from influence.query import Influence
-
-    values = Influence.open(args.store).self_influence(args.method)
+    session = Influence.open(args.store)
+    method = args.method or _best_self_influence(session)  # the mislabel ranking's default, as in `flag`
+    values = session.self_influence(method)
     _save_npy(args.out, values)
-    print(f"wrote {args.out}: self-influence of {len(values)} training examples ({args.method})", file=sys.stderr)
+    print(f"wrote {args.out}: self-influence of {len(values)} training examples ({method})", file=sys.stderr)
     return 0
 
 
 def _save_npy(path: str, value: np.ndarray) -> None:
     """Write atomically so an interrupted run never leaves a truncated array under the final name."""
-    import os
-    import tempfile
-
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, value)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(target) as f:
+        np.save(f, value)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from influence.query import describe_store
-
     info = describe_store(args.store)
     lines = [f"{k}: {json.dumps(v)}" for k, v in info.items()]
     _emit(info, args.json, "\n".join(lines))
@@ -285,9 +295,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_attribute(args: argparse.Namespace) -> int:
     import torch
 
-    from influence.attribution import run_attribute
     from influence.attribution._render import save_overlay
-    from influence.loading import load_checkpoint, load_model, read_image
 
     model = load_checkpoint(load_model(args.model), args.checkpoint)
     image = read_image(args.image, channels=_input_channels(model), size=args.size)
@@ -329,9 +337,7 @@ def _size(text: str) -> tuple[int, int]:
 def _cmd_explain(args: argparse.Namespace) -> int:
     import torch
 
-    from influence.explain import explain
-    from influence.query import Influence
-    from influence.report import write_report
+    from influence.report import write_report  # matplotlib: loaded only when a report is asked for
 
     session = Influence.open(args.store)
     x, labels, ids = _queries(args, session)
@@ -361,15 +367,12 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_flag(args: argparse.Namespace) -> int:
-    from influence.flag import KINDS, run_flags
-    from influence.query import Influence, load_queries
-
     session = Influence.open(args.store)
     test = None
     if args.test:
         x, y, _ = load_queries(args.test)
         test = (x, y)
-    kinds = KINDS if args.kind == "all" else (args.kind,)
+    kinds = _choices("flag-kind") if args.kind == "all" else [args.kind]
     doc = run_flags(session, test, kinds=kinds, top=args.top, method=args.method, tfa=args.tfa)
     if args.json:
         print(json.dumps(doc))
@@ -386,8 +389,6 @@ def _cmd_flag(args: argparse.Namespace) -> int:
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:
-    from influence.repair import run_repair
-
     report = run_repair(args.out, mislabel_fraction=args.fraction, action=args.action, seed=args.seed,
                         mask_scope=args.mask_scope, method=args.method, log=sys.stderr)
     if args.json:

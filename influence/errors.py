@@ -3,38 +3,26 @@
 The CLI maps any ``InfluenceError`` to exit code 2 with its one-line message;
 anything else is an internal error (exit 1). Messages say what was wrong, the
 value seen and how to fix it.
+
+The root and the errors the store and search raise are defined in ``index.errors``
+(``index`` stands alone and imports nothing from here) and re-exported below as the
+same classes, so ``except InfluenceError`` catches them all; this module adds the
+errors of the load boundary. Import every error from here.
 """
 
 from __future__ import annotations
 
-
-class InfluenceError(Exception):
-    """Base class: a user-facing error with a one-line, actionable message."""
-
-
-class BadSpecError(InfluenceError):
-    """A model or data spec, method name or option that cannot be resolved."""
-
-
-class BadDataError(InfluenceError):
-    """Input data of the wrong shape or dtype, unreadable, empty, or non-finite."""
+from index.errors import (
+    BadDataError, BadSpecError, IndexFileError, InfluenceError, NonFiniteError, StoreDamagedError, StoreIncompleteError,
+    StoreLockedError, StoreMismatchError,
+)
 
 
 class BadCheckpointError(InfluenceError):
     """A checkpoint that is missing, corrupt, or of another architecture."""
 
 
-class StoreMismatchError(InfluenceError):
-    """A store asked to mix features from a different model, projector or task."""
-
-
-class StoreIncompleteError(InfluenceError):
-    """A store whose build has not finished (or whose files fail their checks)."""
-
-
-class StoreLockedError(InfluenceError):
-    """Another process holds the store's writer lock."""
-
-
-class NonFiniteError(BadDataError):
-    """NaN or inf in a loss, gradient or feature."""
+__all__ = [
+    "BadCheckpointError", "BadDataError", "BadSpecError", "IndexFileError", "InfluenceError", "NonFiniteError",
+    "StoreDamagedError", "StoreIncompleteError", "StoreLockedError", "StoreMismatchError",
+]

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from influence.data import ArrayDataset, load_digits_split
+from influence.data import ArrayDataset
+from influence.demo.digits import load_digits_split
 from influence.errors import BadCheckpointError, BadDataError, BadSpecError
 from influence.models import BUILTIN_MODELS
 

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from index.search import build_index, save_index
-from index.store import FeatureStore
+from index.store import FEATURE_DTYPES, FeatureStore
 from influence.data import batch_of, fingerprint_dataset
 from influence.errors import BadDataError, BadSpecError, NonFiniteError
 from influence.features import ClassificationTask, ProjectorSpec, Task, make_projector, select_parameters
@@ -106,8 +106,8 @@ def build(
         raise BadSpecError(f"--lr-weights must be positive and finite, got {lr_weights}")
     if batch_size < 1:
         raise BadSpecError(f"--batch-size must be positive, got {batch_size}")
-    if dtype not in ("float16", "float32"):
-        raise BadSpecError(f"--dtype must be float16 or float32, got {dtype}")
+    if dtype not in FEATURE_DTYPES:
+        raise BadSpecError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}, got {dtype}")
     task = task or ClassificationTask()
     device = torch.device(device)
 

@@ -1,8 +1,8 @@
-"""The repair loop: act on the flags (drop or relabel likely mislabels, mask shortcut regions), retrain, compare.
+"""Act on the flags: drop or relabel likely mislabels, mask shortcut regions, in your own training arrays.
 
-``run_repair(demo_dir)`` does this on a finished ``influence demo`` folder and measures the
-result against the demo's ground truth. The pieces are plain functions on arrays so the same
-repair fits any training loop.
+The pieces are plain functions on arrays so the same repair fits any training loop.
+``influence repair`` (``influence.demo.retrain.run_repair``) applies them to a finished
+``influence demo`` run, retrains and measures the result against the demo's ground truth.
 
 Recipe for your own training loop
 ---------------------------------
@@ -28,17 +28,13 @@ Recipe for your own training loop
        train(model, x2, y2)          # kept[j] is the original row id of row j
 
    Then evaluate on clean test data and on test data carrying the suspected shortcut
-   (e.g. :func:`influence.data.paste_patch` on other classes' images): a repaired model's
+   (e.g. :func:`influence.demo.digits.paste_patch` on other classes' images): a repaired model's
    accuracy on the latter should come back towards the clean accuracy.
 """
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, TextIO
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -48,7 +44,7 @@ from influence.errors import BadDataError, BadSpecError
 ACTIONS = ("drop", "relabel")
 MASK_SCOPES = ("flagged", "class")
 
-__all__ = ["ACTIONS", "MASK_SCOPES", "apply_repair", "local_background", "mask_box", "relabel_targets", "run_repair"]
+__all__ = ["ACTIONS", "MASK_SCOPES", "apply_repair", "local_background", "mask_box", "relabel_targets"]
 
 
 def _check_box(box: Sequence[int], shape: tuple[int, int]) -> list[int]:
@@ -159,122 +155,3 @@ def apply_repair(
     idx = torch.as_tensor(kept)
     return x[idx], y[idx], kept
 
-
-def _accuracy(model: torch.nn.Module, ds) -> float:
-    from influence.training import predict
-
-    return float((predict(model, ds) == ds.y).float().mean())
-
-
-def run_repair(
-    demo_dir: str | Path = "runs/demo", *, mislabel_fraction: float = 0.1, action: str = "drop", seed: int = 0,
-    boxes: Sequence[Any] | None = None, mask_scope: str = "class", method: str = "tracin", oracle: bool = False,
-    log: TextIO = sys.stderr,
-) -> dict[str, Any]:
-    """Repair a finished demo run, retrain with the demo recipe and report before/after; writes ``repair.json``.
-
-    - mislabels: the top ``mislabel_fraction`` of training examples by self-influence (``method``,
-      from the run's store) are dropped (``action="drop"``) or relabelled to the final model's most
-      likely other class (``"relabel"``, see :func:`relabel_targets`);
-    - shortcuts: the boxes in ``flags.json["shortcuts"]`` (or ``boxes=``, which overrides them:
-      flags-style records or bare ``[x0, y0, x1, y1]``) are masked with the local background, on the
-      flagged images (``mask_scope="flagged"``) or on all training images of the shortcut's class
-      (``"class"``); with no shortcut found only mislabels are repaired;
-    - retrains the run's model from scratch with ``influence.demo.DEMO_EPOCHS`` and the
-      ``train_classifier`` defaults (seed ``seed``), and reports clean and patched-test accuracy
-      before (the run's final checkpoint) and after, plus how many flags were true (injections.json).
-      ``oracle=True`` also retrains on the ground-truth-clean data (true labels, no patches) as the
-      ceiling.
-    """
-    from influence.data import ArrayDataset
-    from influence.demo import DEMO_EPOCHS
-    from influence.loading import load_data, load_model
-    from influence.query import Influence
-    from influence.training import train_classifier
-
-    if action not in ACTIONS:
-        raise BadSpecError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
-    if not 0 <= mislabel_fraction < 1:
-        raise BadSpecError(f"mislabel_fraction must lie in [0, 1), got {mislabel_fraction}")
-    root = Path(demo_dir)
-    for name in ("train.npz", "test.npz", "store"):
-        if not (root / name).exists():
-            raise BadDataError(f"{root} is not a finished demo run: {name} is missing; run `influence demo --out {root}` first")
-    t0 = time.perf_counter()
-    train = load_data(str(root / "train.npz"))
-    test = load_data(str(root / "test.npz"))
-    patched = load_data(str(root / "test_patched.npz")) if (root / "test_patched.npz").is_file() else None
-    truth = json.loads((root / "injections.json").read_text()) if (root / "injections.json").is_file() else None
-    flags = json.loads((root / "flags.json").read_text()) if (root / "flags.json").is_file() else {}
-
-    session = Influence.open(root / "store")
-    final = session.use_checkpoint(-1)
-    before = {"clean_accuracy": _accuracy(final, test)}
-    if patched is not None:
-        before["patched_accuracy"] = _accuracy(final, patched)
-    n = len(train)
-    n_flag = int(round(mislabel_fraction * n))
-    self_inf = session.self_influence(method)
-    flagged = np.argsort(-self_inf, kind="stable")[:n_flag].tolist()
-    relabel: dict[int, int] = {}
-    drop: list[int] = []
-    if action == "drop":
-        drop = flagged
-    else:
-        with torch.no_grad():
-            probs = torch.softmax(final.eval()(train.x), -1)
-        relabel = relabel_targets(probs, train.y.tolist(), flagged)
-    shortcuts = _shortcut_records(boxes if boxes is not None else flags.get("shortcuts", []))
-    print(f"[repair] {action} {len(flagged)} flagged mislabels (top {mislabel_fraction:.0%} by {method} self-influence); "
-          f"masking {len(shortcuts)} shortcut box(es) ({mask_scope} scope)" + ("" if shortcuts else ": no shortcut found"), file=log)
-    x2, y2, kept = apply_repair(train.x, train.y, drop=drop, relabel=relabel, boxes=shortcuts, mask_scope=mask_scope)
-    masked = np.flatnonzero((x2 != train.x[torch.as_tensor(kept)]).flatten(1).any(1).numpy())
-    masked_ids = kept[masked].tolist()
-
-    spec = session.store.attrs.get("model_spec") or "digits-cnn"
-    torch.manual_seed(seed)
-    model = load_model(spec)
-    print(f"[repair] retraining {spec} on {len(y2)} images for {DEMO_EPOCHS} epochs", file=log)
-    train_classifier(model, ArrayDataset(x2, y2, "repaired-train"), epochs=DEMO_EPOCHS, seed=seed)
-    after = {"clean_accuracy": _accuracy(model, test)}
-    if patched is not None:
-        after["patched_accuracy"] = _accuracy(model, patched)
-
-    result: dict[str, Any] = {
-        "demo_dir": str(root), "action": action, "mislabel_fraction": mislabel_fraction, "method": method, "seed": seed,
-        "mask_scope": mask_scope, "epochs": DEMO_EPOCHS, "n_train_before": n, "n_train_after": int(len(y2)),
-        "flagged_mislabels": len(flagged), "shortcuts": shortcuts, "masked_images": len(masked_ids),
-        "before": before, "after": after,
-    }
-    if truth is not None:
-        flipped = set(truth.get("flipped", []))
-        original = dict(zip(truth.get("flipped", []), truth.get("original_labels", [])))
-        patched_ids = set(truth.get("patched", []))
-        hits = [i for i in flagged if i in flipped]
-        result["truth"] = {
-            "flipped": len(flipped), "flagged_truly_flipped": len(hits),
-            "flag_precision": len(hits) / max(1, len(flagged)), "flip_recall": len(hits) / max(1, len(flipped)),
-            "patched": len(patched_ids), "masked_truly_patched": len(patched_ids & set(masked_ids)),
-        }
-        if action == "relabel":
-            result["truth"]["relabelled_to_true_label"] = sum(1 for i in hits if relabel[i] == original[i])
-            result["truth"]["correct_labels_changed"] = sum(1 for i in flagged if i not in flipped)
-        if oracle:
-            x_clean, y_clean = train.x.clone(), train.y.clone()
-            for i, lab in original.items():
-                y_clean[int(i)] = int(lab)
-            if patched_ids and truth.get("patch_box"):
-                x_clean = mask_box(x_clean, patched_ids, truth["patch_box"], "local")
-            torch.manual_seed(seed)
-            ref = load_model(spec)
-            train_classifier(ref, ArrayDataset(x_clean, y_clean, "oracle-train"), epochs=DEMO_EPOCHS, seed=seed)
-            result["oracle"] = {"clean_accuracy": _accuracy(ref, test)}
-            if patched is not None:
-                result["oracle"]["patched_accuracy"] = _accuracy(ref, patched)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    (root / "repair.json").write_text(json.dumps(result, indent=1))
-    b, a = before, after
-    print(f"[repair] clean accuracy {b['clean_accuracy']:.3f} -> {a['clean_accuracy']:.3f}"
-          + (f"; patched-test accuracy {b['patched_accuracy']:.3f} -> {a['patched_accuracy']:.3f}" if patched is not None else "")
-          + f"; wrote {root / 'repair.json'}", file=log)
-    return result

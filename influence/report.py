@@ -1,6 +1,8 @@
 """Pictures a person would rather look at than read: PNG figures and one self-contained HTML page.
 
-The page references only the files this module writes into the same folder.
+The page references only the files this module writes into the same folder. Figures are
+plain ``matplotlib.figure.Figure`` objects saved without pyplot, so writing a report never
+changes the host program's matplotlib backend or its list of open figures.
 """
 
 from __future__ import annotations
@@ -8,18 +10,16 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from influence.explain import Explanation  # noqa: E402
+from index.atomic import atomic_write
+from influence.explain import Explanation
 
 
 def _gray(img: torch.Tensor) -> np.ndarray:
@@ -44,26 +44,21 @@ def _overlay(ax: Any, image: torch.Tensor, m: torch.Tensor | None, title: str, b
         ax.imshow(a, cmap=cmap, vmin=lo, vmax=hi, alpha=np.clip(np.abs(a) / hi * 1.6, 0, 0.85))
     if box is not None:
         x0, y0, x1, y1 = box
-        ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
     ax.set_title(title, fontsize=7)
     ax.axis("off")
 
 
-def _save(fig: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
+def _save(fig: Figure, path: Path) -> None:
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
 
 
 def explanation_figure(e: Explanation, path: Path) -> None:
     """Test image with its pixel map, then proponents (top row) and opponents (bottom row) with TFA overlays."""
     k = max(len(e.result.proponents), len(e.result.opponents), 1)
-    fig, axes = plt.subplots(2, k + 2, figsize=(1.5 * (k + 1.3), 3.8), gridspec_kw={"width_ratios": [1, 0.3] + [1] * k})
+    fig = Figure(figsize=(1.5 * (k + 1.3), 3.8))
+    axes = fig.subplots(2, k + 2, gridspec_kw={"width_ratios": [1, 0.3] + [1] * k})
     r = e.result
     true = f" true {r.label}" if r.label is not None else ""
     _overlay(axes[0, 0], e.image, None, f"test{'' if r.test_id is None else ' ' + str(r.test_id)}\npred {r.predicted}{true}")
@@ -86,8 +81,10 @@ def explanation_figure(e: Explanation, path: Path) -> None:
 
 
 def shortcut_figure(shortcut: dict[str, Any], images: torch.Tensor, path: Path, limit: int = 8) -> None:
+    """One row: the shortcut's supporting training images with its box drawn on each."""
     n = min(limit, len(images))
-    fig, axes = plt.subplots(1, max(n, 1), figsize=(1.4 * max(n, 1), 1.8), squeeze=False)
+    fig = Figure(figsize=(1.4 * max(n, 1), 1.8))
+    axes = fig.subplots(1, max(n, 1), squeeze=False)
     for j in range(n):
         _overlay(axes[0, j], images[j], None, f"#{shortcut['train_ids'][j]}", shortcut["box"])
     fig.suptitle(f"shortcut for class {shortcut['class']} at {shortcut['box']} (score {shortcut['score']:.2f})", fontsize=8)
@@ -132,8 +129,10 @@ def write_report(
                     shortcut_figure(s, imgs, out / name)
                 parts.append(f"<h3>shortcut: class {s['class']}, box {s['box']}, {len(s['train_ids'])} training images, score {s['score']:.3g}</h3>"
                              + (f"<img src='{name}' alt='shortcut {n}'>" if imgs is not None else ""))
-    (out / "explanations.json").write_text(json.dumps({"explanations": docs, "flags": flags or {}}, indent=1))
+    with atomic_write(out / "explanations.json") as f:
+        f.write(json.dumps({"explanations": docs, "flags": flags or {}}, indent=1).encode())
     page = "<!doctype html><meta charset='utf-8'><title>influence report</title><style>body{font-family:sans-serif;max-width:1100px;margin:auto}img{max-width:100%}</style>" + "\n".join(parts)
     path = out / "index.html"
-    path.write_text(page)
+    with atomic_write(path) as f:
+        f.write(page.encode())
     return path

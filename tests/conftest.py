@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import influence
-from influence.data import load_digits_split
-from influence.training import train_classifier
+from influence.data import ArrayDataset
+from influence.demo.digits import load_digits_split
+from influence.demo.training import train_classifier
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -66,8 +67,6 @@ def digits(tmp_path_factory) -> Digits:
 
 
 def _train(factory, digits: Digits, out: Path, seed: int = 0) -> Checkpoints:
-    from influence.data import ArrayDataset
-
     torch.manual_seed(seed)
     model = factory()
     saved = train_classifier(model, ArrayDataset(digits.x, digits.y), epochs=6, lr=0.05, batch_size=32, seed=seed,

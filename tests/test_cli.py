@@ -55,7 +55,7 @@ def test_info_json(store, cnn_ckpts, capsys):
 
 def test_self_influence_writes_one_value_per_training_example(store, session, digits, tmp_path, capsys):
     out_path = tmp_path / "self.npy"
-    code, out, err = run(capsys, "self-influence", store, "--out", out_path)
+    code, out, err = run(capsys, "self-influence", store, "--method", "tracin", "--out", out_path)
     assert code == 0, err
     values = np.load(out_path)
     assert values.shape == (N_TRAIN,)
@@ -67,6 +67,69 @@ def test_self_influence_writes_one_value_per_training_example(store, session, di
     code, _, err = run(capsys, "self-influence", store, "--method", "trak", "--out", tmp_path / "trak.npy")
     assert code == 0, err
     assert np.load(tmp_path / "trak.npy").shape == (N_TRAIN,)
+
+
+def test_self_influence_defaults_to_the_mislabel_ranking_of_flag(store, tmp_path, capsys):
+    """Without --method, self-influence is the score `flag --kind mislabel` ranks by (TRAK: this store has it)."""
+    code, _, err = run(capsys, "self-influence", store, "--out", tmp_path / "default.npy")
+    assert code == 0, err
+    assert "(trak)" in err
+    code, out, err = run(capsys, "flag", store, "--kind", "mislabel", "--top", "10", "--json")
+    assert code == 0, err
+    values = np.load(tmp_path / "default.npy")
+    top = [f["train_id"] for f in json.loads(out)["mislabel"]]
+    assert top == np.argsort(-values, kind="stable")[:10].tolist()
+    np.testing.assert_allclose([f["score"] for f in json.loads(out)["mislabel"]], values[top], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- choices and defaults come from the API
+
+def test_every_registered_method_is_a_cli_choice(capsys):
+    from influence.attribution import METHODS as ATTRIBUTION
+    from influence.cli import _parser
+    from influence.flag import KINDS
+    from influence.scoring import METHOD_NAMES
+    from influence.tfa import TFA_METHODS
+
+    p = _parser()
+    for name in METHOD_NAMES:
+        assert p.parse_args(["query", "S", "--image", "i.png", "--method", name]).method == name
+        assert p.parse_args(["self-influence", "S", "--out", "o.npy", "--method", name]).method == name
+        assert p.parse_args(["repair", "--method", name]).method == name
+    for name in TFA_METHODS:
+        assert p.parse_args(["explain", "S", "--image", "i.png", "--tfa", name]).tfa == name
+    for kind in KINDS:
+        assert p.parse_args(["flag", "S", "--kind", kind]).kind == kind
+    with pytest.raises(SystemExit):
+        main(["attribute", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(name in help_text for name in ATTRIBUTION)
+
+
+def test_cli_defaults_are_the_api_defaults():
+    import inspect
+
+    from influence.cli import _parser
+    from influence.demo.retrain import run_repair
+    from influence.explain import explain
+    from influence.pipeline import build
+    from influence.query import Influence
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    p = _parser()
+    repair = p.parse_args(["repair"])
+    assert repair.method is default(run_repair, "method") is None  # resolved as flag resolves it, in one place
+    assert (repair.action, repair.fraction, repair.mask_scope) == (
+        default(run_repair, "action"), default(run_repair, "mislabel_fraction"), default(run_repair, "mask_scope"))
+    built = p.parse_args(["build", "--model", "m", "--data", "d", "--checkpoint", "c", "--out", "o"])
+    assert (built.projector, built.proj_dim, built.dtype, built.chunk_rows, built.trak_lambda, built.index) == (
+        default(build, "projector"), default(build, "proj_dim"), default(build, "dtype"), default(build, "rows_per_chunk"),
+        default(build, "trak_lambda"), default(build, "index_factory"))
+    assert p.parse_args(["query", "S", "--image", "i.png"]).k == default(Influence.query, "k")
+    ex = p.parse_args(["explain", "S", "--image", "i.png"])
+    assert (ex.k, ex.method, ex.attribution) == (default(explain, "k"), default(explain, "method"), default(explain, "attribution"))
 
 
 def test_score_writes_train_by_test_matrix(store, session, digits, tmp_path, capsys):
@@ -258,6 +321,8 @@ def test_bad_query_inputs(store, digits, tmp_path, capsys):
     assert_refused(capsys, ["query", store, "--data", digits.test_npz, "--ids", "0", "--target", "11"], "targets")
     assert_refused(capsys, ["query", tmp_path, "--data", digits.test_npz], "not an influence store")
     assert_refused(capsys, ["self-influence", store, "--method", "gradcos", "--out", tmp_path / "x.npy"],
+                   "gradcos", "use --method tracin or trak")
+    assert_refused(capsys, ["self-influence", store, "--method", "shapley", "--out", tmp_path / "x.npy"],
                    "invalid choice")
     assert_refused(capsys, ["frobnicate"], "invalid choice")
 

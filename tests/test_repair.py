@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from influence.errors import BadDataError, BadSpecError
-from influence.repair import apply_repair, local_background, mask_box, relabel_targets, run_repair
+from influence.demo.retrain import run_repair
+from influence.repair import apply_repair, local_background, mask_box, relabel_targets
 
 
 def _images(n: int = 4, size: int = 6, fill: float = 0.2) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""index/search.py against brute force, and against damaged files on disk."""
+"""index/search.py against brute force and damaged files on disk; the index package standing alone."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import faiss
 import numpy as np
 import pytest
 
-from influence.errors import BadDataError, BadSpecError, StoreIncompleteError
+from index.errors import BadDataError, BadSpecError, IndexFileError, StoreDamagedError, StoreIncompleteError
 from index.search import IndexSpec, SearchIndex, build_index, load_index, recall_at_k, save_index
 
 
@@ -151,7 +151,7 @@ def test_out_of_range_ids_are_refused():
         ids[3] = bad
         raw.add_with_ids(x, ids)
         idx = SearchIndex(raw, IndexSpec("IDMap,Flat", "ip", 8, 50))
-        with pytest.raises(StoreIncompleteError, match="corrupt"):
+        with pytest.raises(IndexFileError, match="corrupt"):
             idx.search(x[3:4], 5)
 
 
@@ -185,22 +185,22 @@ def test_flipped_byte_is_refused(saved):
     b = bytearray(path.read_bytes())
     b[len(b) // 2] ^= 0x10
     path.write_bytes(bytes(b))
-    with pytest.raises(StoreIncompleteError, match="does not match its recorded checksum"):
+    with pytest.raises(IndexFileError, match="does not match its recorded checksum"):
         load_index(path, rec)
 
 
 def test_wrong_size_missing_file_and_bad_record_are_refused(saved):
     path, rec = saved
-    with pytest.raises(StoreIncompleteError, match="checksum"):
+    with pytest.raises(IndexFileError, match="checksum"):
         load_index(path, {**rec, "size": rec["size"] + 1})
-    with pytest.raises(StoreIncompleteError, match="vectors of dim"):
+    with pytest.raises(IndexFileError, match="vectors of dim"):
         load_index(path, {**rec, "spec": {**rec["spec"], "ntotal": 301}})
-    with pytest.raises(StoreIncompleteError):
+    with pytest.raises(StoreDamagedError, match="malformed"):
         load_index(path, {**rec, "spec": {"factory": "Flat"}})
-    with pytest.raises(StoreIncompleteError):
+    with pytest.raises(IndexFileError, match="no valid record"):
         load_index(path, {})
     path.unlink()
-    with pytest.raises(StoreIncompleteError, match="cannot be opened"):
+    with pytest.raises(IndexFileError, match="cannot be opened"):
         load_index(path, rec)
 
 
@@ -216,7 +216,7 @@ def test_corrupt_file_with_matching_checksum_neither_crashes_nor_allocates(tmp_p
         import hashlib, resource, sys
         resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
         import numpy as np
-        from influence.errors import StoreIncompleteError
+        from index.errors import IndexFileError
         from index.search import build_index, save_index, load_index
         from pathlib import Path
         rng = np.random.default_rng(0)
@@ -234,7 +234,7 @@ def test_corrupt_file_with_matching_checksum_neither_crashes_nor_allocates(tmp_p
                     r = {**rec, "sha256": hashlib.sha256(b).hexdigest()}
                     try:
                         load_index(p, r); loaded += 1
-                    except StoreIncompleteError as e:
+                    except IndexFileError as e:
                         refused += 1
                         if "alloc" in str(e) or "Memory" in str(e):
                             alloc_errors.append(str(e))
@@ -291,3 +291,54 @@ def test_recall_at_k():
     assert recall_at_k(exact, exact, 3) == 1.0
     assert recall_at_k(np.array([[2, 9, -1], [5, 4, 3]]), exact, 3) == pytest.approx(4 / 6)
     assert recall_at_k(np.array([[0], [9]]), exact, 1) == 0.5
+
+
+def test_atomic_write_gives_open_permissions_and_replaces_whole(tmp_path):
+    from index.atomic import atomic_write
+
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    target = tmp_path / "target"
+    target.write_bytes(b"old")
+    with atomic_write(target) as f:
+        f.write(b"new")
+        assert target.read_bytes() == b"old"  # readers see the old file until the replace
+    assert target.read_bytes() == b"new"
+    assert target.stat().st_mode == plain.stat().st_mode  # not mkstemp's owner-only 0o600
+    with pytest.raises(ZeroDivisionError):
+        with atomic_write(target) as f:
+            f.write(b"half")
+            1 / 0
+    assert target.read_bytes() == b"new" and _listing(tmp_path) == ["plain", "target"]
+
+
+def test_index_stands_alone_in_a_fresh_interpreter():
+    """Importing and using `index` loads no `influence` module (the dependency points one way only)."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        import index, index.atomic, index.errors, index.search, index.store
+        from index import FeatureStore, build_index
+        build_index(np.ones((3, 4), np.float32), 4).search(np.ones(4, np.float32), 2)
+        print(sorted(m for m in sys.modules if m == "influence" or m.startswith("influence.")))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[-2] == "[]"
+
+
+def test_influence_catches_index_errors_as_its_own(saved):
+    import influence
+    import index.errors
+
+    assert influence.StoreIncompleteError is index.errors.StoreIncompleteError
+    assert influence.InfluenceError is index.errors.InfluenceError
+    path, rec = saved
+    path.unlink()
+    with pytest.raises(influence.InfluenceError, match="cannot be opened"):
+        load_index(path, rec)
+    with pytest.raises(influence.BadSpecError, match="k must be a positive integer"):
+        build_index(np.ones((3, 4), np.float32), 4).search(np.ones(4, np.float32), 0)

@@ -1,8 +1,9 @@
-"""The embedded default: digits with injected label noise and a patch shortcut, end to end.
+"""``influence demo``: digits with injected label noise and a patch shortcut, end to end.
 
 Trains the digits CNN on corrupted data (ground truth saved beside the run),
-saves checkpoints, builds the store and indexes, and prints the proponents
-and opponents of the misclassified test images.
+saves checkpoints, builds the store and indexes, prints the proponents and
+opponents of the misclassified test images, then flags, reports and says how
+much of the ground truth the flags found.
 """
 
 from __future__ import annotations
@@ -17,25 +18,31 @@ from typing import Any, TextIO
 import numpy as np
 import torch
 
-from influence.pipeline import build
-from influence.data import inject, load_digits_split
+from index.atomic import atomic_write
+from influence.demo.digits import inject, load_digits_split
+from influence.demo.training import DEMO_CHECKPOINTS, DEMO_EPOCHS, predict, train_classifier
+from influence.loading import load_data
 from influence.models import DigitsCNN
+from influence.pipeline import build
 from influence.query import Influence
-from influence.training import predict, train_classifier
-
-DEMO_EPOCHS = 12
-DEMO_CHECKPOINTS = 3
+from influence.shortcut import box_iou
 
 
 def prepare_data(out: Path, seed: int = 0) -> dict[str, Any]:
     """Write train.npz, test.npz, test_patched.npz and injections.json into ``out``."""
     train, test = load_digits_split(seed=0)
     noisy, test_patched, truth = inject(train, test, seed=seed)
-    np.savez(out / "train.npz", x=noisy.x.numpy(), y=noisy.y.numpy())
-    np.savez(out / "test.npz", x=test.x.numpy(), y=test.y.numpy())
-    np.savez(out / "test_patched.npz", x=test_patched.x.numpy(), y=test_patched.y.numpy())
-    (out / "injections.json").write_text(json.dumps(truth.to_json(), indent=1))
+    for name, ds in (("train", noisy), ("test", test), ("test_patched", test_patched)):
+        with atomic_write(out / f"{name}.npz") as f:
+            np.savez(f, x=ds.x.numpy(), y=ds.y.numpy())
+    write_json(out / "injections.json", truth.to_json())
     return truth.to_json()
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """The demo's JSON files, written whole (a reader never sees half a file)."""
+    with atomic_write(path) as f:
+        f.write(json.dumps(doc, indent=1).encode())
 
 
 def run_demo(
@@ -51,8 +58,6 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     truth = prepare_data(out, seed)
-    from influence.loading import load_data
-
     train, test = load_data(str(out / "train.npz")), load_data(str(out / "test.npz"))
     ckpt_dir = out / "checkpoints"
     torch.manual_seed(seed)
@@ -93,7 +98,7 @@ def run_demo(
         "seconds": {"train": round(t1 - t0, 1), "build": round(t2 - t1, 1), "total": round(time.perf_counter() - t0, 1)},
         "results": [r.to_json() for r in results], **report_info,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "summary.json", summary)
     print(f"\n[demo] done in {summary['seconds']['total']} s; store at {store_path}, summary in {out / 'summary.json'}", file=log)
     return summary
 
@@ -115,11 +120,11 @@ def _report_and_flags(session: Influence, out: Path, test, patched, wrong: list[
     box = truth["patch_box"]
     hit = None
     for s in shortcuts:
-        if s["class"] == truth["patch_class"] and _iou(s["box"], box) >= 0.5:
+        if s["class"] == truth["patch_class"] and box_iou(s["box"], box) >= 0.5:
             hit = s
             break
     flags = {"mislabel": mislabels[:top], "harmful": harmful, "shortcuts": shortcuts}
-    (out / "flags.json").write_text(json.dumps(flags, indent=1))
+    write_json(out / "flags.json", flags)
     explanations = explain(session, test.x[wrong[:8]], labels=test.y[wrong[:8]].tolist(), test_ids=wrong[:8], k=k) if wrong else []
     images = {j: session.training_examples(s["train_ids"][:8])[0] for j, s in enumerate(shortcuts)}
     notes = [
@@ -136,10 +141,3 @@ def _report_and_flags(session: Influence, out: Path, test, patched, wrong: list[
     return {"report": str(report), "mislabel_recall_top10": found_at[0.1], "mislabel_recall_top20": found_at[0.2],
             "shortcut_found": hit is not None, "shortcuts": shortcuts}
 
-
-def _iou(a: list[int], b: list[int]) -> float:
-    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union else 0.0

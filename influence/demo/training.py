@@ -1,4 +1,4 @@
-"""A plain, seeded training loop that saves checkpoints: used by the demo, the repair loop and the evaluations.
+"""The demo's training recipe: a plain, seeded loop that saves checkpoints (also used by the evaluations).
 
 TracInCP needs checkpoints along training together with the learning rate in
 force at each, so this returns both.
@@ -14,19 +14,23 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from index.atomic import atomic_write
 from influence.data import ArrayDataset, batch_of, index_subset
+
+DEMO_EPOCHS = 12
+DEMO_CHECKPOINTS = 3
 
 
 def train_classifier(
     model: nn.Module,
     dataset: Dataset,
     *,
-    epochs: int = 12,
+    epochs: int = DEMO_EPOCHS,
     lr: float = 0.05,
     batch_size: int = 64,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike | None = None,
-    checkpoints: int = 3,
+    checkpoints: int = DEMO_CHECKPOINTS,
     weight_decay: float = 5e-4,
     device: str | torch.device = "cpu",
 ) -> list[tuple[Path, float]]:
@@ -61,7 +65,8 @@ def train_classifier(
             opt.step()
         if checkpoint_dir is not None and epoch in save_at:
             path = Path(checkpoint_dir) / f"epoch_{epoch:03d}.pt"
-            torch.save(model.state_dict(), path)
+            with atomic_write(path) as f:
+                torch.save(model.state_dict(), f)
             saved.append((path, current_lr))
     return saved
 

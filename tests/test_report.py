@@ -1,0 +1,35 @@
+"""The report leaves the host program's matplotlib alone: no backend switch, no pyplot figures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_report_keeps_the_host_backend(tmp_path):
+    """A program that chose its own backend keeps it after importing influence.report and writing figures."""
+    script = textwrap.dedent(
+        """
+        import sys
+        import matplotlib
+        matplotlib.use("svg")  # the host program's choice
+        import torch
+        from influence.report import write_report
+        shortcut = {"class": 7, "box": [1, 1, 3, 3], "train_ids": [4, 9], "score": 0.9}
+        write_report(sys.argv[1], [], flags={"shortcuts": [shortcut]}, shortcut_images={0: torch.rand(2, 1, 8, 8)})
+        print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300,
+                         cwd=REPO, env={**env, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["svg", "False"]
+    assert (tmp_path / "shortcut_00.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<img src='shortcut_00.png'" in (tmp_path / "index.html").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["explanations.json", "index.html", "shortcut_00.png"]
