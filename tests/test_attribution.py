@@ -445,10 +445,6 @@ def test_save_overlay_and_summary(model64: nn.Module, tmp_path: Any) -> None:
     assert len(summary["top_pixels"]) == 3 and summary["positive_mass"] >= 0 >= summary["negative_mass"]
 
 
-def test_public_names() -> None:
-    import influence.attribution as pkg
-
-    assert sorted(pkg.__all__) == sorted(n for n in dir(pkg) if not n.startswith("_") and n in pkg.__all__)
-    for name in pkg.__all__:
-        assert getattr(pkg, name) is not None
+def test_registered_method_names() -> None:
+    """The CLI names of the pixel-attribution methods (the package's exports are checked in test_exported_members)."""
     assert set(METHODS) == {"saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "gradcam", "var", "wam"}

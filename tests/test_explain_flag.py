@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import CNN_SPEC
 from influence.cli import main
 from influence.explain import explain
-from influence.flag import flag_harmful, flag_mislabels, run_flags
+from influence.flag import run_flags
 
 
 def _run(capsys, argv):
@@ -60,25 +60,6 @@ def test_explain_api_maps_have_image_shapes(session, digits):
     assert set(e.tfa_maps) == {p.train_id for p in e.result.proponents + e.result.opponents}
     for i, m in e.tfa_maps.items():
         assert m.shape == digits.x[i].shape
-
-
-def test_mislabel_ranking_is_self_influence_order(session):
-    flags = flag_mislabels(session, top=10)
-    values = session.self_influence("trak")
-    assert [f["train_id"] for f in flags] == list(np.argsort(-values, kind="stable")[:10])
-    assert all(f["score"] == pytest.approx(float(values[f["train_id"]])) for f in flags)
-
-
-def test_harmful_is_sum_of_negative_true_label_influence(session, digits):
-    x, y = digits.x_test, digits.y_test
-    wrong = (session.predict(x).argmax(-1) != y).nonzero().flatten()
-    got = flag_harmful(session, x, y, top=5)
-    if len(wrong) == 0:
-        assert got == []
-        return
-    scores = session.scores(x[wrong], y[wrong])
-    harm = np.clip(-scores, 0, None).sum(1)
-    assert [g["train_id"] for g in got] == [int(i) for i in np.argsort(-harm, kind="stable")[:5] if harm[i] > 0]
 
 
 def test_flag_cli_json_shapes(session, digits, capsys):
