@@ -7,8 +7,8 @@ on first use, so importing either of those does not pull in FAISS and zarr.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import importlib as _importlib
+from typing import Any as _Any
 
 _LAZY = {
     "FeatureStore": "index.store",
@@ -24,9 +24,9 @@ _LAZY = {
 __all__ = ["FeatureStore", "IndexSpec", "SearchIndex", "StoreStatus", "build_index", "load_index", "recall_at_k", "save_index"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'index' has no attribute {name!r}")

@@ -10,8 +10,8 @@ its errors) stays cheap. The errors are the classes ``index`` raises (see
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import importlib as _importlib
+from typing import Any as _Any
 
 from influence.errors import (
     BadCheckpointError, BadDataError, BadSpecError, InfluenceError, NonFiniteError, StoreIncompleteError,
@@ -38,9 +38,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(_importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'influence' has no attribute {name!r}")

@@ -39,9 +39,9 @@ PUBLIC = {
         "get_sampler", "integrate", "run_attribute", "save_overlay", "summarize",
     ],
 }
-# Public-looking names in a package namespace that are neither exported nor submodules. Today: the lazy
-# loader's helpers in influence/__init__.py (importing them as ``_importlib``/``_Any`` would empty this).
-KNOWN_LEAKS = {"influence": {"Any", "importlib"}}
+# Public-looking names in a package namespace that are neither exported nor submodules (none today:
+# the lazy loaders import their helpers as ``_importlib``/``_Any``).
+KNOWN_LEAKS: dict[str, set[str]] = {}
 PROJECT = ("influence", "index")
 
 

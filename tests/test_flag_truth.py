@@ -58,7 +58,7 @@ def _build(x: torch.Tensor, y: torch.Tensor, root: Path, epochs: int) -> tuple[i
     """
     import tiny_models
     from influence.data import ArrayDataset
-    from influence.training import train_classifier
+    from influence.demo.training import train_classifier
 
     torch.manual_seed(SEED)
     saved = train_classifier(tiny_models.tiny_cnn(), ArrayDataset(x, y), epochs=epochs, lr=0.05, batch_size=BATCH,
