@@ -8,13 +8,13 @@ batch and a LongTensor (B,).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
 from influence.errors import BadDataError, BadSpecError
 
-TargetLike = int | Sequence[int] | torch.Tensor | None
+TargetLike: TypeAlias = int | Sequence[int] | torch.Tensor | None
 
 
 def as_batch(inputs: Any, shape: Sequence[int] | None = None, *, single: bool = False) -> torch.Tensor:
@@ -22,27 +22,29 @@ def as_batch(inputs: Any, shape: Sequence[int] | None = None, *, single: bool = 
 
     ``single=True`` also accepts one (C, H, W) image. ``shape`` (C, H, W), when given, must match.
     """
-    if not isinstance(inputs, torch.Tensor):
+    if isinstance(inputs, torch.Tensor):
+        x = inputs
+    else:
         try:
-            inputs = torch.as_tensor(inputs)
+            x = torch.as_tensor(inputs)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise BadDataError(f"inputs must be a tensor or array shaped (B, C, H, W); got {type(inputs).__name__}") from exc
-    if single and inputs.dim() == 3:
-        inputs = inputs[None]
-    if inputs.dim() != 4:
+    if single and x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4:
         raise BadDataError(
-            f"inputs must be a batch shaped (B, C, H, W); got shape {tuple(inputs.shape)} "
+            f"inputs must be a batch shaped (B, C, H, W); got shape {tuple(x.shape)} "
             "(add a batch dimension with inputs.unsqueeze(0) for one image)"
         )
-    if inputs.shape[0] == 0:
+    if x.shape[0] == 0:
         raise BadDataError("inputs is an empty batch (B = 0)")
-    if not inputs.is_floating_point():
-        raise BadDataError(f"inputs must be floating point; got dtype {inputs.dtype} (convert with .float())")
-    if shape is not None and tuple(inputs.shape[1:]) != tuple(shape):
-        raise BadDataError(f"inputs have shape {tuple(inputs.shape[1:])}; this model takes {tuple(shape)}")
-    if not torch.isfinite(inputs).all():
+    if not x.is_floating_point():
+        raise BadDataError(f"inputs must be floating point; got dtype {x.dtype} (convert with .float())")
+    if shape is not None and tuple(x.shape[1:]) != tuple(shape):
+        raise BadDataError(f"inputs have shape {tuple(x.shape[1:])}; this model takes {tuple(shape)}")
+    if not torch.isfinite(x).all():
         raise BadDataError("inputs contain NaN or inf")
-    return inputs.detach()
+    return x.detach()
 
 
 def as_targets(target: TargetLike, batch: int, num_classes: int | None = None, *, what: str = "target") -> torch.Tensor:

@@ -37,13 +37,13 @@ other images in its batch), ``steps`` and two_step's integrated gradients its st
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from influence._inputs import as_batch
+from influence._inputs import TargetLike, as_batch
 from influence._registry import Registry
 from influence.attribution._base import Forward, Score, class_logit, evaluating, resolve_target, score_gradient
 from influence.attribution._path import LinearPathSampler, NoiseSampler, Sampler, gaussian_blur, integrate
@@ -55,7 +55,10 @@ TFA_METHODS: Registry[type["TFAMethod"]] = Registry("TFA method")
 """CLI name → class; filled by each method's class statement (``name=...``)."""
 
 EPS = 1e-12
-QueryLike = tuple[torch.Tensor, int] | torch.Tensor
+QueryLike: TypeAlias = tuple[torch.Tensor, int] | torch.Tensor
+"""The test side: ``(x_test, y_test)`` or a precomputed flat test loss gradient (p,)."""
+Params: TypeAlias = dict[str, torch.Tensor]
+"""Parameter or buffer name → detached tensor, as ``functional_call`` takes them."""
 
 
 def get_tfa(name: str) -> type["TFAMethod"]:
@@ -80,7 +83,9 @@ class TFAMethod:
         self.names = select_parameters(model, params)
 
     # ------------------------------------------------------------------ shared plumbing
-    def attribute(self, inputs: torch.Tensor, target: Any = None, query: QueryLike | None = None, **options: Any) -> torch.Tensor:
+    def attribute(
+        self, inputs: torch.Tensor, target: TargetLike = None, query: QueryLike | None = None, **options: Any
+    ) -> torch.Tensor:
         x = as_batch(inputs, single=True)
         if target is None:
             raise BadSpecError("TFA needs target=: the training labels of the inputs")
@@ -89,10 +94,16 @@ class TFAMethod:
             out = self._attribute(x, y, query, **options)
         return out.detach().to(x.dtype)
 
-    def _attribute(self, x: torch.Tensor, y: torch.Tensor, query: QueryLike | None, **options: Any) -> torch.Tensor:
+    def _attribute(
+        self, x: torch.Tensor, y: torch.Tensor, query: QueryLike | None, *args: Any, **options: Any
+    ) -> torch.Tensor:
+        """The maps for checked ``x`` and labels ``y``; each method declares the options it takes.
+
+        ``*args: Any, **options: Any`` is the typing spec's ``...``: overrides name their own keywords.
+        """
         raise NotImplementedError
 
-    def _params(self, dtype: torch.dtype) -> tuple[dict, dict]:
+    def _params(self, dtype: torch.dtype) -> tuple[Params, Params]:
         return split_params(self.model, self.names, dtype)
 
     def forward(self, dtype: torch.dtype) -> Forward:
@@ -101,7 +112,8 @@ class TFAMethod:
         model = self.model
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            return functional_call(model, (params, frozen), (x,))
+            logits: torch.Tensor = functional_call(model, (params, frozen), (x,))
+            return logits
 
         return run
 
@@ -131,15 +143,16 @@ class TFAMethod:
         return TwoStepTFA(self.model, task=self.task, params="all")._attribute(x, y, None, method="input_x_gradient")
 
 
-def _flat_grad(model: nn.Module, task: Task, names: list[str], params: dict, frozen: dict,
+def _flat_grad(model: nn.Module, task: Task, names: list[str], params: Params, frozen: Params,
                xi: torch.Tensor, yi: torch.Tensor, of: str = "loss") -> torch.Tensor:
     """g(x_i, y_i) flattened over ``names``; differentiable w.r.t. ``xi`` under torch.func transforms."""
     fn = task.loss if of == "loss" else task.output
 
-    def scalar(p: dict) -> torch.Tensor:
-        return fn(functional_call(model, (p, frozen), (xi[None],)), yi[None]).sum()
+    def scalar(p: Params) -> torch.Tensor:
+        logits: torch.Tensor = functional_call(model, (p, frozen), (xi[None],))
+        return fn(logits, yi[None]).sum()
 
-    g = grad(scalar)(params)
+    g: Params = grad(scalar)(params)
     return torch.cat([g[n].reshape(-1) for n in names])
 
 
@@ -164,11 +177,13 @@ class GradCosTFA(TFAMethod, name="gradcos"):
 
         def one(xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
             g = _flat_grad(model, task, names, params, frozen, xi, yi, "loss")
-            return (g @ gt_unit.to(xi.device)) / g.norm().clamp(min=EPS)
+            cosine: torch.Tensor = (g @ gt_unit.to(xi.device)) / g.norm().clamp(min=EPS)  # Tensor.__matmul__ is untyped
+            return cosine
 
         return vmap(one)
 
-    def _attribute(self, x, y, query, *, smooth: int = 0, sigma: float = 0.15, steps: int = 0,
+    def _attribute(self, x: torch.Tensor, y: torch.Tensor, query: QueryLike | None, *,
+                   smooth: int = 0, sigma: float = 0.15, steps: int = 0,
                    input_x_gradient: bool = False, positive: bool = False, combine: bool = False,
                    seed: int = 0, batch_size: int = 32) -> torch.Tensor:
         if smooth < 0 or steps < 0:
@@ -201,7 +216,7 @@ class GradCosTwoStepTFA(GradCosTFA, name="gradcos_two_step"):
     map on evidence the model uses for y_i, which is what localises (docs/BENCHMARKS.md). Options as gradcos.
     """
 
-    def _attribute(self, x, y, query, **options: Any) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, y: torch.Tensor, query: QueryLike | None, **options: Any) -> torch.Tensor:
         options.setdefault("input_x_gradient", True)
         options.setdefault("combine", True)
         return super()._attribute(x, y, query, **options)
@@ -224,7 +239,8 @@ class TwoStepTFA(TFAMethod, name="two_step"):
             return class_logit(forward)
         return lambda x, y: task.output(forward(x), y)
 
-    def _attribute(self, x, y, query=None, *, of: str = "logit", method: str = "integrated_gradients",
+    def _attribute(self, x: torch.Tensor, y: torch.Tensor, query: QueryLike | None = None, *,
+                   of: str = "logit", method: str = "integrated_gradients",
                    steps: int = 16, batch_size: int = 32) -> torch.Tensor:
         if method not in ("input_x_gradient", "gradient", "integrated_gradients"):
             raise BadSpecError(f"two_step method={method!r}; choose input_x_gradient, gradient or integrated_gradients")
@@ -240,7 +256,8 @@ class TwoStepTFA(TFAMethod, name="two_step"):
 class OcclusionTFA(TFAMethod, name="occlusion"):
     """Region influence: drop in S(i, t) when a window of x_i is replaced by a baseline, averaged per pixel."""
 
-    def _attribute(self, x, y, query, *, window: int = 4, stride: int = 2, baseline: str = "zero",
+    def _attribute(self, x: torch.Tensor, y: torch.Tensor, query: QueryLike | None, *,
+                   window: int = 4, stride: int = 2, baseline: str = "zero",
                    score: str = "dot", blur_sigma: float = 2.0, combine: bool = False) -> torch.Tensor:
         if baseline not in ("zero", "blur", "mean"):
             raise BadSpecError(f"occlusion baseline={baseline!r}; choose zero, blur or mean")

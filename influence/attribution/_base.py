@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 from torch import nn
@@ -33,8 +33,8 @@ from influence._inputs import TargetLike, as_batch, as_targets
 from influence._registry import Registry
 from influence.errors import BadSpecError
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
-Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Forward: TypeAlias = Callable[[torch.Tensor], torch.Tensor]
+Score: TypeAlias = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``score(x (N, ...), target (N,)) -> (N,)``: the scalar per example that a gradient method differentiates.
 
 Example n's score must depend on example n only (eval mode), so one backward pass of the sum gives every
@@ -144,7 +144,11 @@ class AttributionMethod:
             t = resolve_target(self.model, x, target)
             return self._attribute(x, t, **options).detach()
 
-    def _attribute(self, x: torch.Tensor, target: torch.Tensor, **options: Any) -> torch.Tensor:
+    def _attribute(self, x: torch.Tensor, target: torch.Tensor, *args: Any, **options: Any) -> torch.Tensor:
+        """The map for checked ``x`` and ``target``; each method declares the options it takes.
+
+        ``*args: Any, **options: Any`` is the typing spec's ``...``: overrides name their own keywords.
+        """
         raise NotImplementedError
 
     def __repr__(self) -> str:

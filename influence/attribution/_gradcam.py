@@ -23,7 +23,7 @@ def _resolve_layer(model: nn.Module, layer: nn.Module | str | None) -> nn.Module
     if layer is None:
         return _last_conv(model)
     if isinstance(layer, str):
-        named = dict(model.named_modules())
+        named: dict[str, nn.Module] = dict(model.named_modules())
         if layer not in named:
             convs = [n for n, m in named.items() if isinstance(m, nn.Conv2d)]
             raise BadSpecError(f"no layer named {layer!r} in {type(model).__name__}; conv layers: {convs}")

@@ -47,8 +47,8 @@ def quadrature(rule: str, n: int) -> tuple[list[float], list[float]]:
     if rule not in RULES:
         raise BadSpecError(f"unknown integration rule {rule!r}; choose one of: {', '.join(RULES)}")
     if rule == "gausslegendre":
-        nodes, weights = np.polynomial.legendre.leggauss(n)
-        return (0.5 * (nodes + 1)).tolist(), (0.5 * weights).tolist()
+        nodes, gauss_weights = np.polynomial.legendre.leggauss(n)
+        return (0.5 * (nodes + 1)).tolist(), (0.5 * gauss_weights).tolist()
     if rule == "riemann_trapezoid":
         if n < 2:
             raise BadSpecError(f"the trapezoid rule needs n >= 2 steps; got n={n}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
@@ -18,7 +18,7 @@ from influence._inputs import TargetLike, as_batch
 from influence.attribution._base import METHODS, AttributionMethod, evaluating, get_method, logits_of, resolve_target
 from influence.errors import BadSpecError
 
-ClassesLike = int | Sequence[int] | torch.Tensor | None
+ClassesLike: TypeAlias = int | Sequence[int] | torch.Tensor | None
 
 
 @dataclass(frozen=True)

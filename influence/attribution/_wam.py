@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ptwt
 import pywt
@@ -28,6 +28,9 @@ from influence._inputs import TargetLike, as_batch
 from influence.attribution._base import AttributionMethod, Forward, evaluating, gradient, resolve_target
 from influence.attribution._path import LinearPathSampler, NoiseSampler, Sampler, get_sampler, integrate
 from influence.errors import BadDataError, BadSpecError
+
+if TYPE_CHECKING:
+    from ptwt.constants import WaveletCoeff2d
 
 
 class WamMode(str, Enum):
@@ -72,7 +75,8 @@ class WaveletTransform:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image → dyadic coefficient map."""
         self.check(x)
-        coeffs = ptwt.wavedec2(x, self.wavelet, level=self.levels, mode="reflect")
+        # ptwt's __init__ re-exports without __all__, so strict mypy sees no public wavedec2/waverec2 there
+        coeffs = ptwt.wavedec2(x, self.wavelet, level=self.levels, mode="reflect")  # type: ignore[attr-defined]
         out = coeffs[0]
         for detail in coeffs[1:]:
             horizontal, vertical, diagonal = detail
@@ -94,14 +98,15 @@ class WaveletTransform:
         """Dyadic coefficient map → image."""
         self.check(z)
         approx, details = self.split(z)
-        coeffs = (approx, *(ptwt.WaveletDetailTuple2d(*d) for d in details))
-        return ptwt.waverec2(coeffs, self.wavelet)
+        # ptwt's __init__ re-exports without __all__ (as in forward); ptwt.constants has the real types
+        coeffs: WaveletCoeff2d = (approx, *(ptwt.WaveletDetailTuple2d(*d) for d in details))  # type: ignore[attr-defined]
+        return ptwt.waverec2(coeffs, self.wavelet)  # type: ignore[attr-defined]
 
     def scales(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-scale pixel maps (B, levels + 1, C, H, W) and mass shares (B, levels + 1); finest first."""
         size = z.shape[-2:]
         approx, details = self.split(z.abs())
-        parts = [sum(d) for d in details[::-1]] + [approx]
+        parts = [horizontal + vertical + diagonal for horizontal, vertical, diagonal in details[::-1]] + [approx]
         maps = torch.stack([F.interpolate(p, size=size, mode="nearest") for p in parts], dim=1)
         mass = torch.stack([p.flatten(1).sum(1) for p in parts], dim=1)
         return maps, mass / mass.sum(1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
