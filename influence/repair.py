@@ -208,7 +208,7 @@ def run_repair(
     flags = json.loads((root / "flags.json").read_text()) if (root / "flags.json").is_file() else {}
 
     session = Influence.open(root / "store")
-    final = session.use_checkpoint(-1)
+    final = session.model_at(-1)
     before = {"clean_accuracy": _accuracy(final, test)}
     if patched is not None:
         before["patched_accuracy"] = _accuracy(final, patched)
@@ -231,7 +231,7 @@ def run_repair(
     masked = np.flatnonzero((x2 != train.x[torch.as_tensor(kept)]).flatten(1).any(1).numpy())
     masked_ids = kept[masked].tolist()
 
-    spec = session.store.attrs.get("model_spec") or "digits-cnn"
+    spec = session.model_spec or "digits-cnn"
     torch.manual_seed(seed)
     model = load_model(spec)
     print(f"[repair] retraining {spec} on {len(y2)} images for {DEMO_EPOCHS} epochs", file=log)
