@@ -144,12 +144,11 @@ def build(
     for r, c in zip(records, checkpoints):
         if r["sha256"] is None:
             load_checkpoint(net, c)  # raises the named missing-checkpoint error
-    _check_resume(Path(out), spec)
+    _check_resume(Path(out), spec, manifest, records)
 
     with FeatureStore.open_for_write(out, manifest) as store:
         store.ensure_labels()
         known = store.checkpoints
-        _check_checkpoints(Path(out), known, records)
         if len(records) < len(known):
             log.warning("store has %d checkpoints; %d given: keeping all stored ones", len(known), len(records))
         for rec in records[len(known):]:
@@ -198,15 +197,23 @@ def build(
         return Path(out)
 
 
-def _check_resume(out: Path, spec: BuildSpec) -> None:
-    """Before anything is written: a store at ``out`` must have been built with the same ``BuildSpec``."""
+def _check_resume(out: Path, spec: BuildSpec, manifest: dict, records: list[dict]) -> None:
+    """Before anything is written: a store at ``out`` must have the same ``BuildSpec`` and known checkpoints.
+
+    A different model or data set is left to the store's own check, which names it.
+    """
     if not (out / "zarr.json").is_file():
         return
     try:
-        saved = BuildSpec.from_attrs(FeatureStore.open(out, allow_incomplete=True).attrs)
+        existing = FeatureStore.open(out, allow_incomplete=True)
+        attrs, known = existing.attrs, existing.checkpoints
+        saved = BuildSpec.from_attrs(attrs)
     except (InfluenceError, KeyError, TypeError):
         return  # not one of our stores, or another format: open_for_write says so
+    if any(attrs.get(k) != manifest[k] for k in ("model_fingerprint", "dataset_fingerprint", "n")):
+        return
     spec.check_same(saved, str(out))
+    _check_checkpoints(out, known, records)
 
 
 def _check_checkpoints(out: Path, known: list[dict], records: list[dict]) -> None:
