@@ -229,11 +229,13 @@ def test_flags_are_typed_and_serialise_to_the_documented_json(session, digits):
 def test_trak_prepare_writes_its_inverse_and_lambda_in_one_place(copy_store):
     from influence.scoring import TRAK
 
+    from index.store import FeatureStore
+
     path = copy_store()
-    store = influence.Influence.open(path).store
+    store = FeatureStore(path, zarr.open_group(str(path), mode="r+"))
     kept = {c: store.read_matrix(f"trak/{c}") for c in store.checkpoint_ids}
     lam = {c: TRAK.damping(store, c) for c in store.checkpoint_ids}
-    group = zarr.open_group(str(path), mode="r+")
+    group = store.group
     del group["trak/c1"]  # as after a build killed before its inverse was written
     group["trak/c2"].attrs.clear()  # as after a build killed between the inverse and its λ
     assert TRAK.damping(store, "c1") is None and TRAK.damping(store, "c2") is None
