@@ -171,7 +171,7 @@ class Influence:
         q = self.encoder.encode(x, y)
         return self.scorer(method).query_vectors(q.features, q.loss_weights, q.probs)
 
-    def _targets(self, probs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None, what: str = "target") -> torch.Tensor:
+    def _targets(self, probs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None, what: str = "targets") -> torch.Tensor:
         if targets is None:
             return probs.argmax(-1).cpu()
         return as_targets(targets, probs.shape[0], probs.shape[1], what=what)
@@ -196,7 +196,7 @@ class Influence:
         q = self.query_vectors(x, t, method)
         opp_t, q_opp = t, q
         if targets is None and labels is not None:
-            opp_t = self._targets(probs, labels, "label")
+            opp_t = self._targets(probs, labels, "labels")
             differ = (opp_t != t).numpy()
             if differ.any():
                 q_opp = q.copy()
