@@ -10,7 +10,7 @@ raises its margin) and negative for opponents.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -147,7 +147,7 @@ class TRAK(ScoringMethod, name="trak"):
         key = cls._key(ckpt)
         if key not in store.group:
             return None
-        attrs = dict(store.group[key].attrs)
+        attrs: dict[str, Any] = dict(store.group[key].attrs)
         return {k: float(attrs[k]) for k in ("lambda_rel", "lambda")} if "lambda_rel" in attrs else None
 
     @classmethod

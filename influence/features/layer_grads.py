@@ -11,7 +11,7 @@ layers called more than once per forward, fall back to vmap.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -43,17 +43,17 @@ def _owner_map(model: nn.Module, names: list[str]) -> dict[str, tuple[str, nn.Mo
     return owners
 
 
-def _running_stats(mod: nn.Module, mname: str, state: Mapping[str, torch.Tensor] | None) -> tuple | None:
+def _running_stats(mod: nn.Module, mname: str, state: Mapping[str, torch.Tensor] | None) -> tuple[Any, Any]:
     """A BatchNorm's running (mean, var): from ``state`` when given (the module's own may be another checkpoint's)."""
     if not isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return None
+        return None, None
     prefix = f"{mname}." if mname else ""
     if state is None:
         return mod.running_mean, mod.running_var
     return state.get(prefix + "running_mean", mod.running_mean), state.get(prefix + "running_var", mod.running_var)
 
 
-def _blocks(mod: nn.Module, inp: torch.Tensor, delta: torch.Tensor, stats: tuple | None) -> dict[str, torch.Tensor]:
+def _blocks(mod: nn.Module, inp: torch.Tensor, delta: torch.Tensor, stats: tuple[Any, Any]) -> dict[str, torch.Tensor]:
     """Per-example gradients of one module's weight and bias from its input and output gradient."""
     b = inp.shape[0]
     if isinstance(mod, nn.Conv2d):
