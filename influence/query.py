@@ -75,7 +75,7 @@ class Influence:
         checkpoints = []
         for rec in store.checkpoints:
             load_checkpoint(scratch, rec["path"], expected_sha256=rec["sha256"])
-            checkpoints.append(Checkpoint.of(rec["id"], scratch, rec.get("lr_weight", 1.0)))
+            checkpoints.append(Checkpoint.of(rec["id"], scratch))
         self.checkpoints: tuple[Checkpoint, ...] = tuple(checkpoints)
         self.projector = make_projector(ProjectorSpec(**attrs["projector"]), scratch, self.names)
         self.encoder = QueryEncoder(scratch, self.task, self.projector, self.names, self.checkpoints)

@@ -22,17 +22,16 @@ from influence.features.task import Task
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """One checkpoint's parameters and buffers by name (read-only), its store id and learning-rate weight."""
+    """One checkpoint's parameters and buffers by name (read-only) and its store id."""
 
     id: str
     state: Mapping[str, torch.Tensor]
-    lr_weight: float = 1.0
 
     @classmethod
-    def of(cls, id: str, model: nn.Module, lr_weight: float = 1.0) -> "Checkpoint":
+    def of(cls, id: str, model: nn.Module) -> "Checkpoint":
         """A detached copy of ``model``'s current parameters and buffers (later changes to the model do not leak in)."""
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return cls(id, MappingProxyType(state), float(lr_weight))
+        return cls(id, MappingProxyType(state))
 
 
 @dataclass(frozen=True)
