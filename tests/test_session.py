@@ -23,8 +23,11 @@ from influence.tfa import get_tfa
 # ----------------------------------------------------------------------------- no hidden state
 
 
-def _run_ops(session: influence.Influence, digits, order: list[str]) -> dict[str, object]:
-    """Run the session's entry points in ``order``; each returns plain values to compare."""
+def _run_ops(session: influence.Influence, digits, order: list[str], seen: list) -> dict[str, object]:
+    """Run the session's entry points in ``order``; each returns plain values to compare.
+
+    ``seen`` collects what flag_shortcuts hands its detector (the TFA maps, images and ids).
+    """
     x, y = digits.x_test[:4], digits.y_test[:4]
     held = session.model_at(-1)  # taken first, used last by "tfa": must not change whatever runs in between
     tx, ty = session.training_examples([0, 1])
@@ -44,11 +47,16 @@ def _run_ops(session: influence.Influence, digits, order: list[str]) -> dict[str
                 p.add_(1.0)
         return None
 
+    def shortcuts():
+        seen.clear()
+        found = [s.to_json() for s in flag_shortcuts(session, digits.x_test, k=3, max_queries_per_class=2, min_queries=1)]
+        assert seen and seen[0][0].abs().sum() > 0  # TFA maps reached the detector (on these images it finds none)
+        return found, list(seen)
+
     ops = {
         "query": query,
         "explain": explain_one,
-        "shortcuts": lambda: [s.to_json() for s in flag_shortcuts(session, digits.x_test, k=3, max_queries_per_class=2,
-                                                                   min_queries=1)],
+        "shortcuts": shortcuts,
         "scores": lambda: session.scores(x, y, method="trak"),
         "self": lambda: session.self_influence("tracin"),
         "tfa": lambda: get_tfa("gradcos")(held).attribute(tx, target=ty, query=(x[0], int(y[0]))),
@@ -75,17 +83,27 @@ def _assert_same(a, b, where: str) -> None:
         assert a == b, where
 
 
-def test_any_order_of_calls_gives_the_same_answers(store, digits):
+def test_any_order_of_calls_gives_the_same_answers(store, digits, monkeypatch):
+    import influence.shortcut
+
+    seen: list = []
+    real = influence.shortcut.detect_shortcuts
+
+    def recording(maps, images, ids, labels, **kw):
+        seen.append((maps.clone(), images.clone(), list(ids)))
+        return real(maps, images, ids, labels, **kw)
+
+    monkeypatch.setattr(influence.shortcut, "detect_shortcuts", recording)
     names = ["query", "explain", "shortcuts", "scores", "self", "tfa", "predict", "other_checkpoint"]
     orders = [names, names[::-1]] + [random.Random(seed).sample(names, len(names)) for seed in range(2)]
-    runs = [_run_ops(influence.Influence.open(store), digits, order) for order in orders]
+    runs = [_run_ops(influence.Influence.open(store), digits, order, seen) for order in orders]
     for order, run in zip(orders[1:], runs[1:]):
         for name in names:
             _assert_same(runs[0][name], run[name], f"{name} (order {order})")
     # a same-session repeat after everything else agrees too
     session = influence.Influence.open(store)
-    _run_ops(session, digits, names)
-    _assert_same(runs[0], _run_ops(session, digits, names[::-1]), "repeat")
+    _run_ops(session, digits, names, seen)
+    _assert_same(runs[0], _run_ops(session, digits, names[::-1], seen), "repeat")
 
 
 def test_checkpoints_are_read_only_parameter_dicts(session):
