@@ -1,8 +1,10 @@
 """Query engine: project test examples like the store did, search the index, return influencers.
 
 ``Influence.open(store)`` loads the manifest, the model (from the recorded
-spec or one the caller passes, checked by fingerprint) and the checkpoints
-(checked by sha256). Queries never touch a store that is not ``complete``.
+spec or one the caller passes, checked by fingerprint), the task (built-in, or
+the caller's instance checked against the stored import path) and the
+checkpoints (checked by sha256, then kept as read-only parameter dicts).
+Queries never touch a store that is not ``complete``.
 """
 
 from __future__ import annotations
