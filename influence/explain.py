@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from influence._inputs import as_batch
 from influence.query import Influence, QueryResult
 
 DEFAULT_ATTRIBUTION = "integrated_gradients"
@@ -56,7 +57,7 @@ def influencer_flags(session: Influence, ids: Sequence[int]) -> dict[int, list[s
 
     selfinf = session.self_influence(_best_self_influence(session))
     cut = float(np.quantile(selfinf, MISLABEL_QUANTILE))
-    prob = session.store.column("prob", session.store.checkpoint_ids[-1])
+    prob = session.label_probability()
     flags: dict[int, list[str]] = {}
     for i in ids:
         f = []
@@ -80,12 +81,12 @@ def explain(
 
     tfa = tfa or DEFAULT_TFA
     tfa_cls = get_tfa(tfa)
-    x = torch.as_tensor(inputs, dtype=torch.float32)
-    x = x[None] if x.ndim == len(session.input_shape) else x
+    x = as_batch(inputs, session.input_shape, single=True).float()
     results = session.query(x, targets, k=k, method=method, labels=labels, test_ids=test_ids)
+    model = session.model_at(-1)  # this call's own copy of the final checkpoint: nothing else touches it
+    explainer = tfa_cls(model, task=session.task)
     out = []
     for xi, r in zip(x, results):
-        model = session.use_checkpoint(-1)
         pixel_map, _ = run_attribute(model, xi, method=attribution, target=r.target)
         tfa_maps: dict[int, torch.Tensor] = {}
         train_images: dict[int, torch.Tensor] = {}
@@ -94,8 +95,7 @@ def explain(
             if not ids:
                 continue
             tx, ty = session.training_examples(ids)
-            model = session.use_checkpoint(-1)
-            maps = tfa_cls(model).attribute(tx, target=ty, query=(xi, cls))  # maps for the class each side answers
+            maps = explainer.attribute(tx, target=ty, query=(xi, cls))  # maps for the class each side answers
             tfa_maps.update({i: m.cpu() for i, m in zip(ids, maps)})
             train_images.update({i: t for i, t in zip(ids, tx)})
         ids = list(tfa_maps)

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -16,25 +17,56 @@ import torch
 
 from influence.errors import BadSpecError
 from influence.query import Influence
+from influence.shortcut import Shortcut
 
 KINDS = ("mislabel", "harmful", "shortcut")
 
 
-def flag_mislabels(session: Influence, *, method: str = "trak", top: int = 20) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Flag:
+    """One flagged training example: its row id, the ranking score and its stored label."""
+
+    train_id: int
+    score: float
+    label: int
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __getitem__(self, key: str) -> Any:
+        """Read a field by its JSON name, for code written against the earlier dict results."""
+        return self.to_json()[key]
+
+
+@dataclass(frozen=True)
+class MislabelFlag(Flag):
+    """A likely mislabel: ``score`` is the self-influence; the final model's probability of the stored label."""
+
+    model_prob_of_label: float
+
+
+@dataclass(frozen=True)
+class HarmfulFlag(Flag):
+    """A net-harmful example: ``score`` = Σ max(0, −S) over the failures; how many of ``of_failures`` it harms."""
+
+    harms: int
+    of_failures: int
+
+
+def flag_mislabels(session: Influence, *, method: str = "trak", top: int = 20) -> list[MislabelFlag]:
     """Training examples by descending self-influence, with the final model's probability of their label.
 
     TRAK is the default: on the digits demo (3 seeds) its self-influence found flipped labels with AUC 0.999
     and 96% of them in the top 10%, against 0.987 and 80% for TracIn (scripts/eval_mislabel.py).
     """
     values = session.self_influence(method)
-    prob = session.store.column("prob", session.store.checkpoint_ids[-1])
-    labels = session.store.labels()
+    prob = session.label_probability()
+    labels = session.training_labels()
     order = np.argsort(-values, kind="stable")[:top]
-    return [{"train_id": int(i), "score": float(values[i]), "label": int(labels[i]), "model_prob_of_label": round(float(prob[i]), 4)}
-            for i in order]
+    return [MislabelFlag(int(i), float(values[i]), int(labels[i]), round(float(prob[i]), 4)) for i in order]
 
 
-def flag_harmful(session: Influence, x: torch.Tensor, y: torch.Tensor, *, method: str = "tracin", top: int = 20) -> list[dict[str, Any]]:
+def flag_harmful(session: Influence, x: torch.Tensor, y: torch.Tensor, *, method: str = "tracin", top: int = 20) -> list[HarmfulFlag]:
     """Training examples ranked by Σ_t max(0, −S(i, t)) over misclassified test images t, explained for their true label."""
     probs = session.predict(x)
     wrong = torch.nonzero(probs.argmax(-1).cpu() != y.cpu()).flatten()
@@ -43,16 +75,15 @@ def flag_harmful(session: Influence, x: torch.Tensor, y: torch.Tensor, *, method
     scores = session.scores(x[wrong], y[wrong], method=method)
     harm = np.clip(-scores, 0, None).sum(1)
     count = (scores < 0).sum(1)
-    labels = session.store.labels()
+    labels = session.training_labels()
     order = np.argsort(-harm, kind="stable")[:top]
-    return [{"train_id": int(i), "score": float(harm[i]), "label": int(labels[i]), "harms": int(count[i]), "of_failures": int(len(wrong))}
-            for i in order if harm[i] > 0]
+    return [HarmfulFlag(int(i), float(harm[i]), int(labels[i]), int(count[i]), int(len(wrong))) for i in order if harm[i] > 0]
 
 
 def flag_shortcuts(
     session: Influence, x: torch.Tensor, y: torch.Tensor | None = None, *, method: str = "gradcos", k: int = 10,
     tfa: str | None = None, max_queries_per_class: int = 20, min_queries: int = 3,
-) -> list[dict[str, Any]]:
+) -> list[Shortcut]:
     """Patch shortcuts: per predicted class, TFA maps of the top same-class proponents, clustered by peak location.
 
     Proponents are ranked by Grad-Cos by default: a learned shortcut fits its training images to near-zero
@@ -65,8 +96,8 @@ def flag_shortcuts(
     probs = session.predict(x)
     pred = probs.argmax(-1).cpu()
     pool = torch.nonzero(pred != y.cpu()).flatten() if y is not None else torch.arange(len(x))
-    model = session.use_checkpoint(-1)
-    explainer = get_tfa(tfa or DEFAULT_TFA)(model)
+    model = session.model_at(-1)  # this call's own copy of the final checkpoint: nothing else touches it
+    explainer = get_tfa(tfa or DEFAULT_TFA)(model, task=session.task)
     found = []
     for c in sorted(set(pred[pool].tolist())):
         queries = pool[pred[pool] == c][:max_queries_per_class]
@@ -80,7 +111,6 @@ def flag_shortcuts(
             if not ids:
                 continue
             tx, ty = session.training_examples(ids)
-            model = session.use_checkpoint(-1)
             m = explainer.attribute(tx, target=ty, query=(x[q], c))
             for i, xi, mi in zip(ids, tx, m):
                 maps.setdefault(i, []).append(mi)
@@ -90,15 +120,15 @@ def flag_shortcuts(
         ids = sorted(maps)
         stacked = torch.stack([torch.stack(maps[i]).mean(0) for i in ids])
         tx = torch.stack([images[i] for i in ids])
-        found += [s.to_json() for s in detect_shortcuts(stacked, tx, ids, [c] * len(ids))]
-    return sorted(found, key=lambda s: -s["score"])
+        found += detect_shortcuts(stacked, tx, ids, [c] * len(ids))
+    return sorted(found, key=lambda s: -s.score)
 
 
 def run_flags(
     session: Influence, test: tuple[torch.Tensor, torch.Tensor] | None = None, *, kinds: Sequence[str] = KINDS,
     top: int = 20, method: str | None = None, tfa: str | None = None,
 ) -> dict[str, Any]:
-    """The JSON document of ``influence flag``: rankings are lists of {train_id, score, ...}; shortcuts a list of boxes.
+    """The JSON document of ``influence flag``: the typed results' ``to_json()``, keyed mislabel, harmful, shortcuts.
 
     ``method`` overrides the measured defaults (mislabel: trak, harmful: tracin, shortcut: gradcos).
     """
@@ -111,14 +141,14 @@ def run_flags(
     if "mislabel" in kinds:
         if method == "gradcos":
             raise BadSpecError("mislabel ranking needs self-influence, which is constant under gradcos; use --method trak or tracin")
-        out["mislabel"] = flag_mislabels(session, method=method or _best_self_influence(session), top=top)
+        out["mislabel"] = [f.to_json() for f in flag_mislabels(session, method=method or _best_self_influence(session), top=top)]
     if "harmful" in kinds:
-        out["harmful"] = flag_harmful(session, *test, method=method or "tracin", top=top)
+        out["harmful"] = [f.to_json() for f in flag_harmful(session, *test, method=method or "tracin", top=top)]
     if "shortcut" in kinds:
-        out["shortcuts"] = flag_shortcuts(session, *test, method=method or "gradcos", tfa=tfa)
+        out["shortcuts"] = [s.to_json() for s in flag_shortcuts(session, *test, method=method or "gradcos", tfa=tfa)]
     return out
 
 
 def _best_self_influence(session: Influence) -> str:
     """TRAK when the store was built with it (measured best for mislabels), else TracIn."""
-    return "trak" if "trak" in session.store.attrs.get("indexes", {}) else "tracin"
+    return "trak" if "trak" in session.methods else "tracin"

@@ -22,10 +22,11 @@ from tqdm import tqdm
 from index.search import build_index, save_index
 from index.store import FEATURE_DTYPES, FeatureStore
 from influence.data import batch_of, fingerprint_dataset
-from influence.errors import BadDataError, BadSpecError, NonFiniteError
+from influence.errors import BadDataError, BadSpecError, InfluenceError, NonFiniteError, StoreMismatchError
 from influence.features import ClassificationTask, ProjectorSpec, Task, make_projector, select_parameters
+from influence.features.specs import BuildSpec, TrakSpec, task_ref
 from influence.loading import load_checkpoint, load_data, load_model, model_fingerprint, sha256_file
-from influence.scoring import METHOD_NAMES, get_method, trak_inverse
+from influence.scoring import METHOD_NAMES, get_method
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ def build(
         raise BadSpecError(f"--batch-size must be positive, got {batch_size}")
     if dtype not in FEATURE_DTYPES:
         raise BadSpecError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}, got {dtype}")
+    trak = TrakSpec(float(trak_lambda))
     task = task or ClassificationTask()
     device = torch.device(device)
 
@@ -126,15 +128,15 @@ def build(
             f"the model cannot run on this data's images of shape {tuple(x0.shape[1:])}: {str(e).strip().splitlines()[0][:160]}"
         ) from None
     num_classes = int(logits0.shape[-1])
-    spec = ProjectorSpec(projector, int(proj_dim), int(seed))
-    proj = make_projector(spec, net, names)
-    rows = _rows_per_chunk(batch_size, min(rows_per_chunk, max(batch_size, n)))
+    spec = BuildSpec(task=task_ref(task), params=params, projector=ProjectorSpec(projector, int(proj_dim), int(seed)),
+                     batch_size=batch_size, rows_per_chunk=_rows_per_chunk(batch_size, min(rows_per_chunk, max(batch_size, n))),
+                     dtype=dtype)
+    proj = make_projector(spec.projector, net, names)
+    rows = spec.rows_per_chunk
     manifest = {
-        "model_spec": _spec_string(model), "model_fingerprint": model_fingerprint(net), "task": task.name,
-        "params": params, "param_names": names, "projector": spec.to_json(), "k": proj.dim,
-        "data_spec": _spec_string(data), "dataset_fingerprint": fingerprint_dataset(dataset), "n": n,
-        "input_shape": list(x0.shape[1:]), "num_classes": num_classes, "rows_per_chunk": rows,
-        "batch_size": batch_size, "dtype": dtype, "trak_lambda_rel": trak_lambda,
+        "model_spec": _spec_string(model), "model_fingerprint": model_fingerprint(net), **spec.to_attrs(),
+        "param_names": names, "k": proj.dim, "data_spec": _spec_string(data),
+        "dataset_fingerprint": fingerprint_dataset(dataset), "n": n, "input_shape": list(x0.shape[1:]), "num_classes": num_classes,
     }
     records = [{"path": str(Path(c).resolve()), "sha256": sha256_file(c) if Path(c).is_file() else None,
                 "size": Path(c).stat().st_size if Path(c).is_file() else None, "lr_weight": float(w)}
@@ -142,16 +144,11 @@ def build(
     for r, c in zip(records, checkpoints):
         if r["sha256"] is None:
             load_checkpoint(net, c)  # raises the named missing-checkpoint error
+    _check_resume(Path(out), spec, manifest, records)
 
     with FeatureStore.open_for_write(out, manifest) as store:
         store.ensure_labels()
         known = store.checkpoints
-        for old, new in zip(known, records):
-            if old["sha256"] != new["sha256"]:
-                raise BadSpecError(
-                    f"checkpoint {new['path']} differs from the one this store was built with at that position "
-                    f"({old['path']}); pass the same checkpoints in the same order, new ones last"
-                )
         if len(records) < len(known):
             log.warning("store has %d checkpoints; %d given: keeping all stored ones", len(known), len(records))
         for rec in records[len(known):]:
@@ -187,16 +184,8 @@ def build(
         finally:
             bar.close()
 
-        if any(get_method(m).needs_trak for m in methods):  # the inverse is applied on the query side only
-            for ckpt in store.checkpoint_ids:
-                if f"trak/{ckpt}" not in store.group or store.attrs.get(f"trak_lambda_rel_{ckpt}") != trak_lambda:
-                    gram = np.zeros((store.k, store.k))
-                    for s, e in store.iter_chunks():
-                        phi = store.read_features(ckpt, s, e).astype(np.float64)
-                        gram += phi.T @ phi
-                    inv, lam = trak_inverse(gram, trak_lambda)
-                    store.write_matrix(f"trak/{ckpt}", inv.astype(np.float32))
-                    store.set_attrs(**{f"trak_lambda_{ckpt}": lam, f"trak_lambda_rel_{ckpt}": trak_lambda})
+        for m in methods:
+            get_method(m).prepare(store, trak)
 
         indexes = dict(store.attrs.get("indexes", {}))
         for m in methods:
@@ -206,6 +195,43 @@ def build(
             store.set_attrs(indexes=indexes)
         store.mark_complete()
         return Path(out)
+
+
+def _check_resume(out: Path, spec: BuildSpec, manifest: dict, records: list[dict]) -> None:
+    """Before anything is written: a store at ``out`` must have the same ``BuildSpec`` and known checkpoints.
+
+    A different model or data set is left to the store's own check, which names it.
+    """
+    if not (out / "zarr.json").is_file():
+        return
+    try:
+        existing = FeatureStore.open(out, allow_incomplete=True)
+        attrs, known = existing.attrs, existing.checkpoints
+        saved = BuildSpec.from_attrs(attrs)
+    except (InfluenceError, KeyError, TypeError):
+        return  # not one of our stores, or another format: open_for_write says so
+    if any(attrs.get(k) != manifest[k] for k in ("model_fingerprint", "dataset_fingerprint", "n")):
+        return
+    spec.check_same(saved, str(out))
+    _check_checkpoints(out, known, records)
+
+
+def _check_checkpoints(out: Path, known: list[dict], records: list[dict]) -> None:
+    """Known checkpoints must come back in the same order, with the same bytes and learning-rate weights."""
+    for old, new in zip(known, records):
+        if old["sha256"] != new["sha256"]:
+            raise BadSpecError(
+                f"checkpoint {new['path']} differs from the one this store was built with at that position "
+                f"({old['path']}); pass the same checkpoints in the same order, new ones last"
+            )
+    old_w = [float(c.get("lr_weight", 1.0)) for c in known]
+    new_w = [r["lr_weight"] for r in records[:len(known)]]
+    if old_w[:len(new_w)] != new_w:
+        raise StoreMismatchError(
+            f"store {out} was built with lr_weights={old_w} for its {len(known)} checkpoints but this run has "
+            f"--lr-weights {new_w} for them; pass the same --lr-weights (weights of new checkpoints last) to resume or "
+            "extend it, or use a new --out for a different build"
+        )
 
 
 def build_method_index(store: FeatureStore, method: str, factory: str = "Flat", seed: int = 0) -> dict:

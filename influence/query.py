@@ -1,12 +1,15 @@
 """Query engine: project test examples like the store did, search the index, return influencers.
 
 ``Influence.open(store)`` loads the manifest, the model (from the recorded
-spec or one the caller passes, checked by fingerprint) and the checkpoints
-(checked by sha256). Queries never touch a store that is not ``complete``.
+spec or one the caller passes, checked by fingerprint), the task (built-in, or
+the caller's instance checked against the stored import path) and the
+checkpoints (checked by sha256, then kept as read-only parameter dicts).
+Queries never touch a store that is not ``complete``.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -20,10 +23,12 @@ from torch.utils.data import Dataset
 
 from index.search import SearchIndex, load_index
 from index.store import FeatureStore
+from influence._inputs import as_batch, as_targets
 from influence.data import batch_of, index_subset
 from influence.errors import BadDataError, BadSpecError, StoreIncompleteError, StoreMismatchError
-from influence.features import ClassificationTask, ProjectorSpec, make_projector
-from influence.features.task import TASKS
+from influence.features import ProjectorSpec, Task, make_projector
+from influence.features.encoder import Checkpoint, QueryEncoder
+from influence.features.specs import resolve_task
 from influence.loading import load_checkpoint, load_data, load_model, model_fingerprint
 from influence.scoring import ScoringMethod, get_method
 
@@ -55,26 +60,37 @@ class QueryResult:
 
 
 class Influence:
-    """A complete store opened for queries, with its model and checkpoints loaded."""
+    """A complete store opened for queries: its checkpoints as immutable parameter dicts, and a query encoder.
 
-    def __init__(self, store: FeatureStore, model: nn.Module, device: torch.device) -> None:
-        self.store, self.model, self.device = store, model, device
+    Nothing is loaded into a shared module between calls, so queries, scores, explanations and flags give the
+    same answers in any order. Callers get what they need through methods (``training_labels``,
+    ``label_probability``, ``model_at``), not by reading the store's layout.
+    """
+
+    def __init__(self, store: FeatureStore, model: nn.Module, device: torch.device, task: Task | None = None) -> None:
+        self.store, self.device = store, device
         attrs = store.attrs
-        self.task = TASKS[attrs["task"]]() if attrs["task"] in TASKS else ClassificationTask()
+        self.task = resolve_task(attrs.get("task"), task)
         self.names: list[str] = list(attrs["param_names"])
-        self.projector = make_projector(ProjectorSpec(**attrs["projector"]), model, self.names)
         self.input_shape = tuple(attrs["input_shape"])
-        self._states = []
+        scratch = copy.deepcopy(model).eval()  # checkpoints are read through a private module, then kept as dicts
+        checkpoints = []
         for rec in store.checkpoints:
-            load_checkpoint(model, rec["path"], expected_sha256=rec["sha256"])
-            self._states.append({k: v.clone() for k, v in model.state_dict().items()})
+            load_checkpoint(scratch, rec["path"], expected_sha256=rec["sha256"])
+            checkpoints.append(Checkpoint.of(rec["id"], scratch))
+        self.checkpoints: tuple[Checkpoint, ...] = tuple(checkpoints)
+        self.projector = make_projector(ProjectorSpec(**attrs["projector"]), scratch, self.names)
+        self.encoder = QueryEncoder(scratch, self.task, self.projector, self.names, self.checkpoints)
         self._indexes: dict[str, SearchIndex] = {}
         self._scorers: dict[str, ScoringMethod] = {}
-        self._train_labels = store.labels()
         self._cache: dict[Any, Any] = {}
 
     @classmethod
-    def open(cls, path: str | os.PathLike, model: str | nn.Module | None = None, device: str | torch.device = "cpu") -> "Influence":
+    def open(
+        cls, path: str | os.PathLike, model: str | nn.Module | None = None, device: str | torch.device = "cpu", *,
+        task: Task | None = None,
+    ) -> "Influence":
+        """Open a complete store; a store built with a custom ``Task`` needs an instance of it as ``task``."""
         store = FeatureStore.open(path)
         attrs = store.attrs
         spec = model if model is not None else attrs.get("model_spec")
@@ -86,17 +102,44 @@ class Influence:
                 f"model {type(net).__name__} does not match the store's model (fingerprint {model_fingerprint(net)} != "
                 f"{attrs['model_fingerprint']}); query with the model the store was built with"
             )
-        return cls(store, net, torch.device(device))
+        return cls(store, net, torch.device(device), task=task)
 
     # ------------------------------------------------------------------ pieces
     @property
     def checkpoint_count(self) -> int:
-        return len(self._states)
+        return len(self.checkpoints)
 
-    def use_checkpoint(self, i: int = -1) -> nn.Module:
-        """The model with checkpoint ``i`` loaded (default: the last), in eval mode."""
-        self.model.load_state_dict(self._states[i])
-        return self.model.eval()
+    @property
+    def n_train(self) -> int:
+        return self.store.n
+
+    @property
+    def model_spec(self) -> str | None:
+        """The model spec the store was built from (None for an in-memory model)."""
+        return self.store.attrs.get("model_spec")
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The scoring methods this store has an index for."""
+        return tuple(self.store.attrs.get("indexes", {}))
+
+    def model_at(self, checkpoint: int = -1) -> nn.Module:
+        """A new model (eval mode) with checkpoint ``checkpoint``'s weights (default: the final one); the caller owns it."""
+        return self.encoder.model_at(checkpoint)
+
+    use_checkpoint = model_at  # the former name; it too returns a new model now, never a shared one
+
+    def training_labels(self) -> np.ndarray:
+        """The stored label of every training example, (N,) int64."""
+        if "labels" not in self._cache:
+            self._cache["labels"] = self.store.labels()
+        return self._cache["labels"]
+
+    def label_probability(self) -> np.ndarray:
+        """The final checkpoint's probability of each training example's label, (N,) float32."""
+        if "label_prob" not in self._cache:
+            self._cache["label_prob"] = self.store.column("prob", self.checkpoints[-1].id)
+        return self._cache["label_prob"]
 
     def scorer(self, method: str) -> ScoringMethod:
         if method not in self._scorers:
@@ -116,44 +159,24 @@ class Influence:
             self._indexes[method] = load_index(self.store.root / rec["path"], rec, vectors=self.scorer(method).train_rows, threads=1)
         return self._indexes[method]
 
-    def _as_batch(self, inputs: torch.Tensor) -> torch.Tensor:
-        x = torch.as_tensor(inputs, dtype=torch.float32)
-        if x.ndim == len(self.input_shape):
-            x = x[None]
-        if tuple(x.shape[1:]) != self.input_shape:
-            raise BadDataError(f"inputs have shape {tuple(x.shape[1:])}; this store's model takes {self.input_shape}")
-        if not torch.isfinite(x).all():
-            raise BadDataError("inputs contain NaN or inf")
-        return x.to(self.device)
+    def _as_batch(self, inputs: Any) -> torch.Tensor:
+        return as_batch(inputs, self.input_shape, single=True).to(self.device, torch.float32)
 
     def predict(self, inputs: torch.Tensor) -> torch.Tensor:
         """Softmax probabilities of the final checkpoint."""
-        with torch.no_grad():
-            return torch.softmax(self.use_checkpoint(-1)(self._as_batch(inputs)), dim=-1)
+        return torch.softmax(self.encoder.logits(self._as_batch(inputs)), dim=-1)
 
     def query_vectors(self, inputs: torch.Tensor, targets: torch.Tensor, method: str) -> np.ndarray:
         """Project test examples exactly as the store's training features were, then apply the method."""
         x = self._as_batch(inputs)
-        y = torch.as_tensor(targets, dtype=torch.long).reshape(-1).to(self.device)
-        feats, weights, probs = {}, {}, {}
-        for i, ckpt in enumerate(self.store.checkpoint_ids):
-            net = self.use_checkpoint(i)
-            with torch.no_grad():
-                logits = net(x)
-            weights[ckpt] = self.task.loss_weight(logits, y).float().cpu().numpy()
-            probs[ckpt] = self.task.probability(logits, y).float().cpu().numpy()
-            feats[ckpt] = self.projector.featurize(net, self.task, self.names, x, y).detach().float().cpu().numpy()
-        return self.scorer(method).query_vectors(feats, weights, probs)
+        y = as_targets(targets, len(x)).to(self.device)
+        q = self.encoder.encode(x, y)
+        return self.scorer(method).query_vectors(q.features, q.loss_weights, q.probs)
 
-    def _targets(self, probs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None) -> torch.Tensor:
+    def _targets(self, probs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None, what: str = "targets") -> torch.Tensor:
         if targets is None:
             return probs.argmax(-1).cpu()
-        t = torch.as_tensor(targets, dtype=torch.long).reshape(-1)
-        if t.numel() != probs.shape[0]:
-            raise BadDataError(f"{t.numel()} targets for {probs.shape[0]} inputs")
-        if t.min() < 0 or t.max() >= probs.shape[1]:
-            raise BadDataError(f"targets must lie in [0, {probs.shape[1]}), got {t.tolist()}")
-        return t
+        return as_targets(targets, probs.shape[0], probs.shape[1], what=what)
 
     # ------------------------------------------------------------------ public queries
     def query(
@@ -175,12 +198,13 @@ class Influence:
         q = self.query_vectors(x, t, method)
         opp_t, q_opp = t, q
         if targets is None and labels is not None:
-            opp_t = self._targets(probs, labels)
+            opp_t = self._targets(probs, labels, "labels")
             differ = (opp_t != t).numpy()
             if differ.any():
                 q_opp = q.copy()
                 q_opp[differ] = self.query_vectors(x[torch.as_tensor(differ)], opp_t[torch.as_tensor(differ)], method)
         index = self.index(method)
+        train_labels = self.training_labels()
         start = time.perf_counter()
         pro_s, pro_i = index.search(q, k)
         opp_s, opp_i = index.opponents(q_opp, k)
@@ -189,8 +213,8 @@ class Influence:
         for r in range(len(q)):
             results.append(QueryResult(
                 target=int(t[r]), predicted=int(probs[r].argmax()), probability=float(probs[r, t[r]]),
-                proponents=[Influencer(int(i), float(s), int(self._train_labels[i])) for s, i in zip(pro_s[r], pro_i[r])],
-                opponents=[Influencer(int(i), float(s), int(self._train_labels[i])) for s, i in zip(opp_s[r], opp_i[r])],
+                proponents=[Influencer(int(i), float(s), int(train_labels[i])) for s, i in zip(pro_s[r], pro_i[r])],
+                opponents=[Influencer(int(i), float(s), int(train_labels[i])) for s, i in zip(opp_s[r], opp_i[r])],
                 opponents_target=int(opp_t[r]),
                 label=None if labels is None else int(labels[r]), test_id=None if test_ids is None else int(test_ids[r]),
                 method=method, search_ms=round(ms, 3),

@@ -10,29 +10,44 @@ raises its margin) and negative for opponents.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from influence._registry import Registry
 from influence.errors import BadSpecError
+from influence.features.specs import TrakSpec
 
 if TYPE_CHECKING:
     from index.store import FeatureStore
 
 EPS = 1e-12
 
+METHODS: "Registry[type[ScoringMethod]]" = Registry("method")
+"""CLI name → scoring method class; filled by each class statement (``name=...``)."""
+
 
 class ScoringMethod:
-    """A scoring method registers its CLI name by subclassing: ``class X(ScoringMethod, name="x")``."""
+    """A scoring method registers its CLI name by subclassing: ``class X(ScoringMethod, name="x")``.
+
+    The contract every method keeps: ``prepare`` (once per build, after the features), ``train_vectors`` /
+    ``train_rows`` (the index side), ``query_vectors`` (the query side) and ``self_influence`` (or a
+    ``BadSpecError`` saying why it is meaningless for the method).
+    """
 
     name: ClassVar[str]
-    needs_trak: ClassVar[bool] = False
-    registry: ClassVar[dict[str, type["ScoringMethod"]]] = {}
 
     def __init_subclass__(cls, name: str, **kw: object) -> None:
         super().__init_subclass__(**kw)
         cls.name = name
-        ScoringMethod.registry[name] = cls
+        METHODS.register(name, cls)
+
+    @classmethod
+    def prepare(cls, store: "FeatureStore", spec: TrakSpec) -> None:
+        """Precompute and store what this method needs beyond the features (default: nothing).
+
+        ``spec`` carries the build's scoring options; each method reads back what it wrote itself.
+        """
 
     def __init__(self, store: "FeatureStore") -> None:
         self.store = store
@@ -112,17 +127,48 @@ class GradCos(TracIn, name="gradcos"):
 
 
 class TRAK(ScoringMethod, name="trak"):
-    """TRAK: mean over checkpoints of φ_c(t)ᵀ (Φ_cᵀΦ_c + λI)⁻¹ φ_c(i) · (1 − p_c(i)), on margin gradients."""
+    """TRAK: mean over checkpoints of φ_c(t)ᵀ (Φ_cᵀΦ_c + λI)⁻¹ φ_c(i) · (1 − p_c(i)), on margin gradients.
 
-    needs_trak = True
+    The inverse of each checkpoint is stored as ``trak/<ckpt>`` with its λ in that array's own attributes
+    (``lambda_rel`` as asked, ``lambda`` as applied): the one place both are written and read.
+    """
 
     def __init__(self, store: "FeatureStore") -> None:
         super().__init__(store)
         self._inv: dict[str, np.ndarray] = {}
 
+    @staticmethod
+    def _key(ckpt: str) -> str:
+        return f"trak/{ckpt}"
+
+    @classmethod
+    def damping(cls, store: "FeatureStore", ckpt: str) -> dict[str, float] | None:
+        """``{"lambda_rel", "lambda"}`` the stored inverse of ``ckpt`` was computed with; None if there is none."""
+        key = cls._key(ckpt)
+        if key not in store.group:
+            return None
+        attrs: dict[str, Any] = dict(store.group[key].attrs)
+        return {k: float(attrs[k]) for k in ("lambda_rel", "lambda")} if "lambda_rel" in attrs else None
+
+    @classmethod
+    def prepare(cls, store: "FeatureStore", spec: TrakSpec) -> None:
+        """(Φ_cᵀΦ_c + λI)⁻¹ per checkpoint, recomputed when missing or computed with another λ."""
+        for ckpt in store.checkpoint_ids:
+            done = cls.damping(store, ckpt)
+            if done is not None and done["lambda_rel"] == spec.lambda_rel:
+                continue
+            gram = np.zeros((store.k, store.k))
+            for s, e in store.iter_chunks():
+                phi = store.read_features(ckpt, s, e).astype(np.float64)
+                gram += phi.T @ phi
+            inv, lam = trak_inverse(gram, spec.lambda_rel)
+            store.write_matrix(cls._key(ckpt), inv.astype(np.float32))
+            # λ last: an inverse without it (a build killed in between) is recomputed on the next run.
+            store.group[cls._key(ckpt)].attrs.update({"lambda_rel": spec.lambda_rel, "lambda": lam})
+
     def inverse(self, ckpt: str) -> np.ndarray:
         if ckpt not in self._inv:
-            self._inv[ckpt] = self.store.read_matrix(f"trak/{ckpt}").astype(np.float32)
+            self._inv[ckpt] = self.store.read_matrix(self._key(ckpt)).astype(np.float32)
         return self._inv[ckpt]
 
     def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
@@ -157,9 +203,8 @@ def trak_inverse(gram: np.ndarray, lam_rel: float) -> tuple[np.ndarray, float]:
 
 
 def get_method(name: str) -> type[ScoringMethod]:
-    if name not in ScoringMethod.registry:
-        raise BadSpecError(f"unknown method {name!r}; choose one of {', '.join(ScoringMethod.registry)}")
-    return ScoringMethod.registry[name]
+    """The scoring method registered under ``name``; an unknown name lists the choices."""
+    return METHODS.get(name)
 
 
-METHOD_NAMES = tuple(ScoringMethod.registry)
+METHOD_NAMES = tuple(METHODS.names())

@@ -55,6 +55,10 @@ class Shortcut:
     def to_json(self) -> dict:
         return {"class": self.cls, "box": list(self.box), "train_ids": list(self.train_ids), "score": self.score}
 
+    def __getitem__(self, key: str) -> object:
+        """Read a field by its JSON name, for code written against the earlier dict results."""
+        return self.to_json()[key]
+
     def as_dict(self) -> dict:
         return asdict(self)
 

@@ -218,3 +218,27 @@ def test_projector_spec_rejects_unknown_kind_and_bad_k():
         ProjectorSpec("dense", 16, 0)
     with pytest.raises(BadSpecError, match="--proj-dim must be a positive integer, got 0"):
         ProjectorSpec("sparse", 0, 0)
+
+
+# ----------------------------------------------------------------------------- checkpoints as parameter dicts
+
+@pytest.mark.parametrize("kind, gradients", [("sparse", "auto"), ("sparse", "vmap"), ("factorized", "auto"), ("none", "auto")])
+def test_featurize_with_a_state_dict_equals_a_loaded_model(kind, gradients, digits):
+    """Features from ``state=`` (functional_call on another model's module) equal those of a model holding the weights.
+
+    The template has other weights and other BatchNorm running statistics, so any tensor read from the module
+    instead of the state (a BatchNorm statistic in the closed form, a parameter in vmap) shows up as a difference.
+    """
+    trained = _eval_model(MODELS["cnn-batchnorm"], seed=3, dtype=torch.float32)
+    template = _eval_model(MODELS["cnn-batchnorm"], seed=4, dtype=torch.float32)
+    names = select_parameters(trained, "all")
+    proj = make_projector(ProjectorSpec(kind, 128, 0), template, names)
+    proj.gradients = gradients
+    state = {k: v.detach().clone() for k, v in trained.state_dict().items()}
+    x, y = digits.x[:8], digits.y[:8]
+    want = proj.featurize(trained, TASK, names, x, y)
+    got = proj.featurize(template, TASK, names, x, y, state=state)
+    assert torch.equal(got, want)
+    assert not torch.equal(proj.featurize(template, TASK, names, x, y), want)  # the template alone differs
+    assert all(torch.equal(v, template.state_dict()[k]) for k, v in _eval_model(MODELS["cnn-batchnorm"], seed=4,
+                                                                               dtype=torch.float32).state_dict().items())

@@ -300,14 +300,21 @@ def test_changing_trak_lambda_recomputes_the_inverse_and_index(digits, cnn_ckpts
     import influence
     from conftest import BATCH, CHUNK, CNN_SPEC, PROJ_DIM
 
+    from influence.scoring import TRAK
+
     path = copy_store()
-    before = influence.Influence.open(path).scores(digits.x_test[:2], method="trak")
+    first = influence.Influence.open(path)
+    before = first.scores(digits.x_test[:2], method="trak")
+    lam_before = {c: TRAK.damping(first.store, c)["lambda"] for c in first.store.checkpoint_ids}
     influence.build(CNN_SPEC, str(digits.train_npz), cnn_ckpts.paths, path, proj_dim=PROJ_DIM, lr_weights=cnn_ckpts.lrs,
                     batch_size=BATCH, rows_per_chunk=CHUNK, trak_lambda=100.0, progress=False)
     session = influence.Influence.open(path)
     after = session.scores(digits.x_test[:2], method="trak")
     assert not np.allclose(before, after)
-    assert session.store.attrs["trak_lambda_rel_c0"] == 100.0
+    for c, lam in lam_before.items():  # λ is stored once, beside its inverse, and scales with lambda_rel
+        assert TRAK.damping(session.store, c)["lambda_rel"] == 100.0
+        assert TRAK.damping(session.store, c)["lambda"] == pytest.approx(100 * lam, rel=1e-9)
+    assert not [k for k in session.store.attrs if "lambda" in k]
     [r] = session.query(digits.x_test[:1], k=3, method="trak")
     assert [p.train_id for p in r.proponents] == list(np.argsort(-after[:, 0], kind="stable")[:3])
 

@@ -109,29 +109,30 @@ def _report_and_flags(session: Influence, out: Path, test, patched, wrong: list[
     from influence.flag import flag_harmful, flag_mislabels, flag_shortcuts
     from influence.report import write_report
 
-    n = session.store.n
+    n = session.n_train
     flipped = set(truth["flipped"])
     top = len(flipped)
     mislabels = flag_mislabels(session, method="trak", top=n)
-    order = [m["train_id"] for m in mislabels]
+    order = [m.train_id for m in mislabels]
     found_at = {p: sum(1 for i in order[: int(p * n)] if i in flipped) / len(flipped) for p in (0.1, 0.2)}
     harmful = flag_harmful(session, test.x, test.y, top=20)
     shortcuts = flag_shortcuts(session, patched.x, patched.y)
     box = truth["patch_box"]
     hit = None
     for s in shortcuts:
-        if s["class"] == truth["patch_class"] and box_iou(s["box"], box) >= 0.5:
+        if s.cls == truth["patch_class"] and box_iou(s.box, box) >= 0.5:
             hit = s
             break
-    flags = {"mislabel": mislabels[:top], "harmful": harmful, "shortcuts": shortcuts}
+    flags = {"mislabel": [f.to_json() for f in mislabels[:top]], "harmful": [f.to_json() for f in harmful],
+             "shortcuts": [s.to_json() for s in shortcuts]}
     write_json(out / "flags.json", flags)
     explanations = explain(session, test.x[wrong[:8]], labels=test.y[wrong[:8]].tolist(), test_ids=wrong[:8], k=k) if wrong else []
-    images = {j: session.training_examples(s["train_ids"][:8])[0] for j, s in enumerate(shortcuts)}
+    images = {j: session.training_examples(s.train_ids[:8])[0] for j, s in enumerate(shortcuts)}
     notes = [
         f"Label noise: {len(flipped)} training labels flipped; self-influence (TRAK) ranks {found_at[0.1]:.0%} of them in its "
         f"top 10% and {found_at[0.2]:.0%} in its top 20%.",
         f"Patch shortcut: injected on {len(truth['patched'])} class-{truth['patch_class']} training images at box {box}; "
-        + (f"detected at {hit['box']} with {len(hit['train_ids'])} supporting images." if hit else "not detected."),
+        + (f"detected at {hit.box} with {len(hit.train_ids)} supporting images." if hit else "not detected."),
     ]
     report = write_report(out / "report", explanations, flags=flags, shortcut_images=images, title="influence demo report", notes=notes)
     print("\n[demo] ground truth found:", file=log)
@@ -139,5 +140,5 @@ def _report_and_flags(session: Influence, out: Path, test, patched, wrong: list[
         print(f"  {line}", file=log)
     print(f"[demo] report: {report}", file=log)
     return {"report": str(report), "mislabel_recall_top10": found_at[0.1], "mislabel_recall_top20": found_at[0.2],
-            "shortcut_found": hit is not None, "shortcuts": shortcuts}
+            "shortcut_found": hit is not None, "shortcuts": flags["shortcuts"]}
 

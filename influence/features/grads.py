@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -9,28 +11,36 @@ from torch.func import functional_call, grad, vmap
 from influence.features.task import Task
 
 
-def split_params(model: nn.Module, names: list[str], dtype: torch.dtype | None = None) -> tuple[dict, dict]:
-    """Detached (differentiated, frozen) tensors for ``functional_call``; floating ones cast to ``dtype`` if given."""
+def split_params(
+    model: nn.Module, names: list[str], dtype: torch.dtype | None = None, state: Mapping[str, torch.Tensor] | None = None
+) -> tuple[dict, dict]:
+    """Detached (differentiated, frozen) tensors for ``functional_call``; floating ones cast to ``dtype`` if given.
+
+    ``state`` (tensors by name, e.g. one checkpoint's) takes precedence over the module's own tensors.
+    """
     chosen = set(names)
+    state = state or {}
 
     def cast(t: torch.Tensor) -> torch.Tensor:
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
-    params = {n: cast(p.detach()) for n, p in model.named_parameters() if n in chosen}
-    frozen = {n: cast(p.detach()) for n, p in model.named_parameters() if n not in chosen}
-    frozen.update({n: cast(b) for n, b in model.named_buffers()})
+    params = {n: cast(state.get(n, p).detach()) for n, p in model.named_parameters() if n in chosen}
+    frozen = {n: cast(state.get(n, p).detach()) for n, p in model.named_parameters() if n not in chosen}
+    frozen.update({n: cast(state.get(n, b)) for n, b in model.named_buffers()})
     return params, frozen
 
 
 def per_example_grads(
-    model: nn.Module, task: Task, names: list[str], x: torch.Tensor, y: torch.Tensor, of: str = "output"
+    model: nn.Module, task: Task, names: list[str], x: torch.Tensor, y: torch.Tensor, of: str = "output",
+    state: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Flattened per-example gradients (B, p) of ``task.output`` (or ``task.loss``) over ``names``.
 
     The model must be in eval mode (BatchNorm on running statistics, no dropout),
     so examples do not interact and each row is the gradient of that example alone.
+    ``state`` replaces the module's parameters and buffers (one checkpoint's tensors by name).
     """
-    params, frozen = split_params(model, names)
+    params, frozen = split_params(model, names, state=state)
     fn = task.output if of == "output" else task.loss
 
     def one(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:

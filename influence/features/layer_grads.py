@@ -11,10 +11,11 @@ layers called more than once per forward, fall back to vmap.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from influence.features.task import Task
 
@@ -42,7 +43,17 @@ def _owner_map(model: nn.Module, names: list[str]) -> dict[str, tuple[str, nn.Mo
     return owners
 
 
-def _blocks(mod: nn.Module, inp: torch.Tensor, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+def _running_stats(mod: nn.Module, mname: str, state: Mapping[str, torch.Tensor] | None) -> tuple[Any, Any]:
+    """A BatchNorm's running (mean, var): from ``state`` when given (the module's own may be another checkpoint's)."""
+    if not isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return None, None
+    prefix = f"{mname}." if mname else ""
+    if state is None:
+        return mod.running_mean, mod.running_var
+    return state.get(prefix + "running_mean", mod.running_mean), state.get(prefix + "running_var", mod.running_var)
+
+
+def _blocks(mod: nn.Module, inp: torch.Tensor, delta: torch.Tensor, stats: tuple[Any, Any]) -> dict[str, torch.Tensor]:
     """Per-example gradients of one module's weight and bias from its input and output gradient."""
     b = inp.shape[0]
     if isinstance(mod, nn.Conv2d):
@@ -55,46 +66,85 @@ def _blocks(mod: nn.Module, inp: torch.Tensor, delta: torch.Tensor) -> dict[str,
         return {"weight": torch.bmm(d.transpose(1, 2), a), "bias": d.sum(1)}
     # BatchNorm in eval mode: y = γ·x̂ + β with running statistics.
     shape = (1, -1) + (1,) * (inp.ndim - 2)
-    xhat = (inp - mod.running_mean.reshape(shape)) / torch.sqrt(mod.running_var.reshape(shape) + mod.eps)
+    mean, var = stats
+    xhat = (inp - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + mod.eps)
     dims = tuple(range(2, inp.ndim))
     return {"weight": (delta * xhat).sum(dims) if dims else delta * xhat, "bias": delta.sum(dims) if dims else delta}
 
 
-def layer_grad_blocks(
-    model: nn.Module, task: Task, names: list[str], x: torch.Tensor, y: torch.Tensor, of: str = "output"
-) -> Iterator[tuple[str, torch.Tensor]] | None:
-    """Yield ``(param name, (B, numel) per-example gradient)`` in ``names`` order, or None if unsupported.
+class LayerReuseError(Exception):
+    """A hooked layer ran other than exactly once in one forward (no per-example closed form); ``runs`` says how often."""
 
-    Blocks are produced one parameter at a time so a caller can project and
-    drop each before the next is formed (peak memory: one layer's gradients).
+    def __init__(self, runs: dict[str, int]) -> None:
+        super().__init__(", ".join(f"{m} ran {n} times" for m, n in runs.items()))
+        self.runs = runs
+
+
+def forward(model: nn.Module, x: torch.Tensor, state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """``model(x)``, or with the parameters and buffers of ``state`` swapped in (``functional_call``).
+
+    Swapped-in parameters track gradients like the module's own (same ``requires_grad``), so hooks see the same graph.
     """
-    owners = _owner_map(model, names)
-    if owners is None:
-        return None
-    modules = {mname: mod for mname, mod, _ in owners.values()}
+    if state is None:
+        return model(x)
+    own = dict(model.named_parameters())
+    swapped = {k: v.detach().requires_grad_(own[k].requires_grad) if k in own else v for k, v in state.items()}
+    return functional_call(model, swapped, (x,))
+
+
+def capture_layer_grads(
+    model: nn.Module, modules: Mapping[str, nn.Module], x: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor],
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Each module's input and the gradient of ``objective(logits)`` w.r.t. its output, from one forward/backward.
+
+    The one hook-capture used by the layer fast path and the factorized projector. Raises
+    :class:`LayerReuseError` when a module runs other than once (shared layers have no closed form).
+    """
     captured: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in modules}
     handles = [mod.register_forward_hook(lambda _m, inp, out, key=m: captured[key].append((inp[0].detach(), out)))
                for m, mod in modules.items()]
     try:
         with torch.enable_grad():
-            logits = model(x)
-            fn = task.output if of == "output" else task.loss
-            if any(len(v) != 1 for v in captured.values()):
-                return None
+            logits = forward(model, x, state)
+            runs = {m: len(v) for m, v in captured.items() if len(v) != 1}
+            if runs:
+                raise LayerReuseError(runs)
             order = list(modules)
-            deltas = torch.autograd.grad(fn(logits, y).sum(), [captured[m][0][1] for m in order])
+            deltas = torch.autograd.grad(objective(logits), [captured[m][0][1] for m in order])
     finally:
         for h in handles:
             h.remove()
-    delta_of = dict(zip(order, deltas))
-    return _iter_blocks(names, owners, captured, delta_of, x.shape[0])
+    return {m: captured[m][0][0] for m in order}, dict(zip(order, deltas))
 
 
-def _iter_blocks(names, owners, captured, delta_of, b) -> Iterator[tuple[str, torch.Tensor]]:
+def layer_grad_blocks(
+    model: nn.Module, task: Task, names: list[str], x: torch.Tensor, y: torch.Tensor, of: str = "output",
+    state: Mapping[str, torch.Tensor] | None = None,
+) -> Iterator[tuple[str, torch.Tensor]] | None:
+    """Yield ``(param name, (B, numel) per-example gradient)`` in ``names`` order, or None if unsupported.
+
+    Blocks are produced one parameter at a time so a caller can project and
+    drop each before the next is formed (peak memory: one layer's gradients).
+    ``state`` (parameter and buffer tensors by name) replaces the module's own, as in ``functional_call``.
+    """
+    owners = _owner_map(model, names)
+    if owners is None:
+        return None
+    modules = {mname: mod for mname, mod, _ in owners.values()}
+    fn = task.output if of == "output" else task.loss
+    try:
+        inputs, deltas = capture_layer_grads(model, modules, x, lambda logits: fn(logits, y).sum(), state)
+    except LayerReuseError:
+        return None
+    return _iter_blocks(names, owners, inputs, deltas, x.shape[0], state)
+
+
+def _iter_blocks(names, owners, inputs, delta_of, b, state) -> Iterator[tuple[str, torch.Tensor]]:
     cache: dict[str, dict[str, torch.Tensor]] = {}
     for full in names:
         mname, mod, pname = owners[full]
         if mname not in cache:
             cache.clear()  # keep only the current module's blocks alive
-            cache[mname] = _blocks(mod, captured[mname][0][0], delta_of[mname])
+            cache[mname] = _blocks(mod, inputs[mname], delta_of[mname], _running_stats(mod, mname, state))
         yield full, cache[mname][pname].reshape(b, -1)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
 
 from influence.errors import BadSpecError
 from influence.features.grads import num_parameters, per_example_grads
-from influence.features.layer_grads import layer_grad_blocks
+from influence.features.layer_grads import LayerReuseError, capture_layer_grads, layer_grad_blocks
 from influence.features.task import Task
 
 DENSE_CACHE_BYTES = 512 * 2**20
@@ -67,10 +67,14 @@ class Projector:
     dim: int
     gradients: str = "auto"  # "auto" | "vmap"
 
-    def featurize(self, model: nn.Module, task: Task, names: list[str], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        blocks = layer_grad_blocks(model, task, names, x, y) if self.gradients == "auto" else None
+    def featurize(
+        self, model: nn.Module, task: Task, names: list[str], x: torch.Tensor, y: torch.Tensor,
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Projected output gradients (B, dim); ``state`` (a checkpoint's tensors by name) replaces the module's own."""
+        blocks = layer_grad_blocks(model, task, names, x, y, state=state) if self.gradients == "auto" else None
         if blocks is None:
-            return self.project(per_example_grads(model, task, names, x, y))
+            return self.project(per_example_grads(model, task, names, x, y, state=state))
         return self.project_blocks(blocks, x.shape[0])
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
@@ -206,27 +210,21 @@ class FactorizedProjector(Projector):
             a = torch.cat([a, a.new_ones(a.shape[0], 1, a.shape[2])], dim=1)
         return a  # (B, d_in, L)
 
-    def featurize(self, model: nn.Module, task: Task, names: list[str], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        captured: dict[str, list] = {m: [] for m, _, _ in self.layers}
-        handles = [
-            mod.register_forward_hook(lambda _m, inp, out, key=mname: captured[key].append((inp[0].detach(), out)))
-            for mname, mod, _ in self.layers
-        ]
+    def featurize(
+        self, model: nn.Module, task: Task, names: list[str], x: torch.Tensor, y: torch.Tensor,
+        state: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        named = dict(model.named_modules())  # by name: the projector may have been made from a copy of this model
+        modules = {mname: named[mname] for mname, _, _ in self.layers}
         try:
-            with torch.enable_grad():
-                logits = model(x)
-                outputs = []
-                for mname, _, _ in self.layers:
-                    if len(captured[mname]) != 1:
-                        raise BadSpecError(f"factorized projector: layer {mname} ran {len(captured[mname])} times in one forward; use --projector sparse")
-                    outputs.append(captured[mname][0][1])
-                deltas = torch.autograd.grad(task.output(logits, y).sum(), outputs)
-        finally:
-            for h in handles:
-                h.remove()
+            inputs, delta_of = capture_layer_grads(model, modules, x, lambda logits: task.output(logits, y).sum(), state)
+        except LayerReuseError as e:
+            mname, runs = next(iter(e.runs.items()))
+            raise BadSpecError(f"factorized projector: layer {mname} ran {runs} times in one forward; use --projector sparse") from None
+        deltas = [delta_of[mname] for mname, _, _ in self.layers]
         feats = []
         for (mname, mod, has_bias), delta, (p_out, p_in) in zip(self.layers, deltas, self.proj):
-            a = self._unfold(mod, captured[mname][0][0], has_bias)
+            a = self._unfold(mod, inputs[mname], has_bias)
             d = delta.reshape(delta.shape[0], delta.shape[1], -1) if isinstance(mod, nn.Conv2d) else \
                 delta.reshape(delta.shape[0], -1, delta.shape[-1]).transpose(1, 2)
             if p_out is not None:

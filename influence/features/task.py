@@ -4,7 +4,8 @@ The store keeps gradients of the *output* (for classification, the margin
 ``m = logit_y − logsumexp_{j≠y} logit_j``, what TRAK needs). Cross-entropy is a
 scalar function of it, ``ℓ = softplus(−m)``, so loss gradients follow exactly
 as ``∇ℓ = (dℓ/dm)·∇m = −(1 − p_y)·∇m`` and one feature array serves TracIn,
-Grad-Cos and TRAK. A Task for another head supplies the same three functions.
+Grad-Cos and TRAK. A Task for another head supplies the same three functions; a store records
+it by import path and a session is opened with an instance of it (``Influence.open(path, task=MyTask())``).
 """
 
 from __future__ import annotations
@@ -51,5 +52,3 @@ class ClassificationTask(Task):
     def probability(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits, dim=-1).gather(-1, y[..., None])[..., 0]
 
-
-TASKS: dict[str, type[Task]] = {"classification": ClassificationTask}
