@@ -18,7 +18,7 @@ __all__ = ["atomic_write"]
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Yield a binary file to fill; on success it replaces ``path``, durably.
 
     On any failure the temp file is removed and the old file (if any) is untouched. The new

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import faiss
 import numpy as np
@@ -42,7 +43,7 @@ class IndexSpec:
     efSearch: int | None = None
     rerank: int = 0
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
@@ -272,7 +273,8 @@ def _skip_polysemous_training(index: faiss.Index) -> None:
         parts.append(faiss.downcast_index(ivf))
     for part in parts:
         if getattr(part, "do_polysemous_training", False):
-            part.do_polysemous_training = False
+            # only IndexPQ / IndexIVFPQ have it; the stubs type downcast_index's result as the base Index
+            part.do_polysemous_training = False  # type: ignore[attr-defined]
 
 
 def _block(x: np.ndarray, dim: int, what: str) -> np.ndarray:
@@ -294,7 +296,7 @@ def _spec_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def save_index(index: SearchIndex, path: str | Path) -> dict:
+def save_index(index: SearchIndex, path: str | Path) -> dict[str, Any]:
     """Write the index and its spec atomically; return the record to keep in the store.
 
     The record (path, size, sha256, spec) is what ``load_index`` checks the file against.
@@ -312,12 +314,12 @@ def save_index(index: SearchIndex, path: str | Path) -> dict:
             size += len(b)
             return len(b)
 
-        writer = faiss.PyCallbackIOWriter(write, _IO_BLOCK)
+        writer = faiss.PyCallbackIOWriter(write, _IO_BLOCK)  # type: ignore[attr-defined]  # missing from faiss's stubs
         try:
             faiss.write_index(index.index, writer)
         finally:
             del writer  # flushes its buffer into `write` before the file is closed
-    record = {"path": str(path), "size": size, "sha256": digest.hexdigest(), "spec": index.spec.to_dict()}
+    record: dict[str, Any] = {"path": str(path), "size": size, "sha256": digest.hexdigest(), "spec": index.spec.to_dict()}
     with atomic_write(_spec_path(path)) as f:
         f.write(json.dumps(record, indent=1, sort_keys=True).encode())
     return record
@@ -325,7 +327,7 @@ def save_index(index: SearchIndex, path: str | Path) -> dict:
 
 def load_index(
     path: str | Path,
-    expected: dict,
+    expected: dict[str, Any],
     vectors: VectorReader | None = None,
     *,
     threads: int | None = None,
@@ -360,7 +362,7 @@ def load_index(
         faiss.set_deserialization_vector_byte_limit(limit)
         faiss.set_deserialization_loop_limit(limit)
         try:
-            reader = faiss.PyCallbackIOReader(f.read, _IO_BLOCK)
+            reader = faiss.PyCallbackIOReader(f.read, _IO_BLOCK)  # type: ignore[attr-defined]  # missing from faiss's stubs
             index = faiss.read_index(reader)
             del reader
         except Exception as e:  # FAISS raises RuntimeError, MemoryError, ... on damage
@@ -382,7 +384,7 @@ def load_index(
     return SearchIndex(index, spec, vectors, threads)
 
 
-def _sha256(f) -> str:
+def _sha256(f: IO[bytes]) -> str:
     h = hashlib.sha256()
     while chunk := f.read(1 << 24):
         h.update(chunk)

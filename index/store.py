@@ -15,7 +15,7 @@ import json
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, SupportsInt
 
 import numpy as np
 import zarr
@@ -67,7 +67,7 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def open(cls, path: str | os.PathLike, *, allow_incomplete: bool = False) -> "FeatureStore":
+    def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> "FeatureStore":
         root = Path(path)
         if not (root / "zarr.json").is_file():
             raise StoreIncompleteError(f"{root} is not an influence store (no zarr.json); build one with `influence build`")
@@ -84,7 +84,7 @@ class FeatureStore:
         return store
 
     @classmethod
-    def open_for_write(cls, path: str | os.PathLike, manifest: dict[str, Any]) -> "FeatureStore":
+    def open_for_write(cls, path: str | os.PathLike[str], manifest: dict[str, Any]) -> "FeatureStore":
         """Create the store, or reopen it to resume or extend; refuses a different model/projector/task."""
         root = Path(path)
         if root.exists() and not root.is_dir():
@@ -159,21 +159,32 @@ class FeatureStore:
                 raise StoreIncompleteError(f"cannot mark complete: {self.progress()}")
         self.group.attrs["status"] = StoreStatus.COMPLETE.value
 
+    def _int_attr(self, key: str) -> int:
+        value = self.group.attrs[key]
+        if not isinstance(value, SupportsInt):
+            raise StoreDamagedError(f"store {self.root} has {key}={value!r} in its manifest, not an integer; rebuild it")
+        return int(value)
+
     @property
     def n(self) -> int:
-        return int(self.group.attrs["n"])
+        return self._int_attr("n")
 
     @property
     def k(self) -> int:
-        return int(self.group.attrs["k"])
+        return self._int_attr("k")
 
     @property
     def rows_per_chunk(self) -> int:
-        return int(self.group.attrs["rows_per_chunk"])
+        return self._int_attr("rows_per_chunk")
 
     @property
     def checkpoints(self) -> list[dict[str, Any]]:
-        return list(self.group.attrs.get("checkpoints", []))
+        records = self.group.attrs.get("checkpoints", [])
+        if isinstance(records, list):
+            found = [r for r in records if isinstance(r, dict)]
+            if len(found) == len(records):
+                return found
+        raise StoreDamagedError(f"store {self.root} has checkpoints={records!r} in its manifest, not a list of records; rebuild it")
 
     @property
     def checkpoint_ids(self) -> list[str]:
@@ -197,6 +208,8 @@ class FeatureStore:
         ckpt = f"c{len(self.checkpoints)}"
         rows, k, n = self.rows_per_chunk, self.k, self.n
         dtype = self.group.attrs.get("dtype", "float16")
+        if not isinstance(dtype, str):
+            raise StoreDamagedError(f"store {self.root} has dtype={dtype!r} in its manifest, not a dtype name; rebuild it")
         self.group.create_array(f"features/{ckpt}", shape=(n, k), chunks=(rows, k), dtype=dtype,
                                 compressors=[Crc32cCodec()], fill_value=0, overwrite=True)
         for name in ("loss", "margin", "prob", "loss_weight"):
@@ -213,48 +226,55 @@ class FeatureStore:
             self.group.create_array("labels", shape=(self.n,), chunks=(self.rows_per_chunk,), dtype="int64",
                                     compressors=[Crc32cCodec()], fill_value=-1)
 
+    def _array(self, key: str) -> zarr.Array[Any]:
+        """The array at ``key`` (a group there means the store's layout is damaged)."""
+        node = self.group[key]
+        if not isinstance(node, zarr.Array):
+            raise StoreDamagedError(f"store {self.root} has a group at {key}, where an array belongs; rebuild it")
+        return node
+
     def done(self, ckpt: str) -> np.ndarray:
-        return np.asarray(self.group[f"done/{ckpt}"][:], dtype=bool)
+        return np.asarray(self._array(f"done/{ckpt}")[:], dtype=bool)
 
     def write_chunk(self, ckpt: str, chunk: int, features: np.ndarray, labels: np.ndarray, **columns: np.ndarray) -> None:
         """Write one whole row chunk, then (and only then) its done flag."""
         start, stop = self.chunk_rows(chunk)
         if features.shape != (stop - start, self.k):
             raise ValueError(f"chunk {chunk} needs features of shape {(stop - start, self.k)}, got {features.shape}")
-        arr = self.group[f"features/{ckpt}"]
+        arr = self._array(f"features/{ckpt}")
         arr[start:stop] = features.astype(arr.dtype, copy=False)
-        self.group["labels"][start:stop] = labels
+        self._array("labels")[start:stop] = labels
         for name, values in columns.items():
-            self.group[f"{name}/{ckpt}"][start:stop] = values
-        self.group[f"done/{ckpt}"][chunk] = True
+            self._array(f"{name}/{ckpt}")[start:stop] = values
+        self._array(f"done/{ckpt}")[chunk] = True
 
     def read_features(self, ckpt: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         stop = self.n if stop is None else stop
-        return np.asarray(self.group[f"features/{ckpt}"][start:stop], dtype=np.float32)
+        return np.asarray(self._array(f"features/{ckpt}")[start:stop], dtype=np.float32)
 
     def read_rows(self, ckpt: str, ids: np.ndarray) -> np.ndarray:
         """Features of arbitrary rows (for exact re-ranking of an approximate shortlist)."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.n):
             raise StoreIncompleteError(f"row ids out of range [0, {self.n}) requested from store {self.root}")
-        return np.asarray(self.group[f"features/{ckpt}"].get_orthogonal_selection((ids, slice(None))), dtype=np.float32)
+        return np.asarray(self._array(f"features/{ckpt}").get_orthogonal_selection((ids, slice(None))), dtype=np.float32)
 
     def column(self, name: str, ckpt: str | None = None, start: int = 0, stop: int | None = None) -> np.ndarray:
         key = name if ckpt is None else f"{name}/{ckpt}"
-        return np.asarray(self.group[key][start:stop])
+        return np.asarray(self._array(key)[start:stop])
 
     def labels(self) -> np.ndarray:
-        return np.asarray(self.group["labels"][:], dtype=np.int64)
+        return np.asarray(self._array("labels")[:], dtype=np.int64)
 
     def write_matrix(self, key: str, value: np.ndarray) -> None:
         self.group.create_array(key, shape=value.shape, chunks=value.shape, dtype=value.dtype,
                                 compressors=[Crc32cCodec()], overwrite=True)
-        self.group[key][...] = value
+        self._array(key)[...] = value
 
     def read_matrix(self, key: str) -> np.ndarray:
         if key not in self.group:
             raise StoreIncompleteError(f"store {self.root} has no {key}; rebuild with the method that needs it")
-        return np.asarray(self.group[key][...])
+        return np.asarray(self._array(key)[...])
 
     def iter_chunks(self) -> Iterator[tuple[int, int]]:
         for c in range(self.n_chunks()):

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -32,6 +32,9 @@ from influence.query import Influence, describe_store, load_queries
 from influence.repair import ACTIONS, MASK_SCOPES
 from influence.scoring import METHOD_NAMES
 from influence.tfa import DEFAULT_TFA, TFA_METHODS
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _choices(family: str) -> list[str]:
@@ -219,7 +222,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _queries(args: argparse.Namespace, session) -> tuple[Any, list[int] | None, list[int] | None]:
+def _queries(args: argparse.Namespace, session: Influence) -> tuple[Any, list[int] | None, list[int] | None]:
     if args.image:
         shape = session.input_shape
         x = read_image(args.image, channels=shape[0], size=tuple(shape[1:]))[None]
@@ -316,7 +319,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _input_channels(model) -> int | None:
+def _input_channels(model: nn.Module) -> int | None:
     """Input channels from the first Conv2d (None: keep the image's own)."""
     from torch import nn
 
@@ -341,7 +344,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
     session = Influence.open(args.store)
     x, labels, ids = _queries(args, session)
-    if args.data and args.ids is None and labels is not None:  # default: the failures
+    if args.data and args.ids is None and labels is not None and ids is not None:  # default: the failures
         wrong = (session.predict(x).argmax(-1).cpu() != torch.as_tensor(labels)).nonzero().flatten().tolist()
         if not wrong:
             raise InfluenceError(f"no misclassified examples in {args.data}; pass --ids to explain correct ones")

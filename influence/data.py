@@ -8,6 +8,7 @@ be an in-memory array pair, an image folder read lazily, or any torch
 from __future__ import annotations
 
 import hashlib
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -16,7 +17,16 @@ from torch.utils.data import Dataset
 from influence.errors import BadDataError
 
 
-class ArrayDataset(Dataset):
+@runtime_checkable
+class SizedDataset(Protocol):
+    """What the pipeline needs of a data set: a length and examples by position (a map-style torch ``Dataset``)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int, /) -> object: ...
+
+
+class ArrayDataset(Dataset[tuple[torch.Tensor, int]]):
     """Images ``x`` (N, C, H, W) float32 and labels ``y`` (N,) int64 held in memory."""
 
     def __init__(self, x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, name: str = "arrays") -> None:
@@ -51,7 +61,7 @@ class ArrayDataset(Dataset):
         return self.x[i], int(self.y[i])
 
 
-def batch_of(dataset: Dataset, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_of(dataset: SizedDataset, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows ``start:stop`` of any dataset as one ``(x, y)`` batch, validated."""
     if isinstance(dataset, ArrayDataset):
         return dataset.x[start:stop], dataset.y[start:stop]
@@ -72,7 +82,7 @@ def batch_of(dataset: Dataset, start: int, stop: int) -> tuple[torch.Tensor, tor
     return x, torch.tensor(ys, dtype=torch.long)
 
 
-def index_subset(dataset: Dataset, ids: list[int]) -> Dataset:
+def index_subset(dataset: SizedDataset, ids: list[int]) -> SizedDataset:
     """The examples ``ids`` of ``dataset``, in that order, checked against its length."""
     n = len(dataset)
     bad = [i for i in ids if not 0 <= i < n]
@@ -81,10 +91,10 @@ def index_subset(dataset: Dataset, ids: list[int]) -> Dataset:
     if isinstance(dataset, ArrayDataset):
         idx = torch.as_tensor(ids, dtype=torch.long)
         return ArrayDataset(dataset.x[idx], dataset.y[idx], name=dataset.name)
-    return torch.utils.data.Subset(dataset, ids)
+    return torch.utils.data.Subset(dataset, ids)  # type: ignore[arg-type]  # torch types it for Dataset; it only indexes
 
 
-def fingerprint_dataset(dataset: Dataset) -> str:
+def fingerprint_dataset(dataset: SizedDataset) -> str:
     """A short content hash, so a store can tell whether it was built on this data."""
     h = hashlib.sha256()
     h.update(str(len(dataset)).encode())

@@ -22,21 +22,21 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from influence.data import ArrayDataset
+from influence.data import ArrayDataset, SizedDataset
 from influence.demo.digits import load_digits_split
 from influence.errors import BadCheckpointError, BadDataError, BadSpecError
 from influence.models import BUILTIN_MODELS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
-BUILTIN_DATA: dict[str, Callable[[], Dataset]] = {
+BUILTIN_DATA: dict[str, Callable[[], ArrayDataset]] = {
     "digits": lambda: load_digits_split()[0],
     "digits-train": lambda: load_digits_split()[0],
     "digits-test": lambda: load_digits_split()[1],
 }
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -67,7 +67,7 @@ def _resolve_callable(spec: str, what: str) -> Callable[..., Any]:
         raise
     except Exception as e:  # user code may raise anything on import
         raise BadSpecError(f"{what} spec {spec!r}: cannot import {target}: {type(e).__name__}: {e}") from None
-    fn = getattr(module, attr, None)
+    fn: object = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise BadSpecError(f"{what} spec {spec!r}: {target} has no callable named {attr!r}")
     return fn
@@ -113,7 +113,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, expected_sha256: str | None = None) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], expected_sha256: str | None = None) -> nn.Module:
     """Load a state dict into ``model`` (in place) and return it in eval mode."""
     path = Path(path)
     if not path.is_file():
@@ -139,9 +139,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, expected_sha256: 
     return model.eval()
 
 
-def load_data(spec: str | Dataset) -> Dataset:
+def load_data(spec: str | Dataset[Any]) -> SizedDataset:
     """A dataset from a DATA SPEC: built-in name, image folder, ``.npz`` with x and y, or ``module:function``."""
+    dataset: SizedDataset
     if isinstance(spec, Dataset):
+        if not isinstance(spec, SizedDataset):
+            raise BadSpecError(f"data set {type(spec).__name__} has no length; pass a map-style Dataset with __len__")
         dataset = spec
     elif spec in BUILTIN_DATA:
         dataset = BUILTIN_DATA[spec]()
@@ -152,11 +155,12 @@ def load_data(spec: str | Dataset) -> Dataset:
     elif ":" in spec and not os.path.exists(spec):
         fn = _resolve_callable(spec, "data")
         try:
-            dataset = fn()
+            made = fn()
         except Exception as e:
             raise BadSpecError(f"data spec {spec!r}: the function raised {type(e).__name__}: {e}") from None
-        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
-            raise BadSpecError(f"data spec {spec!r}: expected a torch Dataset, got {type(dataset).__name__}")
+        if not isinstance(made, SizedDataset):  # checks for __len__ and __getitem__
+            raise BadSpecError(f"data spec {spec!r}: expected a torch Dataset, got {type(made).__name__}")
+        dataset = made
     else:
         raise BadSpecError(
             f"unknown data spec {spec!r}: use {', '.join(BUILTIN_DATA)}, a folder of class sub-folders, "
@@ -185,7 +189,7 @@ def _load_npz(path: Path) -> ArrayDataset:
     return ArrayDataset(x, y, name=str(path))
 
 
-def read_image(path: str | os.PathLike, channels: int | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
+def read_image(path: str | os.PathLike[str], channels: int | None = None, size: tuple[int, int] | None = None) -> torch.Tensor:
     """An image file (or ``.npy`` array) as a float (C, H, W) tensor in [0, 1]."""
     from PIL import Image
 
@@ -228,10 +232,10 @@ def read_image(path: str | os.PathLike, channels: int | None = None, size: tuple
     return t.contiguous()
 
 
-class ImageFolder(Dataset):
+class ImageFolder(Dataset[tuple[torch.Tensor, int]]):
     """A folder with one sub-folder of images per class; classes sorted by name, images read lazily."""
 
-    def __init__(self, root: str | os.PathLike, channels: int | None = None, size: tuple[int, int] | None = None) -> None:
+    def __init__(self, root: str | os.PathLike[str], channels: int | None = None, size: tuple[int, int] | None = None) -> None:
         self.root = Path(root)
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         if not self.classes:
@@ -242,7 +246,7 @@ class ImageFolder(Dataset):
         ]
         first = read_image(self.items[0][0], channels) if self.items else None
         self.channels = channels or (first.shape[0] if first is not None else 1)
-        self.size = size or (tuple(first.shape[-2:]) if first is not None else None)
+        self.size = size or ((first.shape[-2], first.shape[-1]) if first is not None else None)
 
     def __len__(self) -> int:
         return len(self.items)

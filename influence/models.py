@@ -30,7 +30,8 @@ class DigitsCNN(nn.Module):
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * 4 * 4, 64), nn.ReLU(), nn.Linear(64, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        out: torch.Tensor = self.head(self.features(x))
+        return out
 
 
 class DigitsMLP(nn.Module):
@@ -44,7 +45,8 @@ class DigitsMLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out: torch.Tensor = self.net(x)
+        return out
 
 
 def _conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
@@ -60,7 +62,8 @@ class _Residual(nn.Module):
         self.block = nn.Sequential(_conv_bn(channels, channels), _conv_bn(channels, channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block(x)
+        out: torch.Tensor = x + self.block(x)
+        return out
 
 
 class ResNet9(nn.Module):
@@ -81,7 +84,8 @@ class ResNet9(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out: torch.Tensor = self.net(x)
+        return out
 
 
 BUILTIN_MODELS: dict[str, Callable[[], nn.Module]] = {

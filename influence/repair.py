@@ -64,7 +64,7 @@ def local_background(x: torch.Tensor, box: Sequence[int]) -> torch.Tensor:
     ``x`` is (N, C, H, W); returns (N, C, 1, 1). For digits this is 0 (black), for natural
     images the surrounding colour, so a masked patch blends in instead of becoming a new shortcut.
     """
-    x0, y0, x1, y1 = _check_box(box, tuple(x.shape[-2:]))
+    x0, y0, x1, y1 = _check_box(box, (x.shape[-2], x.shape[-1]))
     h, w = x.shape[-2:]
     r0, c0, r1, c1 = max(0, y0 - 1), max(0, x0 - 1), min(h, y1 + 1), min(w, x1 + 1)
     ring = torch.ones(r1 - r0, c1 - c0, dtype=torch.bool)
@@ -83,7 +83,7 @@ def mask_box(x: torch.Tensor, ids: Iterable[int], box: Sequence[int], value: flo
         return out
     if int(ids.min()) < 0 or int(ids.max()) >= len(x):
         raise BadDataError(f"ids to mask must lie in [0, {len(x)}), got {int(ids.min())}..{int(ids.max())}")
-    x0, y0, x1, y1 = _check_box(box, tuple(x.shape[-2:]))
+    x0, y0, x1, y1 = _check_box(box, (x.shape[-2], x.shape[-1]))
     fill = local_background(x[ids], box) if value == "local" else torch.as_tensor(float(value), dtype=x.dtype)
     region = out[ids, :, y0:y1, x0:x1]
     out[ids, :, y0:y1, x0:x1] = torch.zeros_like(region) + fill

@@ -92,7 +92,7 @@ def shortcut_figure(shortcut: dict[str, Any], images: torch.Tensor, path: Path, 
 
 
 def write_report(
-    out: str | os.PathLike, explanations: Sequence[Explanation], *, flags: dict[str, Any] | None = None,
+    out: str | os.PathLike[str], explanations: Sequence[Explanation], *, flags: dict[str, Any] | None = None,
     shortcut_images: dict[int, torch.Tensor] | None = None, title: str = "influence report", notes: Sequence[str] = (),
 ) -> Path:
     """Write ``index.html``, ``explanations.json`` and the PNG figures into ``out``; returns the HTML path."""

@@ -8,6 +8,7 @@ what the flags found.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -34,6 +35,18 @@ def load_digits_split(size: int = DIGITS_SIZE, seed: int = 0) -> tuple[ArrayData
     return ArrayDataset(x[idx_train], y[idx_train], "digits-train"), ArrayDataset(x[idx_test], y[idx_test], "digits-test")
 
 
+class InjectionsRecord(TypedDict):
+    """:class:`Injections` as written to ``injections.json``."""
+
+    flipped: list[int]
+    original_labels: list[int]
+    patched: list[int]
+    patch_class: int
+    patch_box: list[int]
+    patch_value: float
+    test_patched_from: list[int]
+
+
 @dataclass
 class Injections:
     """Ground truth of what the demo corrupted: flipped labels and a pasted patch."""
@@ -46,8 +59,11 @@ class Injections:
     patch_value: float = 1.0
     test_patched_from: list[int] = field(default_factory=list)
 
-    def to_json(self) -> dict:
-        return self.__dict__.copy()
+    def to_json(self) -> InjectionsRecord:
+        return InjectionsRecord(
+            flipped=self.flipped, original_labels=self.original_labels, patched=self.patched, patch_class=self.patch_class,
+            patch_box=self.patch_box, patch_value=self.patch_value, test_patched_from=self.test_patched_from,
+        )
 
 
 def paste_patch(x: torch.Tensor, box: list[int], value: float = 1.0) -> torch.Tensor:

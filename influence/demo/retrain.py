@@ -17,18 +17,18 @@ import numpy as np
 import torch
 
 from influence.data import ArrayDataset
-from influence.demo.run import write_json
+from influence.demo.run import load_arrays, write_json
 from influence.demo.training import DEMO_EPOCHS, predict, train_classifier
 from influence.errors import BadDataError, BadSpecError
 from influence.flag import _best_self_influence
-from influence.loading import load_checkpoint, load_data, load_model
+from influence.loading import load_checkpoint, load_model
 from influence.query import Influence
 from influence.repair import ACTIONS, _shortcut_records, apply_repair, mask_box, relabel_targets
 
 __all__ = ["run_repair"]
 
 
-def _accuracy(model: torch.nn.Module, ds) -> float:
+def _accuracy(model: torch.nn.Module, ds: ArrayDataset) -> float:
     return float((predict(model, ds) == ds.y).float().mean())
 
 
@@ -62,9 +62,9 @@ def run_repair(
         if not (root / name).exists():
             raise BadDataError(f"{root} is not a finished demo run: {name} is missing; run `influence demo --out {root}` first")
     t0 = time.perf_counter()
-    train = load_data(str(root / "train.npz"))
-    test = load_data(str(root / "test.npz"))
-    patched = load_data(str(root / "test_patched.npz")) if (root / "test_patched.npz").is_file() else None
+    train = load_arrays(root / "train.npz")
+    test = load_arrays(root / "test.npz")
+    patched = load_arrays(root / "test_patched.npz") if (root / "test_patched.npz").is_file() else None
     truth = json.loads((root / "injections.json").read_text()) if (root / "injections.json").is_file() else None
     flags = json.loads((root / "flags.json").read_text()) if (root / "flags.json").is_file() else {}
 

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 
 from index.atomic import atomic_write
-from influence.demo.digits import inject, load_digits_split
+from influence.data import ArrayDataset
+from influence.demo.digits import InjectionsRecord, inject, load_digits_split
 from influence.demo.training import DEMO_CHECKPOINTS, DEMO_EPOCHS, predict, train_classifier
+from influence.errors import BadDataError
 from influence.loading import load_data
 from influence.models import DigitsCNN
 from influence.pipeline import build
@@ -28,7 +30,7 @@ from influence.query import Influence
 from influence.shortcut import box_iou
 
 
-def prepare_data(out: Path, seed: int = 0) -> dict[str, Any]:
+def prepare_data(out: Path, seed: int = 0) -> InjectionsRecord:
     """Write train.npz, test.npz, test_patched.npz and injections.json into ``out``."""
     train, test = load_digits_split(seed=0)
     noisy, test_patched, truth = inject(train, test, seed=seed)
@@ -37,6 +39,14 @@ def prepare_data(out: Path, seed: int = 0) -> dict[str, Any]:
             np.savez(f, x=ds.x.numpy(), y=ds.y.numpy())
     write_json(out / "injections.json", truth.to_json())
     return truth.to_json()
+
+
+def load_arrays(path: Path) -> ArrayDataset:
+    """One of the demo's ``.npz`` data sets, as the arrays the demo computes on."""
+    dataset = load_data(str(path))
+    if not isinstance(dataset, ArrayDataset):  # an .npz always loads as one
+        raise BadDataError(f"{path} did not load as an in-memory array data set ({type(dataset).__name__})")
+    return dataset
 
 
 def write_json(path: Path, doc: Any) -> None:
@@ -58,7 +68,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     truth = prepare_data(out, seed)
-    train, test = load_data(str(out / "train.npz")), load_data(str(out / "test.npz"))
+    train, test = load_arrays(out / "train.npz"), load_arrays(out / "test.npz")
     ckpt_dir = out / "checkpoints"
     torch.manual_seed(seed)
     model = DigitsCNN()
@@ -67,7 +77,7 @@ def run_demo(
     saved = train_classifier(model, train, epochs=DEMO_EPOCHS, seed=seed, checkpoint_dir=ckpt_dir, checkpoints=DEMO_CHECKPOINTS)
     preds = predict(model, test)
     acc = float((preds == test.y).float().mean())
-    patched = load_data(str(out / "test_patched.npz"))
+    patched = load_arrays(out / "test_patched.npz")
     patched_acc = float((predict(model, patched) == patched.y).float().mean())
     print(f"[demo] clean test accuracy {acc:.3f}; accuracy on patched test images {patched_acc:.3f}", file=log)
     t1 = time.perf_counter()
@@ -103,7 +113,10 @@ def run_demo(
     return summary
 
 
-def _report_and_flags(session: Influence, out: Path, test, patched, wrong: list[int], truth: dict[str, Any], *, k: int, log: TextIO) -> dict[str, Any]:
+def _report_and_flags(
+    session: Influence, out: Path, test: ArrayDataset, patched: ArrayDataset, wrong: list[int], truth: InjectionsRecord, *,
+    k: int, log: TextIO,
+) -> dict[str, Any]:
     """Flag mislabels, harmful examples and the shortcut; write the report; say how much ground truth was found."""
     from influence.explain import explain
     from influence.flag import flag_harmful, flag_mislabels, flag_shortcuts

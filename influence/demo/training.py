@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
 from index.atomic import atomic_write
-from influence.data import ArrayDataset, batch_of, index_subset
+from influence.data import ArrayDataset, SizedDataset, batch_of, index_subset
 
 DEMO_EPOCHS = 12
 DEMO_CHECKPOINTS = 3
@@ -23,13 +22,13 @@ DEMO_CHECKPOINTS = 3
 
 def train_classifier(
     model: nn.Module,
-    dataset: Dataset,
+    dataset: SizedDataset,
     *,
     epochs: int = DEMO_EPOCHS,
     lr: float = 0.05,
     batch_size: int = 64,
     seed: int = 0,
-    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoints: int = DEMO_CHECKPOINTS,
     weight_decay: float = 5e-4,
     device: str | torch.device = "cpu",
@@ -61,7 +60,7 @@ def train_classifier(
                 x, y = batch_of(subset, 0, len(subset))
             loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             opt.step()
         if checkpoint_dir is not None and epoch in save_at:
             path = Path(checkpoint_dir) / f"epoch_{epoch:03d}.pt"
@@ -72,7 +71,7 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict(model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu") -> torch.Tensor:
+def predict(model: nn.Module, dataset: SizedDataset, batch_size: int = 512, device: str | torch.device = "cpu") -> torch.Tensor:
     """Predicted classes for a whole dataset, model in eval mode."""
     model.eval()
     preds = []
