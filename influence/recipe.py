@@ -252,30 +252,35 @@ def _probe(run: "_Run", x: torch.Tensor, y: torch.Tensor) -> None:
     w = torch.ones(len(y), dtype=x.dtype, device=x.device)
     with torch.random.fork_rng(devices=[]):
         try:
-            outs = [run.logits(p, x) for _ in range(2)]
+            with torch.no_grad():
+                outs = [run.logits(p, x) for _ in range(2)]
+        except RuntimeError as e:  # shape mismatches surface here as RuntimeError from some layer
+            raise BadDataError(
+                f"the model cannot run on this data's images of shape {tuple(x.shape[1:])}: "
+                f"{str(e).strip().splitlines()[0][:160]}"
+            ) from None
+        changed = [k for k, v in run.buffers.items() if not torch.equal(v, before[k])]
+        if changed:
+            raise BadSpecError(
+                f"exact replay refuses a model that writes to its buffers during a forward ({changed[:3]}): that hidden "
+                "state is not replayed"
+            )
+        if not torch.equal(outs[0], outs[1]):
+            diff = float((outs[0] - outs[1]).abs().max())
+            raise BadSpecError(
+                f"exact replay refuses a non-deterministic model: two train-mode forwards on the same batch differ by up "
+                f"to {diff:.3g} (random layers, or a non-deterministic op); make the forward deterministic"
+            )
+        try:
             grads = [torch.func.grad(run.loss)(p, w, x, y) for _ in range(2)]
-        except BadSpecError:
-            raise
         except Exception as e:  # user modules may raise anything under torch.func
             raise BadSpecError(
-                f"exact replay cannot run this model functionally (torch.func.functional_call + grad): "
+                f"exact replay cannot differentiate this model functionally (torch.func.functional_call + grad): "
                 f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
             ) from None
-    if not torch.equal(outs[0], outs[1]):
-        diff = float((outs[0] - outs[1]).abs().max())
-        raise BadSpecError(
-            f"exact replay refuses a non-deterministic model: two train-mode forwards on the same batch differ by up to "
-            f"{diff:.3g} (random layers, or a non-deterministic op); make the forward deterministic"
-        )
     bad = [k for k in grads[0] if not torch.equal(grads[0][k], grads[1][k])]
     if bad:
         raise BadSpecError(f"exact replay refuses a non-deterministic backward: gradients of {bad[:3]} differ between two runs")
-    changed = [k for k, v in run.buffers.items() if not torch.equal(v, before[k])]
-    if changed:
-        raise BadSpecError(
-            f"exact replay refuses a model that writes to its buffers during a forward ({changed[:3]}): that hidden "
-            "state is not replayed"
-        )
 
 
 # ----------------------------------------------------------------------------- the functional run
