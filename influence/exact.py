@@ -44,7 +44,7 @@ class Replay:
     steps: int                # optimizer steps replayed (T)
     checkpoint_every: int     # K: one state saved every K steps on the forward pass
     states_saved: int         # states kept by the forward pass (initial, every K-th, final)
-    peak_states: int          # most optimizer states held at once (saved + one recomputed segment)
+    peak_states: int          # most state-sized arrays held at once (saved + one recomputed segment + the adjoint)
     step_evals: int           # forward steps run, recomputation included (T + recomputed)
 
 
@@ -58,16 +58,22 @@ def metagradient(
     device: str | torch.device = "cpu",
 ) -> Replay:
     """Exact-mode scores for a batch of test points (the reverse pass is vmapped over them)."""
+    if checkpoint_every is not None and (
+            isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise BadSpecError(f"checkpoint_every must be a positive int (or None for √T), got {checkpoint_every!r}")
     model, run = prepare(recipe, data, None, device)
     dtype = DTYPES[recipe.dtype]
     x_test = as_batch(test_x, single=True).to(run.device, dtype)
+    try:  # check the test images and targets before the training run, not after it
+        with torch.no_grad():
+            num_classes = int(run.logits(run.initial_state()["p"], x_test).shape[-1])
+    except RuntimeError as e:
+        raise BadDataError(
+            f"the model cannot run on test_x of shape {tuple(x_test.shape[1:])}: {str(e).strip().splitlines()[0][:160]}"
+        ) from None
+    y_test = as_targets(target, len(x_test), num_classes).to(run.device)
     T = len(run.steps)
-    if checkpoint_every is None:
-        K = max(1, round(math.sqrt(T)))
-    elif isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1:
-        raise BadSpecError(f"checkpoint_every must be a positive int (or None for √T), got {checkpoint_every!r}")
-    else:
-        K = checkpoint_every
+    K = checkpoint_every or max(1, round(math.sqrt(T)))
 
     # Forward: the ordinary training run, keeping every K-th state.
     saved: dict[int, State] = {0: run.initial_state()}
@@ -82,14 +88,9 @@ def metagradient(
 
     # The final model's margins and their gradient, one row per test point.
     model.eval()
-    try:
-        with torch.no_grad():
-            logits = run.logits(state["p"], x_test)
-    except RuntimeError as e:
-        raise BadDataError(f"the model cannot run on test_x of shape {tuple(x_test.shape[1:])}: {str(e).splitlines()[0][:160]}") from None
-    y_test = as_targets(target, len(x_test), int(logits.shape[-1])).to(run.device)
     task = ClassificationTask()
-    margins = task.output(logits, y_test)
+    with torch.no_grad():
+        margins = task.output(run.logits(state["p"], x_test), y_test)
     cot_p = torch.func.jacrev(lambda p: task.output(run.logits(p, x_test), y_test))(state["p"])
     model.train()
     cot: State = {key: ({k: cot_p[k] for k in part} if key == "p" else
@@ -109,7 +110,7 @@ def metagradient(
         for t in range(stop - 1, start - 1, -1):
             s = seg.pop()
             idx = run.steps[t][1]
-            _, pullback = torch.func.vjp(lambda s_, w_, t=t: run.step_with(s_, w_, t), s, run.weights[idx])
+            _, pullback = torch.func.vjp(lambda s_, w_, t=t: run.step_with(s_, w_, t), s, run.weights[idx])  # type: ignore[misc]
             cot, cot_w = torch.func.vmap(pullback)(cot)
             scores.index_add_(0, idx.to(run.device), cot_w.T)
     return Replay(

@@ -123,7 +123,7 @@ class Recipe:
     def batches(self, n: int) -> list[tuple[int, torch.Tensor]]:
         """Every step's ``(epoch, example ids)``, in order: one seeded permutation per epoch."""
         gen = torch.Generator().manual_seed(self.seed)
-        out = []
+        out: list[tuple[int, torch.Tensor]] = []
         for epoch in range(self.epochs):
             order = torch.randperm(n, generator=gen)
             out.extend((epoch, order[b:b + self.batch_size]) for b in range(0, n, self.batch_size))
