@@ -44,19 +44,32 @@ DROP_SEED = 2024
 TEST_SEED = 7
 
 
+def gelu_mlp() -> torch.nn.Module:
+    """The digits MLP with GELU for ReLU: a smooth training map, for the ablation."""
+    from influence.models import DigitsMLP
+
+    net = DigitsMLP()
+    net.net[2], net.net[4] = torch.nn.GELU(), torch.nn.GELU()
+    return net
+
+
+MODELS = {"digits-mlp": "digits-mlp", "gelu-mlp": f"{Path(__file__).resolve()}:gelu_mlp"}
+
+
 def log(*a: object) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def variant_dir(dtype: str, drop: tuple[float, float], n_test: int) -> Path:
-    return CACHE / f"{dtype}_drop{drop[0]:g}-{drop[1]:g}_test{n_test}"
+def variant_dir(model: str, dtype: str, drop: tuple[float, float], n_test: int) -> Path:
+    prefix = "" if model == "digits-mlp" else f"{model}_"
+    return CACHE / f"{prefix}{dtype}_drop{drop[0]:g}-{drop[1]:g}_test{n_test}"
 
 
 def run(n_retrains: int, n_test: int, query_batch: int, proj_dim: int, dtype: str = "float32",
-        drop: tuple[float, float] = (0.01, 0.05), baselines: bool = True) -> dict:
-    recipe = dataclasses.replace(RECIPE, dtype=dtype)
+        drop: tuple[float, float] = (0.01, 0.05), baselines: bool = True, model: str = "digits-mlp") -> dict:
+    recipe = dataclasses.replace(RECIPE, dtype=dtype, model=MODELS[model])
     train, test = load_digits_split()
-    cache = variant_dir(dtype, drop, n_test)
+    cache = variant_dir(model, dtype, drop, n_test)
     cache.mkdir(parents=True, exist_ok=True)
     test_ids = np.sort(np.random.default_rng(TEST_SEED).choice(len(test), n_test, replace=False))
     x, y = test.x[test_ids], test.y[test_ids]
@@ -132,11 +145,24 @@ def run(n_retrains: int, n_test: int, query_batch: int, proj_dim: int, dtype: st
     rows = {name: drop_lds(s, masks, change) for name, s in scores.items()}
     timing = {**(json.loads((cache / "result.json").read_text())["timing"] if (cache / "result.json").is_file() else {}),
               **timing}
-    result = {"dtype": dtype, "drop": list(drop), "n_train": len(train), "test_ids": test_ids.tolist(), "proj_dim": proj_dim, "query_batch": query_batch,
+    result = {"model": model, "dtype": dtype, "drop": list(drop), "n_train": len(train), "test_ids": test_ids.tolist(), "proj_dim": proj_dim, "query_batch": query_batch,
               "drop_sizes": [int(masks.sum(1).min()), int(masks.sum(1).max())], "timing": timing, "memory": memory,
               "mean_abs_change": float(np.abs(change).mean()), "rows": rows}
     (cache / "result.json").write_text(json.dumps(result, indent=1))
     return result
+
+
+FINDINGS = """Findings. Exact mode ranks the effect of dropping small subsets far better than every store-based
+method on the same run (0.75 against 0.49 for the best, TRAK over 10 checkpoints), and its Pearson of 0.80 says it
+predicts the size of the changes too, not only their order. It is below MAGIC's 0.92 (CIFAR-10 ResNet-9); float64
+training changes nothing (0.750 against 0.749), so rounding is not the limit. Smaller drops (1–7 images) lower every
+method, exact mode most slowly (0.52 against TRAK's 0.22): the margin changes are a third as large, and a larger
+share of them is not linear in the dropped set. Why training here is less linear than in the paper (ReLU kinks,
+momentum, the recipe's step size) was not investigated."""
+
+
+def _fmt_lds(r: dict | None) -> str:
+    return "–" if r is None else f"{r['lds']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
 
 
 def report(result: dict, others: list[dict]) -> str:
@@ -177,19 +203,21 @@ def report(result: dict, others: list[dict]) -> str:
         f"{m['peak_states']} optimizer states held at once ({m['step_evals']} forward steps in all, recomputation included).",
     ]
     if others:
-        lines += ["", "Exact mode under other settings (same test points and drop seed; exact scores only):", "",
-                  "| dtype | drop | images dropped | retrains | exact LDS [95% CI] | mean Pearson | mean abs margin change |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "Other settings (same recipe, test points and drop seed; TRAK only where its baselines were run):", "",
+                  "| model | dtype | drop | images dropped | retrains | exact LDS [95% CI] | mean Pearson | TRAK (ckpt10) LDS | "
+                  "mean abs margin change |", "|---|---|---|---|---|---|---|---|---|"]
         for r in [result] + others:
             e = r["rows"]["exact"]
-            lines.append(f"| {r['dtype']} | {r['drop'][0]:.1%}–{r['drop'][1]:.1%} | {r['drop_sizes'][0]}–{r['drop_sizes'][1]} | "
+            lines.append(f"| {r.get('model', 'digits-mlp')} | {r['dtype']} | {r['drop'][0]:.1%}–{r['drop'][1]:.1%} | {r['drop_sizes'][0]}–{r['drop_sizes'][1]} | "
                          f"{e['n_retrains']} | {e['lds']:.3f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}] | {e['pearson']:.3f} | "
-                         f"{r['mean_abs_change']:.3f} |")
+                         f"{_fmt_lds(r['rows'].get('trak (ckpt10)'))} | {r['mean_abs_change']:.3f} |")
+    lines += ["", FINDINGS]
     lines += ["", "```", f"python scripts/eval_exact.py --retrains {ex['n_retrains']} --test-points {ex['n_test']} "
               f"--query-batch {result['query_batch']} --proj-dim {result['proj_dim']}"]
     for r in others:
         lines.append(f"python scripts/eval_exact.py --retrains {r['rows']['exact']['n_retrains']} --test-points "
-                     f"{r['rows']['exact']['n_test']} --dtype {r['dtype']} --drop {r['drop'][0]:g},{r['drop'][1]:g} --no-baselines")
+                     f"{r['rows']['exact']['n_test']} --model {r.get('model', 'digits-mlp')} --dtype {r['dtype']} --drop {r['drop'][0]:g},{r['drop'][1]:g}"
+                     + ("" if len(r["rows"]) > 1 else " --no-baselines"))
     lines += ["python scripts/eval_exact.py --report", "```"]
     return "\n".join(lines)
 
@@ -200,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--test-points", type=int, default=60)
     ap.add_argument("--query-batch", type=int, default=8, help="test points per replay (the reverse pass is vmapped)")
     ap.add_argument("--proj-dim", type=int, default=512, help="k of the baselines' sparse projector")
+    ap.add_argument("--model", choices=list(MODELS), default="digits-mlp", help="gelu-mlp: the ablation with a smooth activation")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     ap.add_argument("--drop", default="0.01,0.05", help="LOW,HIGH: fraction of the training set dropped per retrain")
     ap.add_argument("--no-baselines", action="store_true", help="exact mode only (ablations)")
@@ -211,15 +240,17 @@ def main(argv: list[str] | None = None) -> None:
 
     drop = tuple(float(v) for v in a.drop.split(","))
     if not a.report:
-        result = run(a.retrains, a.test_points, a.query_batch, a.proj_dim, a.dtype, (drop[0], drop[1]), not a.no_baselines)
+        result = run(a.retrains, a.test_points, a.query_batch, a.proj_dim, a.dtype, (drop[0], drop[1]), not a.no_baselines,
+                     a.model)
         for name, r in result["rows"].items():
             log(f"{name:>18}: LDS {r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]  Pearson {r['pearson']:.3f}")
     results = [json.loads(p.read_text()) for p in sorted(CACHE.glob("*/result.json"))]
-    main_rows = [r for r in results if len(r["rows"]) > 1]
+    main_rows = [r for r in results if len(r["rows"]) > 1 and r["dtype"] == "float32" and r["drop"] == [0.01, 0.05]
+                 and r.get("model", "digits-mlp") == "digits-mlp"]
     if not main_rows:
-        log("no run with baselines cached yet; the docs section is written from one")
+        log("no default run (float32, 1–5% drops, with baselines) cached yet; the docs section is written from one")
         return
-    others = [r for r in results if r is not main_rows[0] and len(r["rows"]) == 1]
+    others = [r for r in results if r is not main_rows[0]]
     write_section("exact", report(main_rows[0], others), doc=DOC)
     log(f"wrote the 'exact' section of {DOC}")
 
