@@ -161,11 +161,11 @@ class Recipe:
         With ``checkpoint_dir``, saves ``checkpoints`` evenly spaced state dicts
         (``epoch_NNN.pt``, the last one the final model) and this recipe as ``recipe.json`` beside them.
         """
+        if checkpoint_dir is not None and (isinstance(checkpoints, bool) or not isinstance(checkpoints, int) or checkpoints < 1):
+            raise BadSpecError(f"checkpoints must be a positive int when checkpoint_dir is given, got {checkpoints!r}")
         model, run = prepare(self, data, weights, device)
         save_at: set[int] = set()
         if checkpoint_dir is not None:
-            if checkpoints < 1:
-                raise BadSpecError(f"checkpoints must be ≥ 1 when checkpoint_dir is given, got {checkpoints}")
             save_at = set(np.linspace(self.epochs / checkpoints, self.epochs, checkpoints).round().astype(int).tolist())
             Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
             self.save(Path(checkpoint_dir) / "recipe.json")

@@ -267,3 +267,11 @@ def test_bad_queries_are_refused_before_training(tiny):
         exact_scores(recipe, data, xt[0], 12)
     with pytest.raises(BadSpecError, match="checkpoint_every"):
         exact_scores(recipe, data, xt[0], 1, checkpoint_every=0)
+
+
+def test_learning_rate_schedules():
+    lrs = {s: [Recipe(model=TINY_MLP, lr=0.1, epochs=4, schedule=s).lr_at(e) for e in range(4)]
+           for s in ("constant", "linear", "cosine")}
+    assert lrs["constant"] == [0.1] * 4
+    np.testing.assert_allclose(lrs["linear"], [0.1, 0.075, 0.05, 0.025])  # train_classifier's per-epoch decay
+    np.testing.assert_allclose(lrs["cosine"], [0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2, 0.05, 0.1 * (1 - math.cos(math.pi / 4)) / 2])
