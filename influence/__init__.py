@@ -29,12 +29,14 @@ _LAZY = {
     "Influencer": "influence.query",
     "QueryResult": "influence.query",
     "describe_store": "influence.query",
+    "Recipe": "influence.recipe",
+    "exact_scores": "influence.exact",
 }
 
 __all__ = [
     "BadCheckpointError", "BadDataError", "BadSpecError", "ClassificationTask", "Influence", "InfluenceError",
     "Influencer", "NonFiniteError", "ProjectorSpec", "QueryResult", "StoreIncompleteError", "StoreLockedError",
-    "StoreMismatchError", "Task", "build", "describe_store",
+    "StoreMismatchError", "Task", "build", "describe_store", "Recipe", "exact_scores",
 ]
 
 
