@@ -135,16 +135,16 @@ def run_flags(
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise BadSpecError(f"unknown --kind {bad}; choose from {', '.join(KINDS)} or all")
-    if test is None and any(k in ("harmful", "shortcut") for k in kinds):
+    if test is None and any(k in ("harmful", "shortcut") for k in kinds):  # before any work, so it fails fast
         raise BadSpecError("--kind harmful and shortcut need test images: pass --test SPEC (e.g. your failing images)")
     out: dict[str, Any] = {}
     if "mislabel" in kinds:
         if method == "gradcos":
             raise BadSpecError("mislabel ranking needs self-influence, which is constant under gradcos; use --method trak or tracin")
         out["mislabel"] = [f.to_json() for f in flag_mislabels(session, method=method or _best_self_influence(session), top=top)]
-    if "harmful" in kinds:
+    if "harmful" in kinds and test is not None:
         out["harmful"] = [f.to_json() for f in flag_harmful(session, *test, method=method or "tracin", top=top)]
-    if "shortcut" in kinds:
+    if "shortcut" in kinds and test is not None:
         out["shortcuts"] = [s.to_json() for s in flag_shortcuts(session, *test, method=method or "gradcos", tfa=tfa)]
     return out
 

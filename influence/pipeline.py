@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from index.search import build_index, save_index
 from index.store import FEATURE_DTYPES, FeatureStore
 from influence.data import batch_of, fingerprint_dataset
 from influence.errors import BadDataError, BadSpecError, InfluenceError, NonFiniteError, StoreMismatchError
-from influence.features import ClassificationTask, ProjectorSpec, Task, make_projector, select_parameters
+from influence.features import ClassificationTask, Projector, ProjectorSpec, Task, make_projector, select_parameters
 from influence.features.specs import BuildSpec, TrakSpec, task_ref
 from influence.loading import load_checkpoint, load_data, load_model, model_fingerprint, sha256_file
 from influence.scoring import METHOD_NAMES, get_method
@@ -54,7 +54,9 @@ def _rows_per_chunk(batch_size: int, wanted: int) -> int:
     return batch_size * max(1, round(wanted / batch_size))
 
 
-def featurize_batch(model: nn.Module, task: Task, names: list[str], projector, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+def featurize_batch(
+    model: nn.Module, task: Task, names: list[str], projector: Projector, x: torch.Tensor, y: torch.Tensor
+) -> dict[str, np.ndarray]:
     """Projected output gradients plus the loss, margin, p_y and dloss/doutput of one batch."""
     with torch.no_grad():
         logits = model(x)
@@ -75,9 +77,9 @@ def featurize_batch(model: nn.Module, task: Task, names: list[str], projector, x
 
 def build(
     model: str | nn.Module,
-    data: str | Dataset,
-    checkpoints: Sequence[str | os.PathLike],
-    out: str | os.PathLike,
+    data: str | Dataset[Any],
+    checkpoints: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str],
     *,
     projector: str = "sparse",
     proj_dim: int = 2048,
@@ -138,9 +140,11 @@ def build(
         "param_names": names, "k": proj.dim, "data_spec": _spec_string(data),
         "dataset_fingerprint": fingerprint_dataset(dataset), "n": n, "input_shape": list(x0.shape[1:]), "num_classes": num_classes,
     }
-    records = [{"path": str(Path(c).resolve()), "sha256": sha256_file(c) if Path(c).is_file() else None,
-                "size": Path(c).stat().st_size if Path(c).is_file() else None, "lr_weight": float(w)}
-               for c, w in zip(checkpoints, lr_weights)]
+    records: list[dict[str, Any]] = [  # the store's checkpoint records (index.store keeps them as plain dicts)
+        {"path": str(Path(c).resolve()), "sha256": sha256_file(c) if Path(c).is_file() else None,
+         "size": Path(c).stat().st_size if Path(c).is_file() else None, "lr_weight": float(w)}
+        for c, w in zip(checkpoints, lr_weights)
+    ]
     for r, c in zip(records, checkpoints):
         if r["sha256"] is None:
             load_checkpoint(net, c)  # raises the named missing-checkpoint error
@@ -164,8 +168,8 @@ def build(
             current = None
             for ckpt, chunk in todo:
                 if ckpt != current:
-                    rec = store.checkpoints[int(ckpt[1:])]
-                    load_checkpoint(net, rec["path"], expected_sha256=rec["sha256"]).to(device)
+                    stored = store.checkpoints[int(ckpt[1:])]
+                    load_checkpoint(net, stored["path"], expected_sha256=stored["sha256"]).to(device)
                     current = ckpt
                 start, stop = store.chunk_rows(int(chunk))
                 parts: list[dict[str, np.ndarray]] = []
@@ -197,7 +201,7 @@ def build(
         return Path(out)
 
 
-def _check_resume(out: Path, spec: BuildSpec, manifest: dict, records: list[dict]) -> None:
+def _check_resume(out: Path, spec: BuildSpec, manifest: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """Before anything is written: a store at ``out`` must have the same ``BuildSpec`` and known checkpoints.
 
     A different model or data set is left to the store's own check, which names it.
@@ -216,7 +220,7 @@ def _check_resume(out: Path, spec: BuildSpec, manifest: dict, records: list[dict
     _check_checkpoints(out, known, records)
 
 
-def _check_checkpoints(out: Path, known: list[dict], records: list[dict]) -> None:
+def _check_checkpoints(out: Path, known: list[dict[str, Any]], records: list[dict[str, Any]]) -> None:
     """Known checkpoints must come back in the same order, with the same bytes and learning-rate weights."""
     for old, new in zip(known, records):
         if old["sha256"] != new["sha256"]:
@@ -234,7 +238,7 @@ def _check_checkpoints(out: Path, known: list[dict], records: list[dict]) -> Non
         )
 
 
-def build_method_index(store: FeatureStore, method: str, factory: str = "Flat", seed: int = 0) -> dict:
+def build_method_index(store: FeatureStore, method: str, factory: str = "Flat", seed: int = 0) -> dict[str, Any]:
     """Stream a method's train vectors into a FAISS index, save it atomically, return its record."""
     scorer = get_method(method)(store)
     sample = None
@@ -256,7 +260,7 @@ def build_method_index(store: FeatureStore, method: str, factory: str = "Flat", 
     return record
 
 
-def _check_batch(x: torch.Tensor, y: torch.Tensor, shape: tuple, num_classes: int, offset: int) -> None:
+def _check_batch(x: torch.Tensor, y: torch.Tensor, shape: tuple[int, ...], num_classes: int, offset: int) -> None:
     if tuple(x.shape[1:]) != tuple(shape):
         raise BadDataError(f"example {offset} has shape {tuple(x.shape[1:])}, expected {tuple(shape)} like the first example")
     if not torch.isfinite(x).all():

@@ -83,11 +83,14 @@ class Influence:
         self.encoder = QueryEncoder(scratch, self.task, self.projector, self.names, self.checkpoints)
         self._indexes: dict[str, SearchIndex] = {}
         self._scorers: dict[str, ScoringMethod] = {}
-        self._cache: dict[Any, Any] = {}
+        self._labels: np.ndarray | None = None
+        self._label_prob: np.ndarray | None = None
+        self._self_influence: dict[str, np.ndarray] = {}
+        self._train_data: Any = None  # what load_data returns for the store's data spec, read on first use
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike, model: str | nn.Module | None = None, device: str | torch.device = "cpu", *,
+        cls, path: str | os.PathLike[str], model: str | nn.Module | None = None, device: str | torch.device = "cpu", *,
         task: Task | None = None,
     ) -> "Influence":
         """Open a complete store; a store built with a custom ``Task`` needs an instance of it as ``task``."""
@@ -131,15 +134,15 @@ class Influence:
 
     def training_labels(self) -> np.ndarray:
         """The stored label of every training example, (N,) int64."""
-        if "labels" not in self._cache:
-            self._cache["labels"] = self.store.labels()
-        return self._cache["labels"]
+        if self._labels is None:
+            self._labels = self.store.labels()
+        return self._labels
 
     def label_probability(self) -> np.ndarray:
         """The final checkpoint's probability of each training example's label, (N,) float32."""
-        if "label_prob" not in self._cache:
-            self._cache["label_prob"] = self.store.column("prob", self.checkpoints[-1].id)
-        return self._cache["label_prob"]
+        if self._label_prob is None:
+            self._label_prob = self.store.column("prob", self.checkpoints[-1].id)
+        return self._label_prob
 
     def scorer(self, method: str) -> ScoringMethod:
         if method not in self._scorers:
@@ -232,18 +235,18 @@ class Influence:
         return out
 
     def self_influence(self, method: str = "tracin") -> np.ndarray:
-        if (method, "self") not in self._cache:
-            self._cache[(method, "self")] = self.scorer(method).self_influence().astype(np.float32)
-        return self._cache[(method, "self")]
+        if method not in self._self_influence:
+            self._self_influence[method] = self.scorer(method).self_influence().astype(np.float32)
+        return self._self_influence[method]
 
     def training_examples(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Training images and labels by row id, from the data spec the store was built on."""
-        if "train_data" not in self._cache:
+        if self._train_data is None:
             spec = self.store.attrs.get("data_spec")
             if spec is None:
                 raise BadSpecError("this store was built from an in-memory dataset; training images are not available")
-            self._cache["train_data"] = load_data(spec)
-        dataset = self._cache["train_data"]
+            self._train_data = load_data(spec)
+        dataset = self._train_data
         if len(dataset) != self.store.n:
             raise StoreMismatchError(f"training data {self.store.attrs.get('data_spec')} has {len(dataset)} examples; the store has {self.store.n}")
         if not ids:
@@ -252,7 +255,7 @@ class Influence:
         return batch_of(subset, 0, len(subset))
 
 
-def describe_store(path: str | os.PathLike) -> dict[str, Any]:
+def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What a store holds, readable even while it is still building."""
     store = FeatureStore.open(path, allow_incomplete=True)
     a = store.attrs
@@ -268,7 +271,7 @@ def describe_store(path: str | os.PathLike) -> dict[str, Any]:
     }
 
 
-def load_queries(spec: str | Dataset, ids: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+def load_queries(spec: str | Dataset[Any], ids: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Test examples from a DATA SPEC (optionally only ``ids``) as (x, labels, ids)."""
     dataset = load_data(spec)
     ids = list(range(len(dataset))) if ids is None else list(ids)

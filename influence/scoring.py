@@ -97,7 +97,7 @@ class TracIn(ScoringMethod, name="tracin"):
     def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
         return feats * (math.sqrt(self.eta[ckpt]) * self._column("loss_weight", ckpt)[rows])[:, None]
 
-    def query_vectors(self, feats, weights, probs) -> np.ndarray:
+    def query_vectors(self, feats: dict[str, np.ndarray], weights: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> np.ndarray:
         return np.concatenate([feats[c] * (math.sqrt(self.eta[c]) * weights[c])[:, None] for c in self.ckpts], axis=1).astype(np.float32)
 
     def self_influence(self) -> np.ndarray:
@@ -117,9 +117,10 @@ class GradCos(TracIn, name="gradcos"):
     """
 
     def _finish(self, v: np.ndarray) -> np.ndarray:
-        return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)
+        unit: np.ndarray = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)  # numpy's stubs: Any
+        return unit
 
-    def query_vectors(self, feats, weights, probs) -> np.ndarray:
+    def query_vectors(self, feats: dict[str, np.ndarray], weights: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> np.ndarray:
         return self._finish(super().query_vectors(feats, weights, probs))
 
     def self_influence(self) -> np.ndarray:
@@ -174,7 +175,7 @@ class TRAK(ScoringMethod, name="trak"):
     def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
         return feats * (1.0 - self._column("prob", ckpt)[rows])[:, None]
 
-    def query_vectors(self, feats, weights, probs) -> np.ndarray:
+    def query_vectors(self, feats: dict[str, np.ndarray], weights: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> np.ndarray:
         n = len(self.ckpts)
         return np.concatenate([feats[c] @ self.inverse(c) / n for c in self.ckpts], axis=1).astype(np.float32)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -52,14 +53,14 @@ class Shortcut:
     support: float = 0.0
     dispersion: float = 0.0
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {"class": self.cls, "box": list(self.box), "train_ids": list(self.train_ids), "score": self.score}
 
     def __getitem__(self, key: str) -> object:
         """Read a field by its JSON name, for code written against the earlier dict results."""
         return self.to_json()[key]
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 

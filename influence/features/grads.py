@@ -13,7 +13,7 @@ from influence.features.task import Task
 
 def split_params(
     model: nn.Module, names: list[str], dtype: torch.dtype | None = None, state: Mapping[str, torch.Tensor] | None = None
-) -> tuple[dict, dict]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Detached (differentiated, frozen) tensors for ``functional_call``; floating ones cast to ``dtype`` if given.
 
     ``state`` (tensors by name, e.g. one checkpoint's) takes precedence over the module's own tensors.
@@ -43,8 +43,8 @@ def per_example_grads(
     params, frozen = split_params(model, names, state=state)
     fn = task.output if of == "output" else task.loss
 
-    def one(p: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, (p, frozen), (xi[None],))
+    def one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = functional_call(model, (p, frozen), (xi[None],))
         return fn(logits, yi[None]).sum()
 
     g = vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)

@@ -11,20 +11,29 @@ layers called more than once per forward, fall back to vmap.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from influence.errors import BadSpecError
 from influence.features.task import Task
 
 SUPPORTED = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.BatchNorm1d)
+Owners = dict[str, tuple[str, nn.Module, str]]  # parameter name -> (module name, module, 'weight'|'bias')
 
 
-def _owner_map(model: nn.Module, names: list[str]) -> dict[str, tuple[str, nn.Module, str]] | None:
+def unfold_input(mod: nn.Conv2d, inp: torch.Tensor) -> torch.Tensor:
+    """A Conv2d's input patches (B, C_in·kh·kw, L), the ``a`` of its per-example gradient ``δ aᵀ``."""
+    if isinstance(mod.padding, str):  # callers admit numeric padding only; 'same'/'valid' have no fixed unfold here
+        raise BadSpecError(f"conv padding {mod.padding!r} has no closed-form per-example gradient; use --projector sparse")
+    return torch.nn.functional.unfold(inp, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+
+
+def _owner_map(model: nn.Module, names: list[str]) -> Owners | None:
     """Parameter name → (module name, module, 'weight'|'bias') when every selected parameter has a closed form."""
-    owners = {}
+    owners: Owners = {}
     for mname, mod in model.named_modules():
         for pname, _ in mod.named_parameters(recurse=False):
             full = f"{mname}.{pname}" if mname else pname
@@ -43,27 +52,39 @@ def _owner_map(model: nn.Module, names: list[str]) -> dict[str, tuple[str, nn.Mo
     return owners
 
 
-def _running_stats(mod: nn.Module, mname: str, state: Mapping[str, torch.Tensor] | None) -> tuple[Any, Any]:
-    """A BatchNorm's running (mean, var): from ``state`` when given (the module's own may be another checkpoint's)."""
+def _running_stats(
+    mod: nn.Module, mname: str, state: Mapping[str, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A BatchNorm's running (mean, var): from ``state`` when given (the module's own may be another checkpoint's).
+
+    None for other modules, and for a BatchNorm without running statistics (``_owner_map`` never admits one).
+    """
     if not isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        return None, None
-    prefix = f"{mname}." if mname else ""
-    if state is None:
-        return mod.running_mean, mod.running_var
-    return state.get(prefix + "running_mean", mod.running_mean), state.get(prefix + "running_var", mod.running_var)
+        return None
+    mean, var = mod.running_mean, mod.running_var
+    if state is not None:
+        prefix = f"{mname}." if mname else ""
+        mean, var = state.get(prefix + "running_mean", mean), state.get(prefix + "running_var", var)
+    if mean is None or var is None:
+        return None
+    return mean, var
 
 
-def _blocks(mod: nn.Module, inp: torch.Tensor, delta: torch.Tensor, stats: tuple[Any, Any]) -> dict[str, torch.Tensor]:
+def _blocks(
+    mod: nn.Module, inp: torch.Tensor, delta: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
     """Per-example gradients of one module's weight and bias from its input and output gradient."""
     b = inp.shape[0]
     if isinstance(mod, nn.Conv2d):
-        a = torch.nn.functional.unfold(inp, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # (B, D_in, L)
+        a = unfold_input(mod, inp)  # (B, D_in, L)
         d = delta.reshape(b, delta.shape[1], -1)  # (B, C_out, L)
         return {"weight": torch.bmm(d, a.transpose(1, 2)), "bias": d.sum(-1)}
     if isinstance(mod, nn.Linear):
         a = inp.reshape(b, -1, inp.shape[-1])
         d = delta.reshape(b, -1, delta.shape[-1])
         return {"weight": torch.bmm(d.transpose(1, 2), a), "bias": d.sum(1)}
+    if not isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) or stats is None:  # _owner_map admits no other module
+        raise TypeError(f"no closed-form per-example gradient for {type(mod).__name__}")
     # BatchNorm in eval mode: y = γ·x̂ + β with running statistics.
     shape = (1, -1) + (1,) * (inp.ndim - 2)
     mean, var = stats
@@ -86,10 +107,12 @@ def forward(model: nn.Module, x: torch.Tensor, state: Mapping[str, torch.Tensor]
     Swapped-in parameters track gradients like the module's own (same ``requires_grad``), so hooks see the same graph.
     """
     if state is None:
-        return model(x)
+        logits: torch.Tensor = model(x)
+        return logits
     own = dict(model.named_parameters())
     swapped = {k: v.detach().requires_grad_(own[k].requires_grad) if k in own else v for k, v in state.items()}
-    return functional_call(model, swapped, (x,))
+    swapped_logits: torch.Tensor = functional_call(model, swapped, (x,))
+    return swapped_logits
 
 
 def capture_layer_grads(
@@ -140,7 +163,10 @@ def layer_grad_blocks(
     return _iter_blocks(names, owners, inputs, deltas, x.shape[0], state)
 
 
-def _iter_blocks(names, owners, inputs, delta_of, b, state) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_blocks(
+    names: list[str], owners: Owners, inputs: Mapping[str, torch.Tensor], delta_of: Mapping[str, torch.Tensor], b: int,
+    state: Mapping[str, torch.Tensor] | None,
+) -> Iterator[tuple[str, torch.Tensor]]:
     cache: dict[str, dict[str, torch.Tensor]] = {}
     for full in names:
         mname, mod, pname = owners[full]

@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from enum import Enum
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from influence.errors import BadSpecError
 from influence.features.grads import num_parameters, per_example_grads
-from influence.features.layer_grads import LayerReuseError, capture_layer_grads, layer_grad_blocks
+from influence.features.layer_grads import LayerReuseError, capture_layer_grads, layer_grad_blocks, unfold_input
 from influence.features.task import Task
 
 DENSE_CACHE_BYTES = 512 * 2**20
@@ -48,7 +48,7 @@ class ProjectorSpec:
         if self.kind != ProjectorKind.NONE.value and int(self.k) < 1:
             raise BadSpecError(f"--proj-dim must be a positive integer, got {self.k}")
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
@@ -124,6 +124,8 @@ class SparseProjector(Projector):
                 acc = torch.zeros(batch, 2 * self.dim, dtype=g.dtype, device=g.device)
             acc.index_add_(1, self._slot[offset:offset + g.shape[1]].to(g.device), g)
             offset += g.shape[1]
+        if acc is None:
+            raise BadSpecError("no parameters to project: the selection is empty; choose some with --params")
         return self._finish(acc)
 
 
@@ -171,7 +173,7 @@ class FactorizedProjector(Projector):
     def __init__(self, spec: ProjectorSpec, model: nn.Module, names: list[str]) -> None:
         self.spec = spec
         chosen = set(names)
-        self.layers: list[tuple[str, nn.Module, bool]] = []
+        self.layers: list[tuple[str, nn.Linear | nn.Conv2d, bool]] = []
         for mname, mod in model.named_modules():
             if isinstance(mod, (nn.Linear, nn.Conv2d)) and f"{mname}.weight" in chosen:
                 if isinstance(mod, nn.Conv2d) and (mod.groups != 1 or isinstance(mod.padding, str) or mod.padding_mode != "zeros"):
@@ -201,9 +203,9 @@ class FactorizedProjector(Projector):
             self.dim += k_o * k_i
 
     @staticmethod
-    def _unfold(mod: nn.Module, inp: torch.Tensor, has_bias: bool) -> torch.Tensor:
+    def _unfold(mod: nn.Linear | nn.Conv2d, inp: torch.Tensor, has_bias: bool) -> torch.Tensor:
         if isinstance(mod, nn.Conv2d):
-            a = torch.nn.functional.unfold(inp, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+            a = unfold_input(mod, inp)
         else:
             a = inp.reshape(inp.shape[0], -1, inp.shape[-1]).transpose(1, 2)
         if has_bias:
