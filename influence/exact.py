@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from influence._inputs import TargetLike, as_batch, as_targets
+from influence.data import SizedDataset
 from influence.errors import BadDataError, BadSpecError
 from influence.features.task import ClassificationTask
 from influence.recipe import DTYPES, Recipe, State, prepare
@@ -50,7 +50,7 @@ class Replay:
 
 def metagradient(
     recipe: Recipe,
-    data: Dataset,
+    data: SizedDataset,
     test_x: Any,
     target: TargetLike,
     *,
@@ -121,7 +121,7 @@ def metagradient(
 
 def exact_scores(
     recipe: Recipe,
-    data: Dataset,
+    data: SizedDataset,
     test_x: Any,
     target: TargetLike,
     *,

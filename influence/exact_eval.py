@@ -12,11 +12,12 @@ test points. Any score matrix (exact mode, TRAK, TracIn, Grad-Cos) is judged the
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from influence.data import SizedDataset
 from influence.features.task import ClassificationTask
 from influence.recipe import Recipe
 
@@ -40,7 +41,7 @@ def final_margins(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> n
 
 def retrain_margins(
     recipe: Recipe,
-    data: Dataset,
+    data: SizedDataset,
     x: torch.Tensor,
     y: torch.Tensor,
     masks: np.ndarray,
@@ -66,7 +67,7 @@ def spearman_per_column(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (ra * rb).sum(0) / np.where(den > 0, den, 1), 0.0)
 
 
-def drop_lds(scores: np.ndarray, masks: np.ndarray, actual_change: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
+def drop_lds(scores: np.ndarray, masks: np.ndarray, actual_change: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Small-drop LDS of an (n_train, n_test) score matrix against (m, n_test) actual margin changes.
 
     Returns the mean Spearman over test points with a bootstrap 95% interval over test points,

@@ -12,7 +12,7 @@ What a recipe supports:
   dampening, no Nesterov), Adam (L2 weight decay added to the gradient, as
   ``torch.optim.Adam``) and AdamW (decoupled decay), with weight decay;
 * a per-epoch learning rate: ``constant``, ``linear`` (``lr·(1 − e/E)`` for epoch
-  ``e = 0..E−1``, as :func:`influence.training.train_classifier`) or ``cosine``;
+  ``e = 0..E−1``, as :func:`influence.demo.training.train_classifier`) or ``cosine``;
 * a data order drawn from the seed, one permutation per epoch (again as
   ``train_classifier``), the last batch of an epoch possibly short; no augmentation;
 * the batch loss ``Σ_i w_i ℓ_i / |batch|`` with per-example weights ``w`` (default ones).
@@ -41,9 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import Dataset
 
-from influence.data import ArrayDataset, batch_of, index_subset
+from influence.data import ArrayDataset, SizedDataset, batch_of, index_subset
 from influence.errors import BadDataError, BadSpecError
 from influence.loading import load_model
 
@@ -60,7 +59,7 @@ class Recipe:
 
     ``model`` is a MODEL SPEC (``digits-mlp``, ``package.module:factory``,
     ``path/file.py:factory``) or a zero-argument factory returning a fresh ``nn.Module``.
-    Defaults are those of :func:`influence.training.train_classifier`.
+    Defaults are those of :func:`influence.demo.training.train_classifier`.
     """
 
     model: str | Callable[[], nn.Module]
@@ -149,10 +148,10 @@ class Recipe:
 
     def train(
         self,
-        data: Dataset,
+        data: SizedDataset,
         weights: Any = None,
         *,
-        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
         checkpoints: int = 0,
         device: str | torch.device = "cpu",
     ) -> nn.Module:
@@ -188,7 +187,7 @@ class Recipe:
         d["model"] = _model_spec_string(self.model)
         return d
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the recipe as JSON (a factory callable is saved as ``module:name`` when importable)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -196,7 +195,7 @@ class Recipe:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Recipe":
+    def load(cls, path: str | os.PathLike[str]) -> "Recipe":
         path = Path(path)
         try:
             d = json.loads(path.read_text())
@@ -311,7 +310,7 @@ def optimizer_step(recipe: Recipe, state: State, grad: dict[str, torch.Tensor], 
 class _Run:
     """One recipe bound to one model and one data set: the pure step ``state_t → state_{t+1}``."""
 
-    def __init__(self, recipe: Recipe, model: nn.Module, data: Dataset, weights: torch.Tensor, device: torch.device) -> None:
+    def __init__(self, recipe: Recipe, model: nn.Module, data: SizedDataset, weights: torch.Tensor, device: torch.device) -> None:
         self.recipe, self.model, self.data, self.device = recipe, model, data, device
         self.dtype = DTYPES[recipe.dtype]
         self.weights = weights
@@ -332,7 +331,8 @@ class _Run:
         return x.to(self.device, self.dtype), y.to(self.device), idx
 
     def logits(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, {**p, **self.frozen, **self.buffers}, (x,))
+        out: torch.Tensor = functional_call(self.model, {**p, **self.frozen, **self.buffers}, (x,))
+        return out
 
     def loss(self, p: dict[str, torch.Tensor], w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``Σ_i w_i ℓ_i / |batch|``: with w = 1, the ordinary mean cross-entropy."""
@@ -363,7 +363,7 @@ class _Run:
                 params[k].copy_(v)
 
 
-def prepare(recipe: Recipe, data: Dataset, weights: Any, device: str | torch.device = "cpu") -> tuple[nn.Module, _Run]:
+def prepare(recipe: Recipe, data: SizedDataset, weights: Any, device: str | torch.device = "cpu") -> tuple[nn.Module, _Run]:
     """Build the seeded model, check the data and weights, and probe that the run replays exactly."""
     n = len(data)
     if n == 0:

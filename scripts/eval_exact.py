@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from influence.data import load_digits_split  # noqa: E402
+from influence.demo.digits import load_digits_split  # noqa: E402
 from influence.exact import metagradient  # noqa: E402
 from influence.exact_eval import drop_lds, drop_masks, final_margins, retrain_margins  # noqa: E402
 from influence.recipe import Recipe  # noqa: E402

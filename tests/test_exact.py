@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from influence import BadDataError, BadSpecError
-from influence.data import ArrayDataset, load_digits_split
+from influence.data import ArrayDataset
+from influence.demo.digits import load_digits_split
 from influence.exact import exact_scores, metagradient
 from influence.features.task import ClassificationTask
 from influence.models import DigitsMLP
 from influence.recipe import Recipe
-from influence.training import train_classifier
+from influence.demo.training import train_classifier
 
 TESTS = Path(__file__).resolve().parent
 TINY_MLP = f"{TESTS / 'tiny_models.py'}:tiny_mlp"  # DigitsMLP(hidden=16): ReLU, 256 → 16 → 16 → 10
