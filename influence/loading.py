@@ -319,7 +319,7 @@ def _class_lookup(known: Sequence[str], names: Sequence[str], where: str) -> lis
     index = {name: i for i, name in enumerate(known)}
     unknown = [n for n in names if n not in index]
     if unknown:
-        shown = ", ".join(map(repr, list(known)[:20])) + (" ..." if len(known) > 20 else "")
+        shown = ", ".join(list(known)[:20]) + (" ..." if len(known) > 20 else "")
         raise BadDataError(f"{where}: class {', '.join(map(repr, unknown[:5]))} is not one of the store's classes ({shown})")
     return [index[n] for n in names]
 
