@@ -196,10 +196,10 @@ def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+    shapes = [f"{k} {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in the model" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     parts = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes)):
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)):
         if items:
             parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
     return "; ".join(parts) or "load_state_dict refused it"
@@ -367,7 +367,9 @@ def read_image(path: str | os.PathLike[str], channels: int | None = None, size: 
     return preprocess(t, Preprocessing(size=size, channels=channels), f"image {path}").contiguous()
 
 
-def load_image(path: str | os.PathLike[str], preprocessing: Preprocessing, shape: Sequence[int] | None = None) -> torch.Tensor:
+def load_image(
+    path: str | os.PathLike[str], preprocessing: Preprocessing, shape: Sequence[int] | None = None, reference: str = "the model's images",
+) -> torch.Tensor:
     """One image file through ``preprocessing``; a channel count or size other than ``shape`` is an error, not a conversion.
 
     Conversions happen only when asked for: ``channels`` / ``size`` in ``preprocessing`` (``--channels``, ``--size``).
@@ -376,13 +378,15 @@ def load_image(path: str | os.PathLike[str], preprocessing: Preprocessing, shape
     if shape is not None and preprocessing.channels is None and t.shape[0] != shape[0]:
         kind = {1: "grayscale (1 channel)", 3: "colour (3 channels)"}.get(int(t.shape[0]), f"{t.shape[0]} channels")
         raise BadDataError(
-            f"image {path} is {kind} but the model's images have {shape[0]}; pass --channels {shape[0]} to convert it"
+            f"image {path} is {kind} but {reference} {'have' if reference.endswith('s') else 'has'} {shape[0]}; "
+            f"pass --channels {shape[0]} to convert it"
         )
     t = preprocess(t, preprocessing, f"image {path}")
     if shape is not None and tuple(t.shape[-2:]) != tuple(shape[-2:]):
         h, w = shape[-2], shape[-1]
         raise BadDataError(
-            f"image {path} is {t.shape[-2]}×{t.shape[-1]} but the model's images are {h}×{w}; pass --size {h},{w} to resize it"
+            f"image {path} is {t.shape[-2]}×{t.shape[-1]} but {reference} {'are' if reference.endswith('s') else 'is'} {h}×{w}; "
+            f"pass --size {h},{w} to resize it"
         )
     return t
 
@@ -416,9 +420,11 @@ class ImageFolder(Dataset[tuple[torch.Tensor, int]]):
         ]
         self.paths = [f.relative_to(self.root).as_posix() for f, _ in self.items]
         self.shape: tuple[int, ...] | None = tuple(int(v) for v in shape) if shape is not None else None
+        self.reference = "the model's images"
         if self.shape is None and self.items:
             first = load_image(self.items[0][0], pre)
             self.shape = tuple(first.shape)
+            self.reference = f"the first image ({self.paths[0]})"
         self.channels = self.shape[0] if self.shape else (pre.channels or 1)
         self.size = (self.shape[1], self.shape[2]) if self.shape else pre.size
 
@@ -427,4 +433,4 @@ class ImageFolder(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
-        return load_image(path, self.preprocessing, self.shape), label
+        return load_image(path, self.preprocessing, self.shape, self.reference), label

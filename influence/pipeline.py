@@ -162,9 +162,8 @@ def build(
     records = [{"path": str(Path(c).resolve()), "sha256": sha256_file(c) if Path(c).is_file() else None,
                 "size": Path(c).stat().st_size if Path(c).is_file() else None, "lr_weight": float(w)}
                for c, w in zip(checkpoints, lr_weights)]
-    for r, c in zip(records, checkpoints):
-        if r["sha256"] is None:
-            load_checkpoint(net, c)  # raises the named missing-checkpoint error
+    for c in checkpoints:  # a missing, unreadable or mismatched checkpoint fails before the store is created,
+        load_checkpoint(net, c)  # so the corrected command does not meet a half-made store of another model
     _check_resume(Path(out), spec, manifest, records)
 
     with FeatureStore.open_for_write(out, manifest) as store:
