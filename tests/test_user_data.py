@@ -404,3 +404,17 @@ def test_model_args(user, tmp_path, capsys):
     assert code == 0, err
     line = refused(capsys, *base, "--out", tmp_path / "c", "--model-arg", "depth=7")
     assert "factory with depth=7 raised TypeError" in line
+
+
+def test_flag_documents_gain_names_and_paths(mixed_store):
+    from influence.cli import _named_flags
+    from influence.query import Influence
+
+    doc = _named_flags(Influence.open(mixed_store), {
+        "harmful": [{"train_id": 12, "label": 2, "score": 1.0}],
+        "shortcuts": [{"class": 1, "box": [0, 0, 2, 2], "train_ids": [6, 7], "score": 0.5}],
+    })
+    assert doc["harmful"][0]["label_name"] == "two" and doc["harmful"][0]["path"] == "two/img_00.png"
+    assert doc["shortcuts"][0]["class_name"] == "three"
+    assert doc["shortcuts"][0]["paths"] == ["three/img_00.png", "three/img_01.png"]
+    assert doc["shortcuts"][0]["class"] == 1  # existing keys kept
