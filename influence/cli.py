@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+import torch
 
 from index.atomic import atomic_write
 from index.store import FEATURE_DTYPES
@@ -26,9 +27,10 @@ from influence.errors import BadSpecError, InfluenceError
 from influence.explain import explain
 from influence.features.projectors import ProjectorKind
 from influence.flag import KINDS, _best_self_influence, run_flags
-from influence.loading import load_checkpoint, load_model, read_image
+from influence.data import Preprocessing
+from influence.loading import load_checkpoint, load_image, load_model, parse_model_args, read_image
 from influence.pipeline import build
-from influence.query import Influence, describe_store, load_queries
+from influence.query import Influence, Influencer, QueryResult, TestData, describe_store
 from influence.repair import ACTIONS, MASK_SCOPES
 from influence.scoring import METHOD_NAMES
 from influence.tfa import DEFAULT_TFA, TFA_METHODS
@@ -86,6 +88,31 @@ def _methods(text: str) -> list[str]:
     return names
 
 
+def _names(text: str) -> list[str]:
+    names = [t.strip() for t in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"--classes must be comma-separated non-empty names, got {text!r}")
+    return names
+
+
+def _preprocessing_args(p: argparse.ArgumentParser, *, build: bool) -> None:
+    """--size/--channels everywhere images are read; --mean/--std only at build (queries use the store's)."""
+    if build:
+        p.add_argument("--mean", type=_floats, default=None, help="per-channel mean M1,M2,M3 subtracted from [0,1] images (recorded)")
+        p.add_argument("--std", type=_floats, default=None, help="per-channel std S1,S2,S3 divided by after --mean (recorded)")
+        p.add_argument("--size", type=_size, default=None, help="resize every image to H,W (recorded; default: all must share one size)")
+        p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                       help="convert every image to 1 (gray) or 3 (RGB) channels (recorded; default: all must match the first)")
+    else:
+        p.add_argument("--size", type=_size, default=None, help="resize images of another size to H,W (default: the store's preprocessing only)")
+        p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert images to 1 or 3 channels (default: the store's)")
+
+
+def _preprocessing(args: argparse.Namespace) -> Preprocessing:
+    return Preprocessing(mean=None if args.mean is None else tuple(args.mean), std=None if args.std is None else tuple(args.std),
+                         size=args.size, channels=args.channels)
+
+
 def _parser() -> _Parser:
     methods, tfas = _choices("scoring"), _choices("tfa")
     p = _Parser(prog="influence", description="Which training images, and which regions of them, made my model predict this?")
@@ -118,6 +145,12 @@ def _parser() -> _Parser:
     b.add_argument("--chunk-rows", type=int, default=_default(build, "rows_per_chunk"),
                    help="rows per store chunk (rounded to a multiple of the batch size)")
     b.add_argument("--device", default=_default(build, "device"))
+    b.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="keyword argument for the model factory (repeatable; values are Python literals or strings)")
+    b.add_argument("--classes", type=_names, default=None,
+                   help="class names in the model's output order, comma-separated (default: the folder names, an .npz's "
+                        "'classes' array, else 0..K-1)")
+    _preprocessing_args(b, build=True)
     b.add_argument("--json", action="store_true", help="print the store summary as JSON")
 
     for name, helptext, api in (("query", "top proponents and opponents of test images", Influence.query),
@@ -129,8 +162,10 @@ def _parser() -> _Parser:
         src.add_argument("--data", help="DATA SPEC of test examples")
         q.add_argument("--ids", type=_ids, default=None, help="comma-separated example ids in --data (default: all)")
         q.add_argument("--method", choices=methods, default=_default(api, "method"))
-        q.add_argument("--target", default=None, help="class to explain: an integer, 'label' (true label) or 'predicted' (default)")
+        q.add_argument("--target", default=None, help="class to explain: a class name or index, 'label' (true label) or 'predicted' (default)")
+        q.add_argument("--label", default=None, help="true class of --image (name or index): opponents then answer what pulled it away")
         q.add_argument("--device", default=_default(Influence.open, "device"))
+        _preprocessing_args(q, build=False)
         if name == "query":
             q.add_argument("--k", type=int, default=_default(api, "k"))
             q.add_argument("--json", action="store_true")
@@ -155,7 +190,9 @@ def _parser() -> _Parser:
     e.add_argument("--ids", type=_ids, default=None, help="comma-separated example ids in --data (default: the misclassified ones)")
     e.add_argument("--k", type=int, default=_default(explain, "k"))
     e.add_argument("--method", choices=methods, default=_default(explain, "method"))
-    e.add_argument("--target", default=None, help="class to explain: an integer, 'label' or 'predicted' (default)")
+    e.add_argument("--target", default=None, help="class to explain: a class name or index, 'label' or 'predicted' (default)")
+    e.add_argument("--label", default=None, help="true class of --image (name or index)")
+    _preprocessing_args(e, build=False)
     e.add_argument("--attribution", default=_default(explain, "attribution"),
                    help="pixel attribution method (see `influence attribute --help`; default %(default)s)")
     e.add_argument("--tfa", default=_default(explain, "tfa"), choices=tfas, help=f"map on training images (default {DEFAULT_TFA}, the measured best)")
@@ -170,6 +207,7 @@ def _parser() -> _Parser:
     f.add_argument("--method", choices=methods, default=_default(run_flags, "method"),
                    help="override the measured defaults: trak for mislabel, tracin for harmful, gradcos for shortcut")
     f.add_argument("--tfa", default=_default(run_flags, "tfa"), choices=tfas, help=f"map on training images for shortcut search (default {DEFAULT_TFA})")
+    _preprocessing_args(f, build=False)
     f.add_argument("--json", action="store_true")
 
     r = sub.add_parser("repair", help="(demo) drop/relabel flagged mislabels, mask the detected shortcut, retrain, compare")
@@ -186,6 +224,7 @@ def _parser() -> _Parser:
 
     a = sub.add_parser("attribute", help="pixel attribution map on one image")
     a.add_argument("--model", required=True)
+    a.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the model factory (repeatable)")
     a.add_argument("--checkpoint", required=True)
     a.add_argument("--image", required=True)
     a.add_argument("--method", default=_default(run_attribute, "method"),
@@ -215,48 +254,70 @@ def _cmd_build(args: argparse.Namespace) -> int:
     path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
                  params=args.params, lr_weights=args.lr_weights, batch_size=args.batch_size, methods=args.method,
                  index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows, trak_lambda=args.trak_lambda,
-                 device=args.device, progress=True)
+                 device=args.device, progress=True, preprocessing=_preprocessing(args), classes=args.classes,
+                 model_args=parse_model_args(args.model_arg))
     info = describe_store(path) | {"seconds": round(time.perf_counter() - t0, 2)}
+    classes = info["classes"] or []
     _emit(info, args.json, f"store {info['path']}: {info['n']} examples × {len(info['checkpoints'])} checkpoints, "
-                           f"k={info['k']}, status {info['status']} ({info['seconds']} s)")
+                           f"k={info['k']}, {len(classes)} classes ({', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}), "
+                           f"status {info['status']} ({info['seconds']} s)")
     return 0
 
 
-def _queries(args: argparse.Namespace, session: Influence) -> tuple[Any, list[int] | None, list[int] | None]:
+def _queries(args: argparse.Namespace, session: Influence) -> TestData:
+    """--image (with an optional --label) or --data/--ids, read with the store's preprocessing and class names."""
     if args.image:
-        shape = session.input_shape
-        x = read_image(args.image, channels=shape[0], size=tuple(shape[1:]))[None]
-        return x, None, None
-    x, y, ids = load_queries(args.data, args.ids)
-    return x, y.tolist(), ids
+        pre = session.preprocessing.replace(size=args.size, channels=args.channels)
+        x = load_image(args.image, pre, session.input_shape)[None]
+        label = getattr(args, "label", None)
+        y = torch.tensor([session.class_index(label, "--label")] if label is not None else [], dtype=torch.long)
+        return TestData(x, y, [], [args.image])
+    if getattr(args, "label", None) is not None:
+        raise BadSpecError("--label is for --image; with --data the labels come from the data")
+    return session.test_data(args.data, args.ids, size=args.size, channels=args.channels)
 
 
-def _targets(arg: str | None, labels: list[int] | None, n: int) -> list[int] | None:
+def _labels(data: TestData) -> list[int] | None:
+    return data.y.tolist() if len(data.y) == len(data.x) else None
+
+
+def _targets(arg: str | None, labels: list[int] | None, n: int, session: Influence) -> list[int] | None:
     if arg in (None, "predicted"):
         return None
     if arg == "label":
         if labels is None:
-            raise BadSpecError("--target label needs --data with labels (an --image has none)")
+            raise BadSpecError("--target label needs labels: --data with labels, or --label for an --image")
         return labels
-    try:
-        return [int(arg)] * n
-    except ValueError:
-        raise BadSpecError(f"--target must be an integer class, 'label' or 'predicted', got {arg!r}") from None
+    return [session.class_index(arg, "--target")] * n
+
+
+def _who(p: Influencer) -> str:
+    """One influencer for the terminal: id, class name, file path where known, score."""
+    where = f" {p.path}" if p.path else ""
+    return f"#{p.train_id} y={p.label_name}{where} {p.score:+.3g}"
+
+
+def _head(r: QueryResult, fallback: str) -> str:
+    head = f"test {r.test_id}" if r.test_id is not None else fallback
+    return head + (f" ({r.test_path})" if r.test_path and r.test_id is not None else "")
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
     session = Influence.open(args.store, device=args.device)
-    x, labels, ids = _queries(args, session)
-    results = session.query(x, _targets(args.target, labels, len(x)), k=args.k, method=args.method, labels=labels, test_ids=ids)
+    data = _queries(args, session)
+    labels = _labels(data)
+    ids = data.ids or None
+    results = session.query(data.x, _targets(args.target, labels, len(data.x), session), k=args.k, method=args.method,
+                            labels=labels, test_ids=ids, test_paths=data.paths)
     if args.json:
         print(json.dumps({"method": args.method, "results": [r.to_json() for r in results]}))
         return 0
     for r in results:
-        head = f"test {r.test_id}" if r.test_id is not None else Path(args.image).name
-        true = f", true {r.label}" if r.label is not None else ""
-        print(f"{head}: predicted {r.predicted}{true}; explaining class {r.target} (p={r.probability:.3f}) by {r.method}, search {r.search_ms:.2f} ms")
-        print("  proponents: " + ", ".join(f"#{p.train_id} y={p.label} {p.score:+.3g}" for p in r.proponents))
-        print(f"  opponents of {r.opponents_target}: " + ", ".join(f"#{p.train_id} y={p.label} {p.score:+.3g}" for p in r.opponents))
+        head = _head(r, Path(args.image).name if args.image else "image")
+        true = f", true {r.label_name}" if r.label_name is not None else ""
+        print(f"{head}: predicted {r.predicted_name}{true}; explaining class {r.target_name} (p={r.probability:.3f}) by {r.method}, search {r.search_ms:.2f} ms")
+        print("  proponents: " + ", ".join(_who(p) for p in r.proponents))
+        print(f"  opponents of {r.opponents_target_name}: " + ", ".join(_who(p) for p in r.opponents))
     return 0
 
 
@@ -264,8 +325,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     session = Influence.open(args.store, device=args.device)
     if not args.image and not args.data:
         raise InfluenceError("give --data SPEC (with optional --ids) or --image FILE")
-    x, labels, _ = _queries(args, session)
-    scores = session.scores(x, _targets(args.target, labels, len(x)), method=args.method)
+    data = _queries(args, session)
+    scores = session.scores(data.x, _targets(args.target, _labels(data), len(data.x), session), method=args.method)
     _save_npy(args.out, scores)
     print(f"wrote {args.out}: scores of shape {scores.shape} ({args.method})", file=sys.stderr)
     return 0
@@ -296,11 +357,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
-    import torch
-
     from influence.attribution._render import save_overlay
 
-    model = load_checkpoint(load_model(args.model), args.checkpoint)
+    model = load_checkpoint(load_model(args.model, parse_model_args(args.model_arg)), args.checkpoint)
     image = read_image(args.image, channels=_input_channels(model), size=args.size)
     try:
         with torch.no_grad():
@@ -338,32 +397,34 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    import torch
-
     from influence.report import write_report  # matplotlib: loaded only when a report is asked for
 
     session = Influence.open(args.store)
-    x, labels, ids = _queries(args, session)
+    data = _queries(args, session)
+    x, labels, ids, paths = data.x, _labels(data), data.ids or None, data.paths
     if args.data and args.ids is None and labels is not None and ids is not None:  # default: the failures
         wrong = (session.predict(x).argmax(-1).cpu() != torch.as_tensor(labels)).nonzero().flatten().tolist()
         if not wrong:
             raise InfluenceError(f"no misclassified examples in {args.data}; pass --ids to explain correct ones")
         x, labels, ids = x[wrong], [labels[i] for i in wrong], [ids[i] for i in wrong]
-    found = explain(session, x, targets=_targets(args.target, labels, len(x)), labels=labels, test_ids=ids, k=args.k,
+        paths = None if paths is None else [paths[i] for i in wrong]
+    found = explain(session, x, targets=_targets(args.target, labels, len(x), session), labels=labels, test_ids=ids, k=args.k,
                     method=args.method, attribution=args.attribution, tfa=args.tfa)
+    if paths is not None:  # explain() queries without paths; the results are ours to annotate
+        for e, path in zip(found, paths):
+            e.result.test_path = path
     report = str(write_report(args.out, found)) if args.out else None
     if args.json:
         print(json.dumps({"method": args.method, "report": report, "explanations": [e.to_json() for e in found]}))
         return 0
     for e in found:
         r = e.result
-        head = f"test {r.test_id}" if r.test_id is not None else "image"
-        true = f", true {r.label}" if r.label is not None else ""
-        print(f"{head}: predicted {r.predicted}{true}; explaining class {r.target} (p={r.probability:.3f})")
+        true = f", true {r.label_name}" if r.label_name is not None else ""
+        print(f"{_head(r, args.image or 'image')}: predicted {r.predicted_name}{true}; explaining class {r.target_name} (p={r.probability:.3f})")
         for side, items in (("+", r.proponents), ("-", r.opponents)):
             for p in items:
                 flags = f"  [{', '.join(e.flags[p.train_id])}]" if p.train_id in e.flags else ""
-                print(f"  {side} #{p.train_id} y={p.label} {p.score:+.3g}{flags}")
+                print(f"  {side} {_who(p)}{flags}")
     if report:
         print(f"report: {report}", file=sys.stderr)
     return 0
@@ -373,22 +434,34 @@ def _cmd_flag(args: argparse.Namespace) -> int:
     session = Influence.open(args.store)
     test = None
     if args.test:
-        x, y, _ = load_queries(args.test)
-        test = (x, y)
+        data = session.test_data(args.test, size=args.size, channels=args.channels)
+        test = (data.x, data.y)
     kinds = _choices("flag-kind") if args.kind == "all" else [args.kind]
-    doc = run_flags(session, test, kinds=kinds, top=args.top, method=args.method, tfa=args.tfa)
+    doc = _named_flags(session, run_flags(session, test, kinds=kinds, top=args.top, method=args.method, tfa=args.tfa))
     if args.json:
         print(json.dumps(doc))
         return 0
     for kind in ("mislabel", "harmful"):
         if kind in doc:
-            print(f"{kind}: " + (", ".join(f"#{f['train_id']} (y={f['label']}, {f['score']:.3g})" for f in doc[kind][:args.top]) or "none"))
+            print(f"{kind}: " + (", ".join(f"#{f['train_id']} (y={f['label_name']}{' ' + f['path'] if f['path'] else ''}, {f['score']:.3g})"
+                                           for f in doc[kind][:args.top]) or "none"))
     if "shortcuts" in doc:
         if not doc["shortcuts"]:
             print("shortcuts: none found")
         for s in doc["shortcuts"]:
-            print(f"shortcut: class {s['class']}, box {s['box']} (x0, y0, x1, y1), {len(s['train_ids'])} training images, score {s['score']:.3g}")
+            print(f"shortcut: class {s['class_name']}, box {s['box']} (x0, y0, x1, y1), {len(s['train_ids'])} training images, score {s['score']:.3g}")
     return 0
+
+
+def _named_flags(session: Influence, doc: dict[str, Any]) -> dict[str, Any]:
+    """Each flagged example gains ``label_name`` and ``path``, each shortcut ``class_name`` (existing keys kept)."""
+    for kind in ("mislabel", "harmful"):
+        for f in doc.get(kind, []):
+            f["label_name"], f["path"] = session.class_name(int(f["label"])), session.train_path(int(f["train_id"]))
+    for s in doc.get("shortcuts", []):
+        s["class_name"] = session.class_name(int(s["class"]))
+        s["paths"] = [session.train_path(int(i)) for i in s["train_ids"]]
+    return doc
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:

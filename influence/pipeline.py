@@ -8,6 +8,8 @@ features, because batch boundaries (and so every floating-point sum) repeat.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -19,9 +21,10 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from index.atomic import atomic_write
 from index.search import build_index, save_index
 from index.store import FEATURE_DTYPES, FeatureStore
-from influence.data import batch_of, fingerprint_dataset
+from influence.data import Preprocessing, batch_of, fingerprint_dataset
 from influence.errors import BadDataError, BadSpecError, InfluenceError, NonFiniteError, StoreMismatchError
 from influence.features import ClassificationTask, Projector, ProjectorSpec, Task, make_projector, select_parameters
 from influence.features.specs import BuildSpec, TrakSpec, task_ref
@@ -95,8 +98,16 @@ def build(
     rows_per_chunk: int = DEFAULT_ROWS_PER_CHUNK,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    preprocessing: Preprocessing | None = None,
+    classes: Sequence[str] | None = None,
+    model_args: dict[str, Any] | None = None,
 ) -> Path:
-    """Build (or resume, or extend with new checkpoints) the store at ``out``; returns its path."""
+    """Build (or resume, or extend with new checkpoints) the store at ``out``; returns its path.
+
+    ``preprocessing`` turns every training image into a model input and is recorded, so queries repeat it.
+    ``classes`` names the model's outputs in order (default: the data's own names, else "0".."K-1"); an image
+    folder's sub-folders are mapped to them by name. ``model_args`` are the model factory's keyword arguments.
+    """
     methods = list(dict.fromkeys(methods))
     for m in methods:
         get_method(m)
@@ -115,9 +126,11 @@ def build(
     task = task or ClassificationTask()
     device = torch.device(device)
 
-    net = load_model(model).to(device)
+    pre = preprocessing or Preprocessing()
+    given = _class_list(classes)
+    net = load_model(model, model_args).to(device)
     names = select_parameters(net, params)
-    dataset = load_data(data)
+    dataset = load_data(data, pre, classes=given)
     n = len(dataset)
     x0, y0 = batch_of(dataset, 0, 1)
     if x0.ndim != 4:
@@ -130,6 +143,13 @@ def build(
             f"the model cannot run on this data's images of shape {tuple(x0.shape[1:])}: {str(e).strip().splitlines()[0][:160]}"
         ) from None
     num_classes = int(logits0.shape[-1])
+    class_names = given or getattr(dataset, "classes", None) or [str(c) for c in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise BadDataError(
+            f"the data names {len(class_names)} classes ({', '.join(class_names[:10])}{' ...' if len(class_names) > 10 else ''}) "
+            f"but the model has {num_classes} outputs; pass --classes with all {num_classes} names in output order"
+        )
+    paths = getattr(dataset, "paths", None)
     spec = BuildSpec(task=task_ref(task), params=params, projector=ProjectorSpec(projector, int(proj_dim), int(seed)),
                      batch_size=batch_size, rows_per_chunk=_rows_per_chunk(batch_size, min(rows_per_chunk, max(batch_size, n))),
                      dtype=dtype)
@@ -139,19 +159,21 @@ def build(
         "model_spec": _spec_string(model), "model_fingerprint": model_fingerprint(net), **spec.to_attrs(),
         "param_names": names, "k": proj.dim, "data_spec": _spec_string(data),
         "dataset_fingerprint": fingerprint_dataset(dataset), "n": n, "input_shape": list(x0.shape[1:]), "num_classes": num_classes,
+        "classes": list(class_names), "preprocessing": pre.to_attrs(), "model_args": dict(model_args or {}),
     }
     records: list[dict[str, Any]] = [  # the store's checkpoint records (index.store keeps them as plain dicts)
         {"path": str(Path(c).resolve()), "sha256": sha256_file(c) if Path(c).is_file() else None,
          "size": Path(c).stat().st_size if Path(c).is_file() else None, "lr_weight": float(w)}
         for c, w in zip(checkpoints, lr_weights)
     ]
-    for r, c in zip(records, checkpoints):
-        if r["sha256"] is None:
-            load_checkpoint(net, c)  # raises the named missing-checkpoint error
+    for c in checkpoints:  # a missing, unreadable or mismatched checkpoint fails before the store is created,
+        load_checkpoint(net, c)  # so the corrected command does not meet a half-made store of another model
     _check_resume(Path(out), spec, manifest, records)
 
     with FeatureStore.open_for_write(out, manifest) as store:
         store.ensure_labels()
+        if isinstance(paths, list) and len(paths) == n:
+            store.set_attrs(paths=write_paths(store.root, [str(p) for p in paths]))
         known = store.checkpoints
         if len(records) < len(known):
             log.warning("store has %d checkpoints; %d given: keeping all stored ones", len(known), len(records))
@@ -199,6 +221,31 @@ def build(
             store.set_attrs(indexes=indexes)
         store.mark_complete()
         return Path(out)
+
+
+PATHS_FILE = "train_paths.json"
+
+
+def _class_list(classes: Sequence[str] | None) -> list[str] | None:
+    if classes is None:
+        return None
+    names = [str(c).strip() for c in classes]
+    dupes = sorted({c for c in names if names.count(c) > 1})
+    if not names or dupes or "" in names:
+        raise BadSpecError(f"--classes must be distinct non-empty names, got {list(classes)}")
+    return names
+
+
+def write_paths(root: Path, paths: list[str]) -> dict[str, Any]:
+    """Each training row's file path, in a JSON file beside the store (atomic); returns its record for the attrs.
+
+    A separate file, not an attribute: the attrs are rewritten on every status change, and 10⁶ paths would
+    make each rewrite tens of megabytes.
+    """
+    body = json.dumps({"paths": paths}).encode()
+    with atomic_write(root / PATHS_FILE) as f:
+        f.write(body)
+    return {"file": PATHS_FILE, "sha256": hashlib.sha256(body).hexdigest(), "count": len(paths)}
 
 
 def _check_resume(out: Path, spec: BuildSpec, manifest: dict[str, Any], records: list[dict[str, Any]]) -> None:

@@ -10,6 +10,8 @@ Queries never touch a store that is not ``complete``.
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -24,8 +26,8 @@ from torch.utils.data import Dataset
 from index.search import SearchIndex, load_index
 from index.store import FeatureStore
 from influence._inputs import as_batch, as_targets
-from influence.data import batch_of, index_subset
-from influence.errors import BadDataError, BadSpecError, StoreIncompleteError, StoreMismatchError
+from influence.data import Preprocessing, batch_of, index_subset
+from influence.errors import BadDataError, BadSpecError, StoreDamagedError, StoreIncompleteError, StoreMismatchError
 from influence.features import ProjectorSpec, Task, make_projector
 from influence.features.encoder import Checkpoint, QueryEncoder
 from influence.features.specs import resolve_task
@@ -35,9 +37,13 @@ from influence.scoring import ScoringMethod, get_method
 
 @dataclass
 class Influencer:
+    """One training example's score, with its stored label's class name and (image folders) its file path."""
+
     train_id: int
     score: float
     label: int
+    label_name: str = ""
+    path: str | None = None
 
 
 @dataclass
@@ -54,6 +60,11 @@ class QueryResult:
     test_id: int | None = None
     method: str = "tracin"
     search_ms: float = 0.0
+    target_name: str = ""
+    predicted_name: str = ""
+    opponents_target_name: str = ""
+    label_name: str | None = None
+    test_path: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,6 +98,13 @@ class Influence:
         self._label_prob: np.ndarray | None = None
         self._self_influence: dict[str, np.ndarray] = {}
         self._train_data: Any = None  # what load_data returns for the store's data spec, read on first use
+        self._paths: list[str] | None = None  # training rows' file paths, read on first use
+        self._paths_read = False
+        names = attrs.get("classes")  # a store from before names were recorded: "0".."K-1"
+        self.class_names: list[str] = (
+            [str(c) for c in names] if names is not None else [str(c) for c in range(int(attrs.get("num_classes", 0)))]
+        )
+        """The name of each class in output order."""
 
     @classmethod
     def open(
@@ -99,7 +117,7 @@ class Influence:
         spec = model if model is not None else attrs.get("model_spec")
         if spec is None:
             raise BadSpecError(f"store {path} was built from an in-memory model; pass model= to open it")
-        net = load_model(spec).to(device).eval()
+        net = load_model(spec, attrs.get("model_args")).to(device).eval()
         if model_fingerprint(net) != attrs["model_fingerprint"]:
             raise StoreMismatchError(
                 f"model {type(net).__name__} does not match the store's model (fingerprint {model_fingerprint(net)} != "
@@ -120,6 +138,66 @@ class Influence:
     def model_spec(self) -> str | None:
         """The model spec the store was built from (None for an in-memory model)."""
         return self.store.attrs.get("model_spec")
+
+    def class_name(self, c: int) -> str:
+        names = self.class_names
+        return names[c] if 0 <= c < len(names) else str(c)
+
+    def class_index(self, name: str | int, what: str = "--target") -> int:
+        """A class given by name or by index → its index; anything else is an error listing the names."""
+        names = self.class_names
+        if isinstance(name, str) and name in names:
+            return names.index(name)
+        try:
+            c = int(name)
+        except ValueError:
+            c = -1
+        if not 0 <= c < len(names):
+            shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+            raise BadSpecError(f"{what} {name!r} is not a class of this store: give a name ({shown}) or an index 0..{len(names) - 1}")
+        return c
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """How the store's training images were turned into model inputs; test data gets the same."""
+        return Preprocessing.from_attrs(self.store.attrs.get("preprocessing"))
+
+    def train_path(self, i: int) -> str | None:
+        """Training row ``i``'s file path relative to its image folder (None when the data had no files)."""
+        if not self._paths_read:
+            self._paths, self._paths_read = self._read_paths(), True
+        paths = self._paths
+        return paths[i] if paths is not None and 0 <= i < len(paths) else None
+
+    def _read_paths(self) -> list[str] | None:
+        rec = self.store.attrs.get("paths")
+        if not rec:
+            return None
+        try:
+            body = (self.store.root / rec["file"]).read_bytes()
+        except OSError:
+            raise StoreDamagedError(f"store {self.store.root} lost its {rec['file']}; rebuild it") from None
+        if hashlib.sha256(body).hexdigest() != rec["sha256"]:
+            raise StoreDamagedError(f"store {self.store.root}: {rec['file']} has changed since the build (sha256 differs); rebuild it")
+        paths = json.loads(body)["paths"]
+        return [str(p) for p in paths]
+
+    def _influencer(self, i: int, score: float, labels: np.ndarray) -> Influencer:
+        label = int(labels[i])
+        return Influencer(i, score, label, self.class_name(label), self.train_path(i))
+
+    def test_data(
+        self, spec: str | Dataset[Any], ids: Sequence[int] | None = None, *, size: tuple[int, int] | None = None,
+        channels: int | None = None,
+    ) -> "TestData":
+        """Test examples from a DATA SPEC, read as the training data was: the store's preprocessing, and its
+        class names (a test folder's sub-folders and an ``.npz``'s ``classes`` are mapped by name, so a
+        missing class never renumbers the others). ``size`` / ``channels`` convert images that differ."""
+        pre = self.preprocessing.replace(size=size, channels=channels)
+        dataset = load_data(spec, pre, classes=self.class_names, shape=self.input_shape)
+        x, y, ids = _select(dataset, ids)
+        paths = getattr(dataset, "paths", None)
+        return TestData(x, y, ids, None if paths is None else [paths[i] for i in ids])
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -185,6 +263,7 @@ class Influence:
     def query(
         self, inputs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None = None, *, k: int = 10,
         method: str = "tracin", labels: Sequence[int] | None = None, test_ids: Sequence[int] | None = None,
+        test_paths: Sequence[str | None] | None = None,
     ) -> list[QueryResult]:
         """Top-``k`` proponents and opponents of each input.
 
@@ -214,13 +293,18 @@ class Influence:
         ms = (time.perf_counter() - start) * 1000 / max(1, len(q))
         results = []
         for r in range(len(q)):
+            label = None if labels is None else int(labels[r])
             results.append(QueryResult(
                 target=int(t[r]), predicted=int(probs[r].argmax()), probability=float(probs[r, t[r]]),
-                proponents=[Influencer(int(i), float(s), int(train_labels[i])) for s, i in zip(pro_s[r], pro_i[r])],
-                opponents=[Influencer(int(i), float(s), int(train_labels[i])) for s, i in zip(opp_s[r], opp_i[r])],
+                proponents=[self._influencer(int(i), float(s), train_labels) for s, i in zip(pro_s[r], pro_i[r])],
+                opponents=[self._influencer(int(i), float(s), train_labels) for s, i in zip(opp_s[r], opp_i[r])],
                 opponents_target=int(opp_t[r]),
-                label=None if labels is None else int(labels[r]), test_id=None if test_ids is None else int(test_ids[r]),
+                label=label, test_id=None if test_ids is None else int(test_ids[r]),
                 method=method, search_ms=round(ms, 3),
+                target_name=self.class_name(int(t[r])), predicted_name=self.class_name(int(probs[r].argmax())),
+                opponents_target_name=self.class_name(int(opp_t[r])),
+                label_name=None if label is None else self.class_name(label),
+                test_path=None if test_paths is None else test_paths[r],
             ))
         return results
 
@@ -245,7 +329,7 @@ class Influence:
             spec = self.store.attrs.get("data_spec")
             if spec is None:
                 raise BadSpecError("this store was built from an in-memory dataset; training images are not available")
-            self._train_data = load_data(spec)
+            self._train_data = load_data(spec, self.preprocessing, classes=self.class_names, shape=self.input_shape)
         dataset = self._train_data
         if len(dataset) != self.store.n:
             raise StoreMismatchError(f"training data {self.store.attrs.get('data_spec')} has {len(dataset)} examples; the store has {self.store.n}")
@@ -265,15 +349,33 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         "params": a.get("params"), "num_parameters_selected": len(a.get("param_names", [])),
         "projector": a.get("projector"), "k": a.get("k"), "dtype": a.get("dtype"), "n": a.get("n"),
         "data_spec": a.get("data_spec"), "dataset_fingerprint": a.get("dataset_fingerprint"),
-        "input_shape": a.get("input_shape"), "num_classes": a.get("num_classes"),
+        "input_shape": a.get("input_shape"), "num_classes": a.get("num_classes"), "classes": a.get("classes"),
+        "preprocessing": a.get("preprocessing"), "model_args": a.get("model_args"),
+        "paths": (a.get("paths") or {}).get("count"),
         "checkpoints": [{k: c[k] for k in ("id", "path", "lr_weight", "sha256")} for c in store.checkpoints],
         "indexes": {m: {"factory": r.get("factory"), "size": r.get("size")} for m, r in a.get("indexes", {}).items()},
     }
 
 
+@dataclass(frozen=True)
+class TestData:
+    """Test examples as a query needs them: images, labels in the store's numbering, ids, and file paths (folders)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    ids: list[int]
+    paths: list[str] | None = None
+
+
 def load_queries(spec: str | Dataset[Any], ids: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Test examples from a DATA SPEC (optionally only ``ids``) as (x, labels, ids)."""
-    dataset = load_data(spec)
+    """Test examples from a DATA SPEC (optionally only ``ids``) as (x, labels, ids), read as they are.
+
+    For a store's test data prefer :meth:`Influence.test_data`: it applies the store's preprocessing and class names.
+    """
+    return _select(load_data(spec), ids)
+
+
+def _select(dataset: Any, ids: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     ids = list(range(len(dataset))) if ids is None else list(ids)
     if not ids:
         raise BadDataError("no test examples selected")

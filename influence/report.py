@@ -20,6 +20,7 @@ from matplotlib.patches import Rectangle
 
 from index.atomic import atomic_write
 from influence.explain import Explanation
+from influence.query import QueryResult
 
 
 def _gray(img: torch.Tensor) -> np.ndarray:
@@ -60,10 +61,11 @@ def explanation_figure(e: Explanation, path: Path) -> None:
     fig = Figure(figsize=(1.5 * (k + 1.3), 3.8))
     axes = fig.subplots(2, k + 2, gridspec_kw={"width_ratios": [1, 0.3] + [1] * k})
     r = e.result
-    true = f" true {r.label}" if r.label is not None else ""
-    _overlay(axes[0, 0], e.image, None, f"test{'' if r.test_id is None else ' ' + str(r.test_id)}\npred {r.predicted}{true}")
-    _overlay(axes[1, 0], e.image, e.pixel_map, f"{e.attribution}\nclass {r.target}")
-    sides = ((f"proponents of {r.target}", r.proponents), (f"opponents of {r.opponents_target}", r.opponents))
+    true = f" true {_name(r.label_name, r.label)}" if r.label is not None else ""
+    _overlay(axes[0, 0], e.image, None, f"test{'' if r.test_id is None else ' ' + str(r.test_id)}\npred {_name(r.predicted_name, r.predicted)}{true}")
+    _overlay(axes[1, 0], e.image, e.pixel_map, f"{e.attribution}\nclass {_name(r.target_name, r.target)}")
+    sides = ((f"proponents of {_name(r.target_name, r.target)}", r.proponents),
+             (f"opponents of {_name(r.opponents_target_name, r.opponents_target)}", r.opponents))
     for row, (side, items) in enumerate(sides):
         axes[row, 1].text(0.5, 0.5, side, ha="center", va="center", fontsize=9, rotation=90)
         axes[row, 1].axis("off")
@@ -74,10 +76,26 @@ def explanation_figure(e: Explanation, path: Path) -> None:
                 continue
             p = items[j]
             flag = "\n" + ", ".join(e.flags[p.train_id]) if p.train_id in e.flags else ""
-            _overlay(ax, e.train_images[p.train_id], e.tfa_maps.get(p.train_id), f"#{p.train_id} y={p.label}\n{p.score:+.3g}{flag}")
-    away = f"; what pulled it away from {r.opponents_target}?" if r.opponents_target != r.target else ""
-    fig.suptitle(f"why class {r.target}?{away} ({r.method}; TFA: {e.tfa})", fontsize=9, y=1.06)
+            _overlay(ax, e.train_images[p.train_id], e.tfa_maps.get(p.train_id),
+                     f"#{p.train_id} y={_name(p.label_name, p.label)}\n{p.score:+.3g}{flag}")
+    away = f"; what pulled it away from {_name(r.opponents_target_name, r.opponents_target)}?" if r.opponents_target != r.target else ""
+    fig.suptitle(f"why class {_name(r.target_name, r.target)}?{away} ({r.method}; TFA: {e.tfa})", fontsize=9, y=1.06)
     _save(fig, path)
+
+
+def _name(name: str | None, index: int) -> str:
+    """A class's name, or its index for a result made without names."""
+    return name if name else str(index)
+
+
+def _influencer_table(r: QueryResult) -> str:
+    """Proponents and opponents as an HTML table: id, class name, file path (where known), score."""
+    rows = "".join(
+        f"<tr><td>{side}</td><td>{p.train_id}</td><td>{html.escape(_name(p.label_name, p.label))}</td>"
+        f"<td>{html.escape(p.path or '')}</td><td>{p.score:+.4g}</td></tr>"
+        for side, items in (("proponent", r.proponents), ("opponent", r.opponents)) for p in items
+    )
+    return f"<table border=1><tr><th></th><th>train id</th><th>class</th><th>file</th><th>score</th></tr>{rows}</table>"
 
 
 def shortcut_figure(shortcut: dict[str, Any], images: torch.Tensor, path: Path, limit: int = 8) -> None:
@@ -87,7 +105,7 @@ def shortcut_figure(shortcut: dict[str, Any], images: torch.Tensor, path: Path, 
     axes = fig.subplots(1, max(n, 1), squeeze=False)
     for j in range(n):
         _overlay(axes[0, j], images[j], None, f"#{shortcut['train_ids'][j]}", shortcut["box"])
-    fig.suptitle(f"shortcut for class {shortcut['class']} at {shortcut['box']} (score {shortcut['score']:.2f})", fontsize=8)
+    fig.suptitle(f"shortcut for class {shortcut.get('class_name', shortcut['class'])} at {shortcut['box']} (score {shortcut['score']:.2f})", fontsize=8)
     _save(fig, path)
 
 
@@ -108,8 +126,11 @@ def write_report(
         docs.append(doc)
         r = e.result
         head = f"Test {r.test_id}" if r.test_id is not None else f"Image {n}"
-        true = f", true label {r.label}" if r.label is not None else ""
-        parts.append(f"<h2>{head}: predicted {r.predicted} (p={r.probability:.2f}){true}</h2><img src='{name}' alt='{head}'>")
+        head += f" ({r.test_path})" if r.test_path else ""
+        true = f", true label {_name(r.label_name, r.label)}" if r.label is not None else ""
+        parts.append(f"<h2>{html.escape(head)}: predicted {html.escape(_name(r.predicted_name, r.predicted))} (p={r.probability:.2f})"
+                     f"{html.escape(true)}</h2><img src='{name}' alt='{html.escape(head)}'>")
+        parts.append(_influencer_table(r))
         flagged = [f"#{i}: {', '.join(f)}" for i, f in e.flags.items()]
         if flagged:
             parts.append("<p>Flags: " + html.escape("; ".join(flagged)) + "</p>")
@@ -117,8 +138,9 @@ def write_report(
         parts.append("<h2>Flags</h2>")
         for kind in ("mislabel", "harmful"):
             if kind in flags:
-                rows = "".join(f"<tr><td>{f['train_id']}</td><td>{f['label']}</td><td>{f['score']:.4g}</td></tr>" for f in flags[kind][:20])
-                parts.append(f"<h3>{kind}</h3><table border=1><tr><th>train id</th><th>label</th><th>score</th></tr>{rows}</table>")
+                rows = "".join(f"<tr><td>{f['train_id']}</td><td>{html.escape(str(f.get('label_name', f['label'])))}</td>"
+                               f"<td>{html.escape(f.get('path') or '')}</td><td>{f['score']:.4g}</td></tr>" for f in flags[kind][:20])
+                parts.append(f"<h3>{kind}</h3><table border=1><tr><th>train id</th><th>label</th><th>file</th><th>score</th></tr>{rows}</table>")
         if "shortcuts" in flags:
             if not flags["shortcuts"]:
                 parts.append("<h3>shortcuts</h3><p>No patch shortcut found.</p>")
@@ -127,7 +149,7 @@ def write_report(
                 imgs = (shortcut_images or {}).get(n)
                 if imgs is not None:
                     shortcut_figure(s, imgs, out / name)
-                parts.append(f"<h3>shortcut: class {s['class']}, box {s['box']}, {len(s['train_ids'])} training images, score {s['score']:.3g}</h3>"
+                parts.append(f"<h3>shortcut: class {html.escape(str(s.get('class_name', s['class'])))}, box {s['box']}, {len(s['train_ids'])} training images, score {s['score']:.3g}</h3>"
                              + (f"<img src='{name}' alt='shortcut {n}'>" if imgs is not None else ""))
     with atomic_write(out / "explanations.json") as f:
         f.write(json.dumps({"explanations": docs, "flags": flags or {}}, indent=1).encode())

@@ -158,8 +158,11 @@ def test_query_json_is_one_document(store, session, digits, capsys):
         for side in ("proponents", "opponents"):
             assert len(r[side]) == 4
             for item in r[side]:
-                assert set(item) == {"train_id", "score", "label"}
+                assert set(item) == {"train_id", "score", "label", "label_name", "path"}
                 assert 0 <= item["train_id"] < N_TRAIN and item["label"] == labels[item["train_id"]]
+                # an .npz without a 'classes' array: the names are the indices, and rows have no file
+                assert item["label_name"] == str(item["label"]) and item["path"] is None
+        assert r["target_name"] == r["label_name"] == str(r["label"]) and r["test_path"] is None
         pro = [p["score"] for p in r["proponents"]]
         opp = [p["score"] for p in r["opponents"]]
         assert pro == sorted(pro, reverse=True) and opp == sorted(opp)
@@ -318,7 +321,7 @@ def test_bad_query_inputs(store, digits, tmp_path, capsys):
                    "invalid choice")
     assert_refused(capsys, ["query", store, "--data", digits.test_npz, "--ids", "0,99"], "out of range")
     assert_refused(capsys, ["query", store, "--data", digits.test_npz, "--ids", "0", "--k", "0"], "--k")
-    assert_refused(capsys, ["query", store, "--data", digits.test_npz, "--ids", "0", "--target", "11"], "targets")
+    assert_refused(capsys, ["query", store, "--data", digits.test_npz, "--ids", "0", "--target", "11"], "--target", "11", "index 0..9")
     assert_refused(capsys, ["query", tmp_path, "--data", digits.test_npz], "not an influence store")
     assert_refused(capsys, ["self-influence", store, "--method", "gradcos", "--out", tmp_path / "x.npy"],
                    "gradcos", "use --method tracin or trak")
