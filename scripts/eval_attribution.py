@@ -1,4 +1,4 @@
-"""Evaluate the pixel-attribution methods on scikit-learn digits (METHODS.md §5), CPU-sized.
+"""Evaluate the pixel-attribution methods on scikit-learn digits (Adebayo et al. 2018; Petsiuk et al. 2018), CPU-sized.
 
 Protocols: grid pointing game (with and without VAR), cascading model-parameter
 randomisation (MPRT), insertion/deletion AUC and μ-fidelity (pixels, and wavelet
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import rankdata
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
@@ -35,6 +33,8 @@ from influence.attribution import (
     SuppressionSampler,
     WaveletTransform,
 )
+from influence.evaluation.pixel import insertion_deletion, pointing_share, spearman
+from influence.evaluation.pixel import mu_fidelity as mu_fidelity_score
 from influence.models import DigitsCNN
 
 # --- data and models -----------------------------------------------------------------------------
@@ -109,14 +109,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 # --- shared measures -----------------------------------------------------------------------------
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Spearman correlation of two flattened maps (average ranks for ties); 0 if either is constant."""
-    ra, rb = rankdata(a.flatten().double().numpy()), rankdata(b.flatten().double().numpy())
-    if ra.std() == 0 or rb.std() == 0:
-        return 0.0
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def base_methods(model: nn.Module, n_ig: int = 50, n_smooth: int = 25) -> dict[str, tuple[object, dict]]:
     """name → (method instance, attribute options) for every base method."""
     return {
@@ -178,18 +170,12 @@ def pointing_game(x_test: torch.Tensor, y_test: torch.Tensor, n_grids: int, seed
     for i, q in enumerate(cells):
         r, c = 16 * (q // 2), 16 * (q % 2)
         cell_mask[i, r : r + 16, c : c + 16] = 1
-
-    def share(m: torch.Tensor) -> tuple[float, int]:
-        pos = m.clamp_min(0)
-        total = pos.flatten(1).sum(1)
-        ok = total > 0
-        s = (pos * cell_mask).flatten(1).sum(1)[ok] / total[ok]
-        return float(s.mean()) if ok.any() else float("nan"), int((~ok).sum())
+    cells_b = cell_mask.bool()
 
     results = {}
     for name, (method, opts) in base_methods(model).items():
-        plain = share(pixel_map(name, method.attribute(x, target=t, **opts)))
-        var = share(pixel_map(name, VAR(method).attribute(x, target=t, classes=cls, **opts)))
+        plain = pointing_share(pixel_map(name, method.attribute(x, target=t, **opts)), cells_b)
+        var = pointing_share(pixel_map(name, VAR(method).attribute(x, target=t, classes=cls, **opts)), cells_b)
         results[name] = (plain, var)
     lines += [
         f"### Grid pointing game (VAR), `GridCNN(head={head!r})`",
@@ -273,45 +259,25 @@ HEADS = {
 GRID_EPOCHS = 12
 
 
+def _target_prob(model: nn.Module, t: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, D) features → the model's probability of target ``t`` on the decoded inputs."""
+    return lambda f: model(decode(f)).softmax(1).gather(1, t[:, None]).squeeze(1)
+
+
 @torch.no_grad()
 def curves(model: nn.Module, x: torch.Tensor, t: torch.Tensor, ranking: torch.Tensor,
            decode: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor) -> tuple[float, float]:
-    """Insertion and deletion AUC (target probability, mean over STEPS + 1 points) when features are
-    ranked by ``ranking`` (B, D) and set to 0 (deletion) or revealed from 0 (insertion) in that order.
-    ``features`` (B, D) are the values being masked; ``decode`` maps them to model inputs."""
-    b, d = features.shape
-    order = ranking.argsort(dim=1, descending=True)
-    ins, dele = [], []
-    for s in range(STEPS + 1):
-        k = round(s * d / STEPS)
-        top = torch.zeros(b, d, dtype=torch.bool)
-        top.scatter_(1, order[:, :k], True)
-        for keep, acc in ((top, ins), (~top, dele)):
-            p = model(decode(features * keep)).softmax(1).gather(1, t[:, None]).squeeze(1)
-            acc.append(p)
-    auc = lambda ps: float(torch.stack(ps).mean(0).mean())  # noqa: E731
-    return auc(ins), auc(dele)
+    """Insertion and deletion AUC (``pixel.insertion_deletion``, STEPS steps, features set to / revealed from 0) when
+    features (B, D) are ranked by ``ranking`` (B, D); ``decode`` maps features to model inputs."""
+    ins, dele = insertion_deletion(_target_prob(model, t, decode), features, ranking.argsort(dim=1, descending=True), STEPS)
+    return float(ins.mean()), float(dele.mean())
 
 
 @torch.no_grad()
 def mu_fidelity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, attribution: torch.Tensor,
-                decode: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, seed: int,
-                subsets: int = 32, fraction: float = 0.2) -> float:
-    """Pearson, over random subsets S (20 % of features), between Σ_S attribution and the drop in
-    target probability when S is set to 0; mean over images."""
-    gen = torch.Generator().manual_seed(seed)
-    b, d = features.shape
-    p0 = model(decode(features)).softmax(1).gather(1, t[:, None]).squeeze(1)
-    sums, drops = [], []
-    for _ in range(subsets):
-        s = torch.rand(b, d, generator=gen) < fraction
-        p = model(decode(features * ~s)).softmax(1).gather(1, t[:, None]).squeeze(1)
-        sums.append((attribution * s).sum(1))
-        drops.append(p0 - p)
-    a, c = torch.stack(sums, 1).double(), torch.stack(drops, 1).double()
-    a, c = a - a.mean(1, keepdim=True), c - c.mean(1, keepdim=True)
-    r = (a * c).sum(1) / (a.norm(dim=1) * c.norm(dim=1)).clamp_min(1e-12)
-    return float(r.mean())
+                decode: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor, seed: int) -> float:
+    """``pixel.mu_fidelity`` over 32 random 20 % subsets of the features."""
+    return mu_fidelity_score(_target_prob(model, t, decode), features, attribution, seed)
 
 
 def faithfulness(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[list[str], dict]:
@@ -415,6 +381,7 @@ DATA: dict[str, torch.Tensor] = {}
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="markdown file to write the section to")
+    parser.add_argument("--doc", default="docs/BENCHMARKS.md", help="benchmarks page whose section is rewritten")
     parser.add_argument("--grids", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
     parser.add_argument("--images", type=int, default=100, help="test images for MPRT / faithfulness / stability")
@@ -494,10 +461,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from _benchdoc import write_section
-
-        write_section("attribution", text)
+        write_section("attribution", text, args.doc)
 
 
 if __name__ == "__main__":
