@@ -1,6 +1,6 @@
 """Query latency, throughput and recall of exact vs approximate FAISS indexes.
 
-Recall of approximate search depends on the data (DESIGN.md, "Measured facts"): it
+Recall of approximate search depends on the data (measured in docs/BENCHMARKS.md): it
 is near 1 on gradient-like features and poor on i.i.d. Gaussians, and tiling real
 features with noise distorts it. So vectors are drawn from a Gaussian with a
 gradient-like covariance (or one fitted to real features, ``--features F.npy``) and

@@ -1,6 +1,6 @@
 """Linear datamodeling score (LDS) of TracIn, Grad-Cos and TRAK on digits, against retraining ground truth.
 
-METHODS.md §5: draw M = 100 random half-subsets of the training split, retrain on each
+As in Park et al. 2023 (TRAK): draw M = 100 random half-subsets of the training split, retrain on each
 (seeded, CPU), record the test margins; predicted margin for subset S_j is Σ_{i∈S_j} S(i, t);
 LDS = mean over test points of Spearman(predicted, actual), with a bootstrap 95% interval over
 test points.
