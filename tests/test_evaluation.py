@@ -270,3 +270,13 @@ def test_demo_pieces_are_imported_in_one_module():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module != "influence.evaluation.digits":
                 assert not {a.name for a in node.names} & pieces, (path.name, node.module)
+
+
+def test_grid_canvas_places_each_digit_in_its_quadrant():
+    from influence.evaluation.attribution_study import place
+
+    digits = torch.stack([torch.full((1, 16, 16), 1.0), torch.full((1, 16, 16), 2.0)])
+    canvas = place(digits, torch.tensor([3, 0]))  # first bottom-right, second top-left
+    assert canvas.shape == (2, 1, 32, 32)
+    assert canvas[0, 0, 16:, 16:].eq(1).all() and canvas[0].sum() == 256
+    assert canvas[1, 0, :16, :16].eq(2).all() and canvas[1].sum() == 512
