@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,13 +24,10 @@ import torch
 import zarr
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchdoc import write_section  # noqa: E402
-
-from influence.data import load_digits_split  # noqa: E402
-from influence.features import ClassificationTask, ProjectorSpec, make_projector, select_parameters  # noqa: E402
-from influence.models import DigitsCNN, ResNet9  # noqa: E402
-from influence.training import train_classifier  # noqa: E402
+from influence.evaluation.digits import load_digits_split, train_classifier
+from influence.evaluation.docs import write_section
+from influence.features import ClassificationTask, ProjectorSpec, make_projector, select_parameters
+from influence.models import DigitsCNN, ResNet9
 
 
 def _setup(name: str, n_sample: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
@@ -117,6 +113,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads (use 1 on a machine shared with other jobs)")
     ap.add_argument("--section", default="bench_featurize", help="section of docs/BENCHMARKS.md to (re)write")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--doc", default="docs/BENCHMARKS.md", help="benchmarks page whose section is rewritten")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     task = ClassificationTask()
@@ -159,7 +156,7 @@ def main() -> None:
         fid = f"{rho:.3f} | {top:.2f}" if not np.isnan(rho) else "not measured (dense p×k too slow) | –"
         lines.append(f"| {name} | {p:,} | {kind} | {dim} | {tr:.1f} | {fe:.1f} | {ratio:.2f} | {fid} |")
     if not args.no_write:
-        write_section(args.section, "\n".join(lines))
+        write_section(args.section, "\n".join(lines), args.doc)
     print("\n".join(lines))
 
 

@@ -1,6 +1,6 @@
 """Query latency, throughput and recall of exact vs approximate FAISS indexes.
 
-Recall of approximate search depends on the data (DESIGN.md, "Measured facts"): it
+Recall of approximate search depends on the data (measured in docs/BENCHMARKS.md): it
 is near 1 on gradient-like features and poor on i.i.d. Gaussians, and tiling real
 features with noise distorts it. So vectors are drawn from a Gaussian with a
 gradient-like covariance (or one fitted to real features, ``--features F.npy``) and
@@ -26,8 +26,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from index.search import SearchIndex, build_index, recall_at_k  # noqa: E402
+from index.search import SearchIndex, build_index, recall_at_k
+from influence.evaluation.docs import write_section
 
 EFF_DIM = 40.0  # effective dimension (participation ratio) of real projected gradients
 NORM_P99_P50 = 15.0  # 99th/50th percentile ratio of their norms
@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="write the markdown section here")
+    p.add_argument("--doc", default="docs/BENCHMARKS.md", help="benchmarks page whose section is rewritten")
     a = p.parse_args(argv)
     if a.singles > a.queries:
         p.error("--singles must not exceed --queries")
@@ -267,10 +268,7 @@ Not run: N > {a.max_n_large_d:.0e} at d > 512 (a 10^6 x 2048 flat index is 8 GB;
     if a.out:
         Path(a.out).write_text(doc)
     else:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from _benchdoc import write_section
-
-        write_section("bench_index", doc)
+        write_section("bench_index", doc, a.doc)
 
 
 if __name__ == "__main__":

@@ -15,15 +15,13 @@ import json
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _benchdoc import write_section  # noqa: E402
+from influence.evaluation.docs import write_section
 
 CHILD = r"""
 import json, resource, sys, time
 import numpy as np, torch
-from influence.data import load_digits_split
+from influence.evaluation.digits import load_digits_split
 from influence.models import DigitsCNN
 import influence
 n, work, methods = int(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
@@ -50,6 +48,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="2000,8000,32000")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--doc", default="docs/BENCHMARKS.md", help="benchmarks page whose section is rewritten")
     args = ap.parse_args()
     rows = []
     for methods in ("tracin", "tracin,gradcos,trak"):
@@ -77,7 +76,7 @@ def main() -> None:
         lines.append(f"| {r['methods']} | {r['n']:,} | {r['peak_mb']:.0f} | {r['index_mb']:.0f} | {data_mb:.0f} | "
                      f"{r['peak_mb'] - r['index_mb'] - data_mb:.0f} | {r['seconds']:.1f} |")
     if not args.no_write:
-        write_section("bench_memory", "\n".join(lines))
+        write_section("bench_memory", "\n".join(lines), args.doc)
     print("\n".join(lines))
 
 

@@ -1,9 +1,10 @@
-"""Mislabel detection (METHODS.md §4-5): self-influence AUC against the injected label flips.
+"""Mislabel detection: self-influence AUC and recall against the injected label flips.
 
-The demo's data and recipe: 10% of training labels flipped plus the patch shortcut (``influence.data.inject``
-defaults), digits CNN trained with ``DEMO_EPOCHS`` and 3 checkpoints, store with tracin and trak. Self-influence
-under gradcos is 1 for every example (unit vectors), so it is not a detector and is skipped. The final
-checkpoint's training loss is reported as a baseline.
+The demo's data and recipe: 10% of training labels flipped plus the patch shortcut (the demo's ``inject``
+defaults), digits CNN trained with the demo recipe, store with tracin, gradcos and trak
+(``influence.evaluation.digits.demo_store``); scores from ``Influence.self_influence``, the ranking that
+``influence flag --kind mislabel`` uses. Self-influence under gradcos is 1 for every example (unit vectors), so it
+is not a detector and is skipped. The final checkpoint's training loss is reported as a baseline.
 
     python scripts/eval_mislabel.py --seeds 0 1 2
 """
@@ -19,44 +20,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
-import influence
-from influence.data import inject, load_digits_split
-from influence.demo import DEMO_CHECKPOINTS, DEMO_EPOCHS
-from influence.models import DigitsCNN
-from influence.training import train_classifier
+from influence.evaluation.digits import demo_store, inject, load_digits_split
+from influence.evaluation.mislabel import mislabel_metrics
 
 METHODS = ("tracin", "trak")
-
-
-def recall_at(scores: np.ndarray, mask: np.ndarray, fraction: float) -> float:
-    top = np.argsort(-scores)[: int(round(fraction * len(scores)))]
-    return float(mask[top].sum() / mask.sum())
 
 
 def run(seed: int, work: Path) -> dict:
     train, test = load_digits_split(seed=0)
     noisy, _, truth = inject(train, test, seed=seed)
-    if not (work / "store" / "zarr.json").is_file():
-        torch.manual_seed(seed)
-        saved = train_classifier(DigitsCNN(), noisy, epochs=DEMO_EPOCHS, seed=seed, checkpoint_dir=work / "ckpt",
-                                 checkpoints=DEMO_CHECKPOINTS)
-        influence.build("digits-cnn", noisy, [str(p) for p, _ in saved], work / "store", lr_weights=[lr for _, lr in saved],
-                        methods=("tracin", "gradcos", "trak"), progress=False)
-    sess = influence.Influence.open(work / "store")
+    sess = demo_store(noisy, seed, work)
     mask = np.zeros(len(noisy), dtype=bool)
     mask[truth.flipped] = True
     scores = {m: sess.self_influence(m) for m in METHODS}
-    last = sess.store.checkpoint_ids[-1]
-    scores["loss (final checkpoint, baseline)"] = sess.store.column("loss", last, 0, sess.store.n)
-    return {"seed": seed, "flipped": int(mask.sum()), "n": len(noisy), "metrics": {
-        m: {"auc": float(roc_auc_score(mask, s)), "recall@10%": recall_at(s, mask, 0.10), "recall@20%": recall_at(s, mask, 0.20)}
-        for m, s in scores.items()}}
+    scores["loss (final checkpoint, baseline)"] = sess.store.column("loss", sess.store.checkpoint_ids[-1], 0, sess.store.n)
+    return {"seed": seed, "flipped": int(mask.sum()), "n": len(noisy),
+            "metrics": {m: mislabel_metrics(s, mask) for m, s in scores.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--work", default=None, help="keep trained runs here and reuse them (default: a temp dir)")
     p.add_argument("--out", default="runs/eval_mislabel.json")
