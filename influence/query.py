@@ -208,7 +208,6 @@ class Influence:
         """A new model (eval mode) with checkpoint ``checkpoint``'s weights (default: the final one); the caller owns it."""
         return self.encoder.model_at(checkpoint)
 
-    use_checkpoint = model_at  # the former name; it too returns a new model now, never a shared one
 
     def training_labels(self) -> np.ndarray:
         """The stored label of every training example, (N,) int64."""

@@ -28,13 +28,11 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from influence.demo.digits import load_digits_split  # noqa: E402
-from influence.exact import metagradient  # noqa: E402
-from influence.exact_eval import drop_lds, drop_masks, final_margins, retrain_margins  # noqa: E402
-from influence.recipe import Recipe  # noqa: E402
+from influence.demo.digits import load_digits_split
+from influence.exact import metagradient
+from influence.exact_eval import drop_lds, drop_masks, final_margins, retrain_margins
+from influence.recipe import Recipe
 
 CACHE = ROOT / "runs" / "exact_cache"
 DOC = ROOT / "docs" / "BENCHMARKS.md"
@@ -251,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report", action="store_true", help="only rewrite the docs section from the cached results")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from _benchdoc import write_section
+    from influence.evaluation.docs import write_section
 
     drop = tuple(float(v) for v in a.drop.split(","))
     if not a.report:

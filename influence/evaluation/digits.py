@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from influence.data import ArrayDataset, index_subset, inject, load_digits_split
-from influence.demo import DEMO_CHECKPOINTS, DEMO_EPOCHS
+from influence.data import ArrayDataset, index_subset
+from influence.demo.digits import inject, load_digits_split
+from influence.demo.training import DEMO_CHECKPOINTS, DEMO_EPOCHS, predict, train_classifier
 from influence.models import DigitsCNN
 from influence.pipeline import build
 from influence.query import Influence
-from influence.training import predict, train_classifier
 
 TDA_METHODS = ("tracin", "gradcos", "trak")
 
@@ -44,7 +44,7 @@ def demo_store(train: ArrayDataset, seed: int, work: str | os.PathLike, methods:
 
 def accuracy(session: Influence, data: ArrayDataset) -> float:
     """Accuracy of the store's final checkpoint on ``data``."""
-    return float((predict(session.use_checkpoint(-1), data) == data.y).float().mean())
+    return float((predict(session.model_at(-1), data) == data.y).float().mean())
 
 
 __all__ = [

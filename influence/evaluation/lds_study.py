@@ -255,7 +255,7 @@ class LdsStudy:
                 q = [1.0 - st.column("prob", c).astype(np.float64) for c in st.checkpoint_ids]
                 pt = []
                 for i in range(len(st.checkpoint_ids)):
-                    net = session.use_checkpoint(i)
+                    net = session.model_at(i)
                     pt.append(session.projector.featurize(net, session.task, session.names, test.x, test.y).detach().double().numpy())
                 ref = session.scores(test.x, test.y, method="trak")
                 for rel in rels:

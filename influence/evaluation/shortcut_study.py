@@ -54,7 +54,7 @@ def detector(sess: Influence, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
 def pixel_level(sess: Influence, test_patched: ArrayDataset, noisy: ArrayDataset, patched_mask: np.ndarray, q_ids: list[int],
                 box: list[int], variants: dict[str, tuple[str, dict]], *, k: int, rank_method: str, seed: int) -> dict:
     """Mass and peak of each TFA variant's map inside the patch, over the patched top-k proponents of ``q_ids``."""
-    final = sess.use_checkpoint(-1)
+    final = sess.model_at(-1)
     gen = torch.Generator().manual_seed(seed)
     stats: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
     n_maps = 0
@@ -84,7 +84,7 @@ def run_patched(seed: int, placement: str, work: str | os.PathLike, *, sample_qu
     t0 = time.perf_counter()
     sess = demo_store(noisy, seed, work)
     t1 = time.perf_counter()
-    pred = predict(sess.use_checkpoint(-1), test_patched)
+    pred = predict(sess.model_at(-1), test_patched)
     hit = torch.nonzero(pred == truth.patch_class).flatten()
     out: dict = {"seed": seed, "placement": placement, "box": box, "patched_test": len(test_patched),
                  "predicted_shortcut_class": len(hit), "clean_acc": accuracy(sess, test), "train_build_s": round(t1 - t0, 1)}
