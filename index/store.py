@@ -276,6 +276,25 @@ class FeatureStore:
             raise StoreIncompleteError(f"store {self.root} has no {key}; rebuild with the method that needs it")
         return np.asarray(self._array(key)[...])
 
+    def write_cache(self, key: str, value: np.ndarray, valid_for: str) -> None:
+        """Store a derived array (e.g. self-influence) that is valid only for the inputs ``valid_for`` names.
+
+        Data first, the ``valid_for`` stamp last: the old array (and its stamp) is removed before the new
+        data is written, so a write killed half-way leaves an array without a stamp, which reads as stale.
+        Only a writer (a build, under the lock, while the store says ``building``) calls this.
+        """
+        self.write_matrix(key, value)
+        self._array(key).attrs["valid_for"] = valid_for
+
+    def read_cache(self, key: str, valid_for: str) -> np.ndarray | None:
+        """The array written by :meth:`write_cache` for the same ``valid_for``; None if missing or stale."""
+        if key not in self.group:
+            return None
+        arr = self._array(key)
+        if arr.attrs.get("valid_for") != valid_for:
+            return None
+        return np.asarray(arr[...])
+
     def iter_chunks(self) -> Iterator[tuple[int, int]]:
         for c in range(self.n_chunks()):
             yield self.chunk_rows(c)

@@ -14,14 +14,14 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from index.search import SearchIndex, load_index
+from index.search import EXACT, ExactScan, SearchIndex, load_index
 from index.store import FeatureStore
 from influence._inputs import as_batch, as_targets
 from influence.data import batch_of, index_subset
@@ -81,7 +81,7 @@ class Influence:
         self.checkpoints: tuple[Checkpoint, ...] = tuple(checkpoints)
         self.projector = make_projector(ProjectorSpec(**attrs["projector"]), scratch, self.names)
         self.encoder = QueryEncoder(scratch, self.task, self.projector, self.names, self.checkpoints)
-        self._indexes: dict[str, SearchIndex] = {}
+        self._indexes: dict[str, SearchIndex | ExactScan] = {}
         self._scorers: dict[str, ScoringMethod] = {}
         self._cache: dict[Any, Any] = {}
 
@@ -146,7 +146,8 @@ class Influence:
             self._scorers[method] = get_method(method)(self.store)
         return self._scorers[method]
 
-    def index(self, method: str) -> SearchIndex:
+    def index(self, method: str) -> SearchIndex | ExactScan:
+        """The search answering ``method``'s queries: an exact scan of the store's rows, or its approximate index."""
         if method not in self._indexes:
             records = self.store.attrs.get("indexes", {})
             if method not in records:
@@ -154,10 +155,25 @@ class Influence:
                     f"store has no index for method {method!r} (has {', '.join(records) or 'none'}); rebuild with --method {method}"
                 )
             rec = records[method]
+            if rec.get("factory") == EXACT:
+                # Exact search scans the store's own float16 rows; a store built before this also holds a FAISS
+                # Flat copy (float32, per method), which gives the same answers and is left unused.
+                self._indexes[method] = ExactScan(self._train_blocks(method), self.scorer(method).dim, self.store.n)
+                return self._indexes[method]
             # One FAISS thread: a query is a handful of vectors, and on a busy 2-core machine a second OpenMP
             # thread waiting to be scheduled made single queries ~4× slower (docs/BENCHMARKS.md, index table).
             self._indexes[method] = load_index(self.store.root / rec["path"], rec, vectors=self.scorer(method).train_rows, threads=1)
         return self._indexes[method]
+
+    def _train_blocks(self, method: str) -> Callable[[], Iterator[tuple[int, np.ndarray]]]:
+        """A reader of ``method``'s train vectors, one store chunk at a time (what an exact scan multiplies)."""
+        scorer = self.scorer(method)
+
+        def blocks() -> Iterator[tuple[int, np.ndarray]]:
+            for s, e in self.store.iter_chunks():
+                yield s, scorer.train_vectors(s, e)
+
+        return blocks
 
     def _as_batch(self, inputs: Any) -> torch.Tensor:
         return as_batch(inputs, self.input_shape, single=True).to(self.device, torch.float32)
@@ -206,8 +222,7 @@ class Influence:
         index = self.index(method)
         train_labels = self.training_labels()
         start = time.perf_counter()
-        pro_s, pro_i = index.search(q, k)
-        opp_s, opp_i = index.opponents(q_opp, k)
+        (pro_s, pro_i), (opp_s, opp_i) = index.search_both(q, q_opp, k)
         ms = (time.perf_counter() - start) * 1000 / max(1, len(q))
         results = []
         for r in range(len(q)):
