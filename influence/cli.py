@@ -204,7 +204,8 @@ def _emit(doc: Any, as_json: bool, text: str) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, seed=args.seed, k=args.k, log=sys.stderr, listing=sys.stderr if args.json else sys.stdout)
+    summary = run_demo(args.out, seed=args.seed, k=args.k, log=sys.stderr, listing=sys.stderr if args.json else sys.stdout,
+                       progress=not args.json)
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -215,7 +216,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
                  params=args.params, lr_weights=args.lr_weights, batch_size=args.batch_size, methods=args.method,
                  index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows, trak_lambda=args.trak_lambda,
-                 device=args.device, progress=True)
+                 device=args.device, progress=not args.json)
     info = describe_store(path) | {"seconds": round(time.perf_counter() - t0, 2)}
     _emit(info, args.json, f"store {info['path']}: {info['n']} examples × {len(info['checkpoints'])} checkpoints, "
                            f"k={info['k']}, status {info['status']} ({info['seconds']} s)")
@@ -350,7 +351,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             raise InfluenceError(f"no misclassified examples in {args.data}; pass --ids to explain correct ones")
         x, labels, ids = x[wrong], [labels[i] for i in wrong], [ids[i] for i in wrong]
     found = explain(session, x, targets=_targets(args.target, labels, len(x)), labels=labels, test_ids=ids, k=args.k,
-                    method=args.method, attribution=args.attribution, tfa=args.tfa)
+                    method=args.method, attribution=args.attribution, tfa=args.tfa, progress=not args.json)
     report = str(write_report(args.out, found)) if args.out else None
     if args.json:
         print(json.dumps({"method": args.method, "report": report, "explanations": [e.to_json() for e in found]}))
@@ -376,7 +377,7 @@ def _cmd_flag(args: argparse.Namespace) -> int:
         x, y, _ = load_queries(args.test)
         test = (x, y)
     kinds = _choices("flag-kind") if args.kind == "all" else [args.kind]
-    doc = run_flags(session, test, kinds=kinds, top=args.top, method=args.method, tfa=args.tfa)
+    doc = run_flags(session, test, kinds=kinds, top=args.top, method=args.method, tfa=args.tfa, progress=not args.json)
     if args.json:
         print(json.dumps(doc))
         return 0
@@ -393,7 +394,7 @@ def _cmd_flag(args: argparse.Namespace) -> int:
 
 def _cmd_repair(args: argparse.Namespace) -> int:
     report = run_repair(args.out, mislabel_fraction=args.fraction, action=args.action, seed=args.seed,
-                        mask_scope=args.mask_scope, method=args.method, log=sys.stderr)
+                        mask_scope=args.mask_scope, method=args.method, log=sys.stderr, progress=not args.json)
     if args.json:
         print(json.dumps(report))
     return 0

@@ -184,15 +184,18 @@ def build(
         finally:
             bar.close()
 
-        for m in methods:
-            get_method(m).prepare(store, trak)
+        # TRAK's inverses, cached self-influence, approximate indexes: seconds to minutes, so a bar of its own
+        with tqdm(total=2 * len(methods), desc="index", unit="step", disable=None if progress else True, file=None) as bar:
+            for m in methods:
+                get_method(m).prepare(store, trak)
+                bar.update()
 
-        indexes = dict(store.attrs.get("indexes", {}))
-        for m in methods:
-            if m in indexes and indexes[m].get("factory") == index_factory:
-                continue
-            indexes[m] = build_method_index(store, m, index_factory, seed=seed)
-            store.set_attrs(indexes=indexes)
+            indexes = dict(store.attrs.get("indexes", {}))
+            for m in methods:
+                if not (m in indexes and indexes[m].get("factory") == index_factory):
+                    indexes[m] = build_method_index(store, m, index_factory, seed=seed)
+                    store.set_attrs(indexes=indexes)
+                bar.update()
         store.mark_complete()
         return Path(out)
 

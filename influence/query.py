@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from index.search import EXACT, ExactScan, SearchIndex, load_index
 from index.store import FeatureStore
@@ -236,19 +237,28 @@ class Influence:
             ))
         return results
 
-    def scores(self, inputs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None = None, *, method: str = "tracin") -> np.ndarray:
-        """The full (n_train, n_test) score matrix, streamed over the store's row chunks."""
+    def scores(
+        self, inputs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None = None, *, method: str = "tracin",
+        progress: bool = True,
+    ) -> np.ndarray:
+        """The full (n_train, n_test) score matrix, streamed over the store's row chunks.
+
+        ``progress``: a bar over the training rows on stderr, shown only when stderr is a terminal.
+        """
         probs = self.predict(inputs)
         q = self.query_vectors(inputs, self._targets(probs, targets), method)
         scorer = self.scorer(method)
         out = np.empty((self.store.n, len(q)), dtype=np.float32)
-        for s, e in self.store.iter_chunks():
-            out[s:e] = scorer.train_vectors(s, e) @ q.T
+        with tqdm(total=self.store.n, desc=f"scores ({method})", unit="ex", disable=None if progress else True) as bar:
+            for s, e in self.store.iter_chunks():
+                out[s:e] = scorer.train_vectors(s, e) @ q.T
+                bar.update(e - s)
         return out
 
-    def self_influence(self, method: str = "tracin") -> np.ndarray:
+    def self_influence(self, method: str = "tracin", *, progress: bool = True) -> np.ndarray:
+        """S(i, i) of every training example, (N,) float32: the store's cache, or one pass over it for older stores."""
         if (method, "self") not in self._cache:
-            self._cache[(method, "self")] = self.scorer(method).self_influence().astype(np.float32)
+            self._cache[(method, "self")] = self.scorer(method).self_influence(progress=progress).astype(np.float32)
         return self._cache[(method, "self")]
 
     def training_examples(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
