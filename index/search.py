@@ -30,6 +30,10 @@ VectorReader = Callable[[np.ndarray], np.ndarray]
 BlockReader = Callable[[], Iterable[tuple[int, np.ndarray]]]
 """Yields ``(first_id, float32 rows)`` blocks that cover ids ``0..N-1`` in order, e.g. the store's row chunks."""
 
+BlockScorer = Callable[[np.ndarray], Iterable[tuple[int, np.ndarray]]]
+"""Maps float32 queries (nq, d) to ``(first_id, scores)`` blocks, scores (nq, rows) = ⟨v_i, q⟩ for consecutive
+rows, covering ids ``0..N-1`` in order (e.g. one product per stored checkpoint block, with per-row scales)."""
+
 EXACT = "Flat"  # the factory string of exact search (served by ExactScan over the store, or a FAISS IndexFlatIP)
 _RERANK_QUERY_BLOCK = 64  # queries re-ranked together: bounds the rows fetched at once
 _IO_BLOCK = 1 << 22  # bytes per FAISS IO callback
@@ -205,17 +209,30 @@ def _check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
 
 
 class ExactScan:
-    """Exact inner-product top-k by scanning row blocks read from the store: no in-memory copy of the vectors.
+    """Exact inner-product top-k by scanning score blocks computed from the store: no copy of the vectors.
 
     The store already holds every train vector (float16 rows and per-row scales), so an exact search does
-    not need a float32 FAISS ``IndexFlatIP`` beside it: each block is converted once, multiplied with all
-    queries in one BLAS product, and merged into a running top-k. Results equal a Flat index's (same
-    float32 inner products; ties broken by the smaller id). Memory: one block plus the running top-k.
+    not need a float32 FAISS ``IndexFlatIP`` beside it: ``scores`` computes ⟨v_i, q⟩ block by block from the
+    stored rows (BLAS products), and the scan merges each block into a running top-k. Results equal a Flat
+    index's (float32 inner products; ties broken by the smaller id). Memory: one block plus the top-k.
     """
 
-    def __init__(self, blocks: BlockReader, dim: int, ntotal: int) -> None:
-        self.blocks = blocks
-        self.spec = IndexSpec("Flat", "ip", int(dim), int(ntotal))
+    def __init__(self, scores: BlockScorer, dim: int, ntotal: int) -> None:
+        self.scores = scores
+        self.spec = IndexSpec(EXACT, "ip", int(dim), int(ntotal))
+
+    @classmethod
+    def of_rows(cls, blocks: BlockReader, dim: int, ntotal: int) -> "ExactScan":
+        """A scan over blocks of the vectors themselves: one BLAS product per block."""
+
+        def scores(q: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+            for start, rows in blocks():
+                rows = np.asarray(rows)
+                if rows.ndim != 2 or rows.shape[1] != dim:
+                    raise BadDataError(f"block reader gave rows of shape {rows.shape} at row {start}; expected (n, {dim})")
+                yield start, q @ rows.astype(np.float32, copy=False).T
+
+        return cls(scores, dim, ntotal)
 
     def search(self, queries: np.ndarray, k: int) -> Hits:
         """Top-k rows by inner product, best first (fewer columns only when fewer rows exist)."""
@@ -240,25 +257,25 @@ class ExactScan:
         best_s = np.empty((len(q), 0), dtype=np.float32)
         best_i = np.empty((len(q), 0), dtype=np.int64)
         seen = 0
-        for start, rows in self.blocks():
-            rows = np.asarray(rows)
-            if start != seen or rows.ndim != 2 or rows.shape[1] != self.spec.dim or seen + len(rows) > self.spec.ntotal:
+        for start, block in self.scores(q):
+            s = np.asarray(block, dtype=np.float32)
+            n = s.shape[-1] if s.ndim == 2 else -1
+            if start != seen or s.shape != (len(q), n) or seen + n > self.spec.ntotal:
                 raise BadDataError(
-                    f"block reader gave rows {start}..{start + len(rows)} of shape {rows.shape} after row {seen}; "
-                    f"expected consecutive blocks of (n, {self.spec.dim}) covering {self.spec.ntotal} rows"
+                    f"block scorer gave scores of shape {s.shape} for rows from {start} after row {seen}; "
+                    f"expected consecutive ({len(q)}, rows) blocks covering {self.spec.ntotal} rows"
                 )
-            s = q @ rows.astype(np.float32, copy=False).T  # (nq, rows): one BLAS product per block
             if not np.isfinite(s).all():
-                raise NonFiniteError(f"stored vectors in rows {start}..{start + len(rows)} contain NaN or inf")
+                raise NonFiniteError(f"stored vectors in rows {start}..{start + n} contain NaN or inf")
             cand_s = np.concatenate([best_s, s], axis=1)
-            cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + len(rows)), s.shape)], axis=1)
+            cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + n), s.shape)], axis=1)
             if cand_s.shape[1] > k:
                 keep = _top_k_columns(cand_s, cand_i, k)
                 cand_s, cand_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
             best_s, best_i = cand_s, cand_i
-            seen += len(rows)
+            seen += n
         if seen != self.spec.ntotal:
-            raise BadDataError(f"block reader covered {seen} rows; the store has {self.spec.ntotal}")
+            raise BadDataError(f"block scorer covered {seen} rows; the store has {self.spec.ntotal}")
         order = np.lexsort((best_i, -best_s), axis=-1)  # score descending, ties by id
         return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
 

@@ -165,20 +165,20 @@ class Influence:
             if rec.get("factory") == EXACT:
                 # Exact search scans the store's own float16 rows; a store built before this also holds a FAISS
                 # Flat copy (float32, per method), which gives the same answers and is left unused.
-                self._indexes[method] = ExactScan(self._train_blocks(method), self.scorer(method).dim, self.store.n)
+                self._indexes[method] = ExactScan(self._train_scores(method), self.scorer(method).dim, self.store.n)
                 return self._indexes[method]
             # One FAISS thread: a query is a handful of vectors, and on a busy 2-core machine a second OpenMP
             # thread waiting to be scheduled made single queries ~4× slower (docs/BENCHMARKS.md, index table).
             self._indexes[method] = load_index(self.store.root / rec["path"], rec, vectors=self.scorer(method).train_rows, threads=1)
         return self._indexes[method]
 
-    def _train_blocks(self, method: str) -> Callable[[], Iterator[tuple[int, np.ndarray]]]:
-        """A reader of ``method``'s train vectors, one store chunk at a time (what an exact scan multiplies)."""
+    def _train_scores(self, method: str) -> Callable[[np.ndarray], Iterator[tuple[int, np.ndarray]]]:
+        """``method``'s scores ⟨v_i, q⟩ one store chunk at a time, from the stored rows (what an exact scan ranks)."""
         scorer = self.scorer(method)
 
-        def blocks() -> Iterator[tuple[int, np.ndarray]]:
+        def blocks(q: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
             for s, e in self.store.iter_chunks():
-                yield s, scorer.train_vectors(s, e)
+                yield s, scorer.train_scores(q, s, e)
 
         return blocks
 

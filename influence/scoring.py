@@ -74,17 +74,34 @@ class ScoringMethod:
             self._columns[key] = self.store.column(name, ckpt).astype(np.float32)
         return self._columns[key]
 
+    def _row_scale(self, ckpt: str, rows: slice | np.ndarray) -> np.ndarray:
+        """s_c(i): the per-row factor that turns stored φ_c(i) into this method's train block of checkpoint c."""
+        raise NotImplementedError
+
     def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
         """This method's per-checkpoint train block from stored features of ``rows``."""
-        raise NotImplementedError
+        return feats * self._row_scale(ckpt, rows)[:, None]
 
     def _finish(self, v: np.ndarray) -> np.ndarray:
         return v
+
+    def _finish_scores(self, scores: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """What ``_finish`` does to v_i, done to the scores ⟨v_i, q⟩ (nq, rows) instead (default: nothing)."""
+        return scores
 
     def train_vectors(self, start: int, stop: int) -> np.ndarray:
         """Train vectors v_i for rows ``start:stop`` (one store chunk at a time when streaming)."""
         rows = slice(start, stop)
         return self._finish(np.concatenate([self._transform(c, self.store.read_features(c, start, stop), rows) for c in self.ckpts], axis=1))
+
+    def train_scores(self, q: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """⟨v_i, q⟩ for rows ``start:stop``, (nq, rows), without forming v_i: per checkpoint, one product with
+        the stored rows, times the per-row scales (what an exact search scans)."""
+        rows, k = slice(start, stop), self.store.k
+        out = np.zeros((len(q), stop - start), dtype=np.float32)
+        for j, c in enumerate(self.ckpts):
+            out += (q[:, j * k : (j + 1) * k] @ self.store.read_features(c, start, stop).T) * self._row_scale(c, rows)
+        return self._finish_scores(out, start, stop)
 
     def train_rows(self, ids: np.ndarray) -> np.ndarray:
         """Train vectors of arbitrary rows: exact re-ranking of an approximate index's shortlist."""
@@ -132,8 +149,8 @@ class ScoringMethod:
 class TracIn(ScoringMethod, name="tracin"):
     """TracInCP: Σ_c η_c ⟨∇ℓ_c(i), ∇ℓ_c(t)⟩, with ∇ℓ = (dℓ/dm)·∇m from the stored output gradients."""
 
-    def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
-        return feats * (math.sqrt(self.eta[ckpt]) * self._column("loss_weight", ckpt)[rows])[:, None]
+    def _row_scale(self, ckpt: str, rows: slice | np.ndarray) -> np.ndarray:
+        return math.sqrt(self.eta[ckpt]) * self._column("loss_weight", ckpt)[rows]
 
     def query_vectors(self, feats, weights, probs) -> np.ndarray:
         return np.concatenate([feats[c] * (math.sqrt(self.eta[c]) * weights[c])[:, None] for c in self.ckpts], axis=1).astype(np.float32)
@@ -158,6 +175,13 @@ class GradCos(TracIn, name="gradcos"):
 
     def _finish(self, v: np.ndarray) -> np.ndarray:
         return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)
+
+    def _finish_scores(self, scores: np.ndarray, start: int, stop: int) -> np.ndarray:
+        key = ("norm", f"{start}:{stop}")
+        if key not in self._columns:  # |v_i| before normalising, once per chunk: N floats in all
+            raw = np.concatenate([self._transform(c, self.store.read_features(c, start, stop), slice(start, stop)) for c in self.ckpts], axis=1)
+            self._columns[key] = np.maximum(np.linalg.norm(raw, axis=1), EPS)
+        return scores / self._columns[key]
 
     def query_vectors(self, feats, weights, probs) -> np.ndarray:
         return self._finish(super().query_vectors(feats, weights, probs))
@@ -214,8 +238,8 @@ class TRAK(ScoringMethod, name="trak"):
             self._inv[ckpt] = self.store.read_matrix(self._key(ckpt)).astype(np.float32)
         return self._inv[ckpt]
 
-    def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
-        return feats * (1.0 - self._column("prob", ckpt)[rows])[:, None]
+    def _row_scale(self, ckpt: str, rows: slice | np.ndarray) -> np.ndarray:
+        return 1.0 - self._column("prob", ckpt)[rows]
 
     def query_vectors(self, feats, weights, probs) -> np.ndarray:
         n = len(self.ckpts)

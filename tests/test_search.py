@@ -107,7 +107,7 @@ def test_rerank_returns_exact_scores(data):
 def _scan(x: np.ndarray, block: int, dtype: type = np.float32) -> ExactScan:
     """An ExactScan over ``x`` stored as ``dtype``, read back ``block`` rows at a time like store chunks."""
     stored = x.astype(dtype)
-    return ExactScan(lambda: ((s, stored[s : s + block].astype(np.float32)) for s in range(0, len(x), block)), x.shape[1], len(x))
+    return ExactScan.of_rows(lambda: ((s, stored[s : s + block].astype(np.float32)) for s in range(0, len(x), block)), x.shape[1], len(x))
 
 
 @pytest.mark.parametrize("block", [1, 700, 4000, 5000])
@@ -156,16 +156,21 @@ def test_exact_scan_refuses_bad_queries_and_bad_blocks(data):
         scan.search(q[:, :5], 3)
     with pytest.raises(BadDataError, match="NaN or inf"):
         scan.search(np.full((1, 48), np.nan), 3)
-    short = ExactScan(lambda: iter([(0, x[:700])]), 48, 4000)
+    short = ExactScan.of_rows(lambda: iter([(0, x[:700])]), 48, 4000)
     with pytest.raises(BadDataError, match="covered 700 rows; the store has 4000"):
         short.search(q, 3)
-    gap = ExactScan(lambda: iter([(0, x[:700]), (800, x[800:1500])]), 48, 4000)
+    gap = ExactScan.of_rows(lambda: iter([(0, x[:700]), (800, x[800:1500])]), 48, 4000)
     with pytest.raises(BadDataError, match="after row 700"):
         gap.search(q, 3)
+    with pytest.raises(BadDataError, match=r"shape \(700, 5\) at row 0"):
+        ExactScan.of_rows(lambda: iter([(0, x[:700, :5])]), 48, 700).search(q, 3)
+    wrong_nq = ExactScan(lambda qq: iter([(0, np.zeros((len(qq) + 1, 700)))]), 48, 700)
+    with pytest.raises(BadDataError, match=r"scores of shape \(41, 700\)"):
+        wrong_nq.search(q, 3)
     bad = x[:700].copy()
     bad[5, 0] = np.inf
     with pytest.raises(BadDataError, match=r"rows 0\.\.700 contain NaN or inf"):
-        ExactScan(lambda: iter([(0, bad)]), 48, 700).search(q, 3)
+        ExactScan.of_rows(lambda: iter([(0, bad)]), 48, 700).search(q, 3)
 
 
 def test_k_larger_than_ntotal_has_no_padding():
