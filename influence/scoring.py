@@ -80,7 +80,8 @@ class ScoringMethod:
 
     def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
         """This method's per-checkpoint train block from stored features of ``rows``."""
-        return feats * self._row_scale(ckpt, rows)[:, None]
+        block: np.ndarray = feats * self._row_scale(ckpt, rows)[:, None]
+        return block
 
     def _finish(self, v: np.ndarray) -> np.ndarray:
         return v
@@ -181,7 +182,8 @@ class GradCos(TracIn, name="gradcos"):
         if key not in self._columns:  # |v_i| before normalising, once per chunk: N floats in all
             raw = np.concatenate([self._transform(c, self.store.read_features(c, start, stop), slice(start, stop)) for c in self.ckpts], axis=1)
             self._columns[key] = np.maximum(np.linalg.norm(raw, axis=1), EPS)
-        return scores / self._columns[key]
+        cosines: np.ndarray = scores / self._columns[key]
+        return cosines
 
     def query_vectors(self, feats, weights, probs) -> np.ndarray:
         return self._finish(super().query_vectors(feats, weights, probs))
