@@ -33,7 +33,7 @@ def _as_float32(rows: Any) -> np.ndarray:
     cast, several times faster (every scan of the store converts all of its rows)."""
     a = np.asarray(rows)
     if a.dtype != np.float16 or a.ndim != 2 or a.size == 0:
-        return np.asarray(a, dtype=np.float32)
+        return np.array(a, dtype=np.float32)  # a copy: callers never share rows a store keeps in memory
     import faiss  # loaded on first use, like index.search: opening a store does not need it
 
     codes = np.ascontiguousarray(a).view(np.uint8)
@@ -78,7 +78,7 @@ class FeatureStore:
     def __init__(self, root: Path, group: zarr.Group, lock: _WriterLock | None = None) -> None:
         self.root, self.group, self._lock = root, group, lock
         self._kept: dict[tuple[str, int, int], np.ndarray] = {}  # feature chunks as stored (see keep_in_memory)
-        self._keep_bytes = 0
+        self._keep_bytes = self._kept_bytes = 0
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -277,8 +277,9 @@ class FeatureStore:
         raw = self._kept.get(key)
         if raw is None:
             raw = np.asarray(self._array(f"features/{ckpt}")[start:stop])
-            if sum(a.nbytes for a in self._kept.values()) + raw.nbytes <= self._keep_bytes:
+            if self._kept_bytes + raw.nbytes <= self._keep_bytes:
                 self._kept[key] = raw
+                self._kept_bytes += raw.nbytes
         return _as_float32(raw)
 
     def read_rows(self, ckpt: str, ids: np.ndarray) -> np.ndarray:

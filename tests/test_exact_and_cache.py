@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 import influence
-from conftest import BATCH, CHUNK, CNN_SPEC, PROJ_DIM
+from conftest import BATCH, CHUNK, CNN_SPEC, N_TRAIN, PROJ_DIM
 from index.search import ExactScan, SearchIndex, build_index, load_index, save_index
 from index.store import FeatureStore
 from influence.errors import BadSpecError
@@ -40,6 +40,34 @@ def test_new_store_holds_no_float32_copy_and_scans_exactly(store):
     for m in METHODS:
         assert isinstance(session.index(m), ExactScan)
         assert session.index(m).spec.dim == 3 * PROJ_DIM and session.index(m).spec.ntotal == session.n_train
+
+
+def test_session_keeps_the_float16_rows_once_within_its_budget(store, digits, monkeypatch):
+    session = influence.Influence.open(store)
+    first = session.query(digits.x_test[:3], k=4, method="gradcos")
+    kept = session.store._kept
+    assert {c for c, _, _ in kept} == {"c0", "c1", "c2"} and all(a.dtype == np.float16 for a in kept.values())
+    assert session.store._kept_bytes == 3 * N_TRAIN * PROJ_DIM * 2  # one float16 copy, shared by every method
+
+    array = FeatureStore._array
+
+    def features_not_from_disk(self: FeatureStore, key: str) -> object:
+        assert not key.startswith("features/"), f"read {key} from disk again"
+        return array(self, key)
+
+    monkeypatch.setattr(FeatureStore, "_array", features_not_from_disk)
+    for method in METHODS:  # every method scans the same kept rows
+        again = session.query(digits.x_test[:3], k=4, method=method)
+        assert len(again[0].proponents) == 4
+    again = session.query(digits.x_test[:3], k=4, method="gradcos")
+    assert [r.proponents for r in again] == [r.proponents for r in first]
+    monkeypatch.undo()
+
+    small = FeatureStore.open(store)
+    small.keep_in_memory(N_TRAIN * PROJ_DIM)  # room for less than one checkpoint's rows: streams from disk
+    small.read_features("c0", 0, CHUNK)
+    small.read_features("c0", CHUNK, 2 * CHUNK)
+    assert small._kept_bytes <= N_TRAIN * PROJ_DIM and len(small._kept) == 1
 
 
 @pytest.mark.parametrize("method", METHODS)
