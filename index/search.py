@@ -27,6 +27,14 @@ from index.errors import BadDataError, BadSpecError, IndexFileError, NonFiniteEr
 VectorReader = Callable[[np.ndarray], np.ndarray]
 """Maps sorted unique int64 ids to their float32 rows, e.g. a read from the zarr store."""
 
+BlockReader = Callable[[], Iterable[tuple[int, np.ndarray]]]
+"""Yields ``(first_id, float32 rows)`` blocks that cover ids ``0..N-1`` in order, e.g. the store's row chunks."""
+
+BlockScorer = Callable[[np.ndarray], Iterable[tuple[int, np.ndarray]]]
+"""Maps float32 queries (nq, d) to ``(first_id, scores)`` blocks, scores (nq, rows) = ⟨v_i, q⟩ for consecutive
+rows, covering ids ``0..N-1`` in order (e.g. one product per stored checkpoint block, with per-row scales)."""
+
+EXACT = "Flat"  # the factory string of exact search (served by ExactScan over the store, or a FAISS IndexFlatIP)
 _RERANK_QUERY_BLOCK = 64  # queries re-ranked together: bounds the rows fetched at once
 _IO_BLOCK = 1 << 22  # bytes per FAISS IO callback
 
@@ -135,20 +143,12 @@ class SearchIndex:
         scores, ids = self.search(-q, k)
         return -scores, ids
 
+    def search_both(self, queries: np.ndarray, opponent_queries: np.ndarray, k: int) -> tuple[Hits, Hits]:
+        """``(search(queries, k), opponents(opponent_queries, k))``; :class:`ExactScan` does both in one pass."""
+        return self.search(queries, k), self.opponents(opponent_queries, k)
+
     def _check_queries(self, queries: np.ndarray) -> np.ndarray:
-        q = np.asarray(queries)
-        if q.ndim == 1:
-            q = q[None, :]
-        if q.ndim != 2 or q.shape[1] != self.spec.dim:
-            raise BadDataError(
-                f"queries must have shape (n, {self.spec.dim}); got {np.shape(queries)}"
-            )
-        if not np.issubdtype(q.dtype, np.number):
-            raise BadDataError(f"queries must be numeric; got dtype {q.dtype}")
-        q = np.ascontiguousarray(q, dtype=np.float32)
-        if not np.isfinite(q).all():
-            raise NonFiniteError("queries contain NaN or inf")
-        return q
+        return _check_queries(queries, self.spec.dim)
 
     def _checked(self, scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Refuse ids outside [0, N); move -1 padding to the end and cut it off."""
@@ -188,6 +188,107 @@ class SearchIndex:
             raise NonFiniteError("stored vectors read for re-ranking contain NaN or inf")
         order = np.lexsort((ids, -out), axis=-1)  # score descending, ties by id
         return np.take_along_axis(out, order, 1), np.take_along_axis(ids, order, 1)
+
+
+Hits = tuple[np.ndarray, np.ndarray]
+"""(scores float32, ids int64), one row per query, best first."""
+
+
+def _check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
+    q = np.asarray(queries)
+    if q.ndim == 1:
+        q = q[None, :]
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise BadDataError(f"queries must have shape (n, {dim}); got {np.shape(queries)}")
+    if not np.issubdtype(q.dtype, np.number):
+        raise BadDataError(f"queries must be numeric; got dtype {q.dtype}")
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    if not np.isfinite(q).all():
+        raise NonFiniteError("queries contain NaN or inf")
+    return q
+
+
+class ExactScan:
+    """Exact inner-product top-k by scanning score blocks computed from the store: no copy of the vectors.
+
+    The store already holds every train vector (float16 rows and per-row scales), so an exact search does
+    not need a float32 FAISS ``IndexFlatIP`` beside it: ``scores`` computes ⟨v_i, q⟩ block by block from the
+    stored rows (BLAS products), and the scan merges each block into a running top-k. Results equal a Flat
+    index's (float32 inner products; ties broken by the smaller id). Memory: one block plus the top-k.
+    """
+
+    def __init__(self, scores: BlockScorer, dim: int, ntotal: int) -> None:
+        self.scores = scores
+        self.spec = IndexSpec(EXACT, "ip", int(dim), int(ntotal))
+
+    @classmethod
+    def of_rows(cls, blocks: BlockReader, dim: int, ntotal: int) -> "ExactScan":
+        """A scan over blocks of the vectors themselves: one BLAS product per block."""
+
+        def scores(q: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+            for start, rows in blocks():
+                rows = np.asarray(rows)
+                if rows.ndim != 2 or rows.shape[1] != dim:
+                    raise BadDataError(f"block reader gave rows of shape {rows.shape} at row {start}; expected (n, {dim})")
+                yield start, q @ rows.astype(np.float32, copy=False).T
+
+        return cls(scores, dim, ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> Hits:
+        """Top-k rows by inner product, best first (fewer columns only when fewer rows exist)."""
+        q = _check_queries(queries, self.spec.dim)
+        return self._scan(q, _check_k(k))
+
+    def opponents(self, queries: np.ndarray, k: int) -> Hits:
+        """Most negative inner products first (a search with -q)."""
+        scores, ids = self.search(-_check_queries(queries, self.spec.dim), k)
+        return -scores, ids
+
+    def search_both(self, queries: np.ndarray, opponent_queries: np.ndarray, k: int) -> tuple[Hits, Hits]:
+        """Proponents of ``queries`` and opponents of ``opponent_queries`` in one pass over the rows."""
+        k = _check_k(k)
+        q = _check_queries(queries, self.spec.dim)
+        q_opp = _check_queries(opponent_queries, self.spec.dim)
+        scores, ids = self._scan(np.concatenate([q, -q_opp]), k)
+        n = len(q)
+        return (scores[:n], ids[:n]), (-scores[n:], ids[n:])
+
+    def _scan(self, q: np.ndarray, k: int) -> Hits:
+        best_s = np.empty((len(q), 0), dtype=np.float32)
+        best_i = np.empty((len(q), 0), dtype=np.int64)
+        seen = 0
+        for start, block in self.scores(q):
+            s = np.asarray(block, dtype=np.float32)
+            n = s.shape[-1] if s.ndim == 2 else -1
+            if start != seen or s.shape != (len(q), n) or seen + n > self.spec.ntotal:
+                raise BadDataError(
+                    f"block scorer gave scores of shape {s.shape} for rows from {start} after row {seen}; "
+                    f"expected consecutive ({len(q)}, rows) blocks covering {self.spec.ntotal} rows"
+                )
+            if not np.isfinite(s).all():
+                raise NonFiniteError(f"stored vectors in rows {start}..{start + n} contain NaN or inf")
+            cand_s = np.concatenate([best_s, s], axis=1)
+            cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + n), s.shape)], axis=1)
+            if cand_s.shape[1] > k:
+                keep = _top_k_columns(cand_s, cand_i, k)
+                cand_s, cand_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
+            best_s, best_i = cand_s, cand_i
+            seen += n
+        if seen != self.spec.ntotal:
+            raise BadDataError(f"block scorer covered {seen} rows; the store has {self.spec.ntotal}")
+        order = np.lexsort((best_i, -best_s), axis=-1)  # score descending, ties by id
+        return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+
+
+def _top_k_columns(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Column positions of each row's k best (score descending, a tie at the cut won by the smaller id)."""
+    keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # linear time; which of several tied scores it keeps is arbitrary
+    kept = np.take_along_axis(scores, keep, 1)
+    cut = kept.min(axis=1, keepdims=True)
+    tied = (scores == cut).sum(1) > (kept == cut).sum(1)  # a score equal to the cut was left out
+    for r in np.flatnonzero(tied):  # rare with float scores: sort that row fully
+        keep[r] = np.lexsort((ids[r], -scores[r]))[:k]
+    return keep
 
 
 def _check_k(k: int) -> int:

@@ -243,7 +243,8 @@ def _emit(doc: Any, as_json: bool, text: str) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    summary = run_demo(args.out, seed=args.seed, k=args.k, log=sys.stderr, listing=sys.stderr if args.json else sys.stdout)
+    summary = run_demo(args.out, seed=args.seed, k=args.k, log=sys.stderr, listing=sys.stderr if args.json else sys.stdout,
+                       progress=not args.json)
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -254,7 +255,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
                  params=args.params, lr_weights=args.lr_weights, batch_size=args.batch_size, methods=args.method,
                  index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows, trak_lambda=args.trak_lambda,
-                 device=args.device, progress=True, preprocessing=_preprocessing(args), classes=args.classes,
+                 device=args.device, progress=not args.json, preprocessing=_preprocessing(args), classes=args.classes,
                  model_args=parse_model_args(args.model_arg))
     info = describe_store(path) | {"seconds": round(time.perf_counter() - t0, 2)}
     classes = info["classes"] or []
@@ -409,7 +410,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         x, labels, ids = x[wrong], [labels[i] for i in wrong], [ids[i] for i in wrong]
         paths = None if paths is None else [paths[i] for i in wrong]
     found = explain(session, x, targets=_targets(args.target, labels, len(x), session), labels=labels, test_ids=ids, k=args.k,
-                    method=args.method, attribution=args.attribution, tfa=args.tfa)
+                    method=args.method, attribution=args.attribution, tfa=args.tfa, progress=not args.json)
     if paths is not None:  # explain() queries without paths; the results are ours to annotate
         for e, path in zip(found, paths):
             e.result.test_path = path
@@ -437,7 +438,8 @@ def _cmd_flag(args: argparse.Namespace) -> int:
         data = session.test_data(args.test, size=args.size, channels=args.channels)
         test = (data.x, data.y)
     kinds = _choices("flag-kind") if args.kind == "all" else [args.kind]
-    doc = _named_flags(session, run_flags(session, test, kinds=kinds, top=args.top, method=args.method, tfa=args.tfa))
+    doc = _named_flags(session, run_flags(session, test, kinds=kinds, top=args.top, method=args.method, tfa=args.tfa,
+                                              progress=not args.json))
     if args.json:
         print(json.dumps(doc))
         return 0
@@ -466,7 +468,7 @@ def _named_flags(session: Influence, doc: dict[str, Any]) -> dict[str, Any]:
 
 def _cmd_repair(args: argparse.Namespace) -> int:
     report = run_repair(args.out, mislabel_fraction=args.fraction, action=args.action, seed=args.seed,
-                        mask_scope=args.mask_scope, method=args.method, log=sys.stderr)
+                        mask_scope=args.mask_scope, method=args.method, log=sys.stderr, progress=not args.json)
     if args.json:
         print(json.dumps(report))
     return 0

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from influence._inputs import as_batch
 from influence.query import Influence, QueryResult
@@ -73,10 +74,14 @@ def influencer_flags(session: Influence, ids: Sequence[int]) -> dict[int, list[s
 def explain(
     session: Influence, inputs: torch.Tensor, *, targets: Sequence[int] | None = None, labels: Sequence[int] | None = None,
     test_ids: Sequence[int] | None = None, k: int = 5, method: str = "tracin",
-    attribution: str = DEFAULT_ATTRIBUTION, tfa: str | None = None,
+    attribution: str = DEFAULT_ATTRIBUTION, tfa: str | None = None, progress: bool = True,
 ) -> list[Explanation]:
-    """Explain each input: top-``k`` proponents and opponents with TFA maps, a pixel map, and flags."""
+    """Explain each input: top-``k`` proponents and opponents with TFA maps, a pixel map, and flags.
+
+    ``progress``: a bar over the inputs on stderr, shown only when stderr is a terminal.
+    """
     from influence.attribution import run_attribute
+    from influence.flag import _best_self_influence
     from influence.tfa import DEFAULT_TFA, get_tfa
 
     tfa = tfa or DEFAULT_TFA
@@ -85,8 +90,9 @@ def explain(
     results = session.query(x, targets, k=k, method=method, labels=labels, test_ids=test_ids)
     model = session.model_at(-1)  # this call's own copy of the final checkpoint: nothing else touches it
     explainer = tfa_cls(model, task=session.task)
+    session.self_influence(_best_self_influence(session), progress=progress)  # the flags' input, loaded once, before the bar
     out = []
-    for xi, r in zip(x, results):
+    for xi, r in tqdm(list(zip(x, results)), desc="explain", unit="image", disable=None if progress else True):
         pixel_map, _ = run_attribute(model, xi, method=attribution, target=r.target)
         tfa_maps: dict[int, torch.Tensor] = {}
         train_images: dict[int, torch.Tensor] = {}

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from influence.errors import BadSpecError
 from influence.query import Influence
@@ -53,26 +54,28 @@ class HarmfulFlag(Flag):
     of_failures: int
 
 
-def flag_mislabels(session: Influence, *, method: str = "trak", top: int = 20) -> list[MislabelFlag]:
+def flag_mislabels(session: Influence, *, method: str = "trak", top: int = 20, progress: bool = True) -> list[MislabelFlag]:
     """Training examples by descending self-influence, with the final model's probability of their label.
 
     TRAK is the default: on the digits demo (3 seeds) its self-influence found flipped labels with AUC 0.999
     and 96% of them in the top 10%, against 0.987 and 80% for TracIn (scripts/eval_mislabel.py).
     """
-    values = session.self_influence(method)
+    values = session.self_influence(method, progress=progress)
     prob = session.label_probability()
     labels = session.training_labels()
     order = np.argsort(-values, kind="stable")[:top]
     return [MislabelFlag(int(i), float(values[i]), int(labels[i]), round(float(prob[i]), 4)) for i in order]
 
 
-def flag_harmful(session: Influence, x: torch.Tensor, y: torch.Tensor, *, method: str = "tracin", top: int = 20) -> list[HarmfulFlag]:
+def flag_harmful(
+    session: Influence, x: torch.Tensor, y: torch.Tensor, *, method: str = "tracin", top: int = 20, progress: bool = True,
+) -> list[HarmfulFlag]:
     """Training examples ranked by Σ_t max(0, −S(i, t)) over misclassified test images t, explained for their true label."""
     probs = session.predict(x)
     wrong = torch.nonzero(probs.argmax(-1).cpu() != y.cpu()).flatten()
     if len(wrong) == 0:
         return []
-    scores = session.scores(x[wrong], y[wrong], method=method)
+    scores = session.scores(x[wrong], y[wrong], method=method, progress=progress)
     harm = np.clip(-scores, 0, None).sum(1)
     count = (scores < 0).sum(1)
     labels = session.training_labels()
@@ -82,7 +85,7 @@ def flag_harmful(session: Influence, x: torch.Tensor, y: torch.Tensor, *, method
 
 def flag_shortcuts(
     session: Influence, x: torch.Tensor, y: torch.Tensor | None = None, *, method: str = "gradcos", k: int = 10,
-    tfa: str | None = None, max_queries_per_class: int = 20, min_queries: int = 3,
+    tfa: str | None = None, max_queries_per_class: int = 20, min_queries: int = 3, progress: bool = True,
 ) -> list[Shortcut]:
     """Patch shortcuts: per predicted class, TFA maps of the top same-class proponents, clustered by peak location.
 
@@ -99,7 +102,7 @@ def flag_shortcuts(
     model = session.model_at(-1)  # this call's own copy of the final checkpoint: nothing else touches it
     explainer = get_tfa(tfa or DEFAULT_TFA)(model, task=session.task)
     found = []
-    for c in sorted(set(pred[pool].tolist())):
+    for c in tqdm(sorted(set(pred[pool].tolist())), desc="shortcuts", unit="class", disable=None if progress else True):
         queries = pool[pred[pool] == c][:max_queries_per_class]
         if len(queries) < min_queries:
             continue
@@ -126,11 +129,12 @@ def flag_shortcuts(
 
 def run_flags(
     session: Influence, test: tuple[torch.Tensor, torch.Tensor] | None = None, *, kinds: Sequence[str] = KINDS,
-    top: int = 20, method: str | None = None, tfa: str | None = None,
+    top: int = 20, method: str | None = None, tfa: str | None = None, progress: bool = True,
 ) -> dict[str, Any]:
     """The JSON document of ``influence flag``: the typed results' ``to_json()``, keyed mislabel, harmful, shortcuts.
 
     ``method`` overrides the measured defaults (mislabel: trak, harmful: tracin, shortcut: gradcos).
+    ``progress``: bars on stderr for the slow steps, shown only when stderr is a terminal.
     """
     bad = [k for k in kinds if k not in KINDS]
     if bad:
@@ -141,11 +145,12 @@ def run_flags(
     if "mislabel" in kinds:
         if method == "gradcos":
             raise BadSpecError("mislabel ranking needs self-influence, which is constant under gradcos; use --method trak or tracin")
-        out["mislabel"] = [f.to_json() for f in flag_mislabels(session, method=method or _best_self_influence(session), top=top)]
+        out["mislabel"] = [f.to_json() for f in flag_mislabels(session, method=method or _best_self_influence(session), top=top,
+                                                               progress=progress)]
     if "harmful" in kinds and test is not None:
-        out["harmful"] = [f.to_json() for f in flag_harmful(session, *test, method=method or "tracin", top=top)]
+        out["harmful"] = [f.to_json() for f in flag_harmful(session, *test, method=method or "tracin", top=top, progress=progress)]
     if "shortcut" in kinds and test is not None:
-        out["shortcuts"] = [s.to_json() for s in flag_shortcuts(session, *test, method=method or "gradcos", tfa=tfa)]
+        out["shortcuts"] = [s.to_json() for s in flag_shortcuts(session, *test, method=method or "gradcos", tfa=tfa, progress=progress)]
     return out
 
 

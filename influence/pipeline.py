@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from index.atomic import atomic_write
-from index.search import build_index, save_index
+from index.search import EXACT, IndexSpec, build_index, save_index
 from index.store import FEATURE_DTYPES, FeatureStore
 from influence.data import Preprocessing, batch_of, fingerprint_dataset
 from influence.errors import BadDataError, BadSpecError, InfluenceError, NonFiniteError, StoreMismatchError
@@ -210,15 +210,18 @@ def build(
         finally:
             bar.close()
 
-        for m in methods:
-            get_method(m).prepare(store, trak)
+        # TRAK's inverses, cached self-influence, approximate indexes: seconds to minutes, so a bar of its own
+        with tqdm(total=2 * len(methods), desc="index", unit="step", disable=None if progress else True, file=None) as bar:
+            for m in methods:
+                get_method(m).prepare(store, trak)
+                bar.update()
 
-        indexes = dict(store.attrs.get("indexes", {}))
-        for m in methods:
-            if m in indexes and indexes[m].get("factory") == index_factory:
-                continue
-            indexes[m] = build_method_index(store, m, index_factory, seed=seed)
-            store.set_attrs(indexes=indexes)
+            indexes = dict(store.attrs.get("indexes", {}))
+            for m in methods:
+                if not (m in indexes and indexes[m].get("factory") == index_factory):
+                    indexes[m] = build_method_index(store, m, index_factory, seed=seed)
+                    store.set_attrs(indexes=indexes)
+                bar.update()
         store.mark_complete()
         return Path(out)
 
@@ -286,20 +289,25 @@ def _check_checkpoints(out: Path, known: list[dict[str, Any]], records: list[dic
 
 
 def build_method_index(store: FeatureStore, method: str, factory: str = "Flat", seed: int = 0) -> dict[str, Any]:
-    """Stream a method's train vectors into a FAISS index, save it atomically, return its record."""
+    """Stream a method's train vectors into a FAISS index, save it atomically, return its record.
+
+    The exact default ("Flat") builds nothing: queries scan the store's own rows (``index.search.ExactScan``),
+    which gives the same top-k as a float32 ``IndexFlatIP`` copy without holding one per method.
+    """
     scorer = get_method(method)(store)
-    sample = None
-    if factory != "Flat":  # a seeded uniform sample for training IVF/PQ, gathered chunk by chunk (memory: the sample)
-        rng = np.random.default_rng(seed)
-        ids = np.sort(rng.choice(store.n, size=min(store.n, TRAIN_SAMPLE), replace=False))
-        parts = []
-        for s, e in store.iter_chunks():
-            rows = ids[(ids >= s) & (ids < e)] - s
-            if len(rows):
-                parts.append(scorer.train_vectors(s, e)[rows])
-        sample = np.concatenate(parts)
+    if factory == EXACT:
+        return {"factory": EXACT, "search": "store", "spec": IndexSpec(EXACT, "ip", scorer.dim, store.n).to_dict()}
+    # a seeded uniform sample for training IVF/PQ, gathered chunk by chunk (memory: the sample)
+    rng = np.random.default_rng(seed)
+    ids = np.sort(rng.choice(store.n, size=min(store.n, TRAIN_SAMPLE), replace=False))
+    parts = []
+    for s, e in store.iter_chunks():
+        rows = ids[(ids >= s) & (ids < e)] - s
+        if len(rows):
+            parts.append(scorer.train_vectors(s, e)[rows])
+    sample = np.concatenate(parts)
     index = build_index((scorer.train_vectors(s, e) for s, e in store.iter_chunks()), dim=scorer.dim,
-                        factory=factory, train_sample=sample, rerank=0 if factory == "Flat" else RERANK,
+                        factory=factory, train_sample=sample, rerank=RERANK,
                         nprobe=NPROBE if "IVF" in factory else None, efSearch=EF_SEARCH if "HNSW" in factory else None)
     record = save_index(index, store.index_dir / f"{method}.index")
     record["factory"] = factory

@@ -16,14 +16,15 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
-from index.search import SearchIndex, load_index
+from index.search import EXACT, ExactScan, SearchIndex, load_index
 from index.store import FeatureStore
 from influence._inputs import as_batch, as_targets
 from influence.data import Preprocessing, batch_of, index_subset
@@ -33,6 +34,11 @@ from influence.features.encoder import Checkpoint, QueryEncoder
 from influence.features.specs import resolve_task
 from influence.loading import load_checkpoint, load_data, load_model, model_fingerprint
 from influence.scoring import ScoringMethod, get_method
+
+
+KEEP_FEATURE_BYTES = 2 << 30
+"""A session keeps up to this many bytes of the store's float16 feature rows in memory for repeated exact scans
+(one copy for all methods; a float32 FAISS Flat index per method held 6× as much for three methods)."""
 
 
 @dataclass
@@ -80,6 +86,7 @@ class Influence:
 
     def __init__(self, store: FeatureStore, model: nn.Module, device: torch.device, task: Task | None = None) -> None:
         self.store, self.device = store, device
+        store.keep_in_memory(KEEP_FEATURE_BYTES)
         attrs = store.attrs
         self.task = resolve_task(attrs.get("task"), task)
         self.names: list[str] = list(attrs["param_names"])
@@ -92,7 +99,7 @@ class Influence:
         self.checkpoints: tuple[Checkpoint, ...] = tuple(checkpoints)
         self.projector = make_projector(ProjectorSpec(**attrs["projector"]), scratch, self.names)
         self.encoder = QueryEncoder(scratch, self.task, self.projector, self.names, self.checkpoints)
-        self._indexes: dict[str, SearchIndex] = {}
+        self._indexes: dict[str, SearchIndex | ExactScan] = {}
         self._scorers: dict[str, ScoringMethod] = {}
         self._labels: np.ndarray | None = None
         self._label_prob: np.ndarray | None = None
@@ -226,7 +233,8 @@ class Influence:
             self._scorers[method] = get_method(method)(self.store)
         return self._scorers[method]
 
-    def index(self, method: str) -> SearchIndex:
+    def index(self, method: str) -> SearchIndex | ExactScan:
+        """The search answering ``method``'s queries: an exact scan of the store's rows, or its approximate index."""
         if method not in self._indexes:
             records = self.store.attrs.get("indexes", {})
             if method not in records:
@@ -234,10 +242,25 @@ class Influence:
                     f"store has no index for method {method!r} (has {', '.join(records) or 'none'}); rebuild with --method {method}"
                 )
             rec = records[method]
+            if rec.get("factory") == EXACT:
+                # Exact search scans the store's own float16 rows; a store built before this also holds a FAISS
+                # Flat copy (float32, per method), which gives the same answers and is left unused.
+                self._indexes[method] = ExactScan(self._train_scores(method), self.scorer(method).dim, self.store.n)
+                return self._indexes[method]
             # One FAISS thread: a query is a handful of vectors, and on a busy 2-core machine a second OpenMP
             # thread waiting to be scheduled made single queries ~4× slower (docs/BENCHMARKS.md, index table).
             self._indexes[method] = load_index(self.store.root / rec["path"], rec, vectors=self.scorer(method).train_rows, threads=1)
         return self._indexes[method]
+
+    def _train_scores(self, method: str) -> Callable[[np.ndarray], Iterator[tuple[int, np.ndarray]]]:
+        """``method``'s scores ⟨v_i, q⟩ one store chunk at a time, from the stored rows (what an exact scan ranks)."""
+        scorer = self.scorer(method)
+
+        def blocks(q: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+            for s, e in self.store.iter_chunks():
+                yield s, scorer.train_scores(q, s, e)
+
+        return blocks
 
     def _as_batch(self, inputs: Any) -> torch.Tensor:
         return as_batch(inputs, self.input_shape, single=True).to(self.device, torch.float32)
@@ -287,8 +310,7 @@ class Influence:
         index = self.index(method)
         train_labels = self.training_labels()
         start = time.perf_counter()
-        pro_s, pro_i = index.search(q, k)
-        opp_s, opp_i = index.opponents(q_opp, k)
+        (pro_s, pro_i), (opp_s, opp_i) = index.search_both(q, q_opp, k)
         ms = (time.perf_counter() - start) * 1000 / max(1, len(q))
         results = []
         for r in range(len(q)):
@@ -307,19 +329,28 @@ class Influence:
             ))
         return results
 
-    def scores(self, inputs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None = None, *, method: str = "tracin") -> np.ndarray:
-        """The full (n_train, n_test) score matrix, streamed over the store's row chunks."""
+    def scores(
+        self, inputs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None = None, *, method: str = "tracin",
+        progress: bool = True,
+    ) -> np.ndarray:
+        """The full (n_train, n_test) score matrix, streamed over the store's row chunks.
+
+        ``progress``: a bar over the training rows on stderr, shown only when stderr is a terminal.
+        """
         probs = self.predict(inputs)
         q = self.query_vectors(inputs, self._targets(probs, targets), method)
         scorer = self.scorer(method)
         out = np.empty((self.store.n, len(q)), dtype=np.float32)
-        for s, e in self.store.iter_chunks():
-            out[s:e] = scorer.train_vectors(s, e) @ q.T
+        with tqdm(total=self.store.n, desc=f"scores ({method})", unit="ex", disable=None if progress else True) as bar:
+            for s, e in self.store.iter_chunks():
+                out[s:e] = scorer.train_vectors(s, e) @ q.T
+                bar.update(e - s)
         return out
 
-    def self_influence(self, method: str = "tracin") -> np.ndarray:
+    def self_influence(self, method: str = "tracin", *, progress: bool = True) -> np.ndarray:
+        """S(i, i) of every training example, (N,) float32: the store's cache, or one pass over it for older stores."""
         if method not in self._self_influence:
-            self._self_influence[method] = self.scorer(method).self_influence().astype(np.float32)
+            self._self_influence[method] = self.scorer(method).self_influence(progress=progress).astype(np.float32)
         return self._self_influence[method]
 
     def training_examples(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:

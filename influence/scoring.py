@@ -1,18 +1,22 @@
 """TracIn, Grad-Cos and TRAK as transforms of one inner product ``score(i, t) = ⟨v_i, q_t⟩``.
 
 Each method says how to turn stored features into train vectors ``v_i`` and a
-test example's features into a query ``q``; one FAISS index per method then
-answers proponents (search with ``q``) and opponents (search with ``−q``).
+test example's features into a query ``q``; one search per method (an exact scan
+of the store's rows, or an approximate FAISS index) then answers proponents
+(search with ``q``) and opponents (search with ``−q``).
 Scores are positive for proponents (helpful: a step on i lowers t's loss /
 raises its margin) and negative for opponents.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+from tqdm import tqdm
 
 from influence._registry import Registry
 from influence.errors import BadSpecError
@@ -36,6 +40,7 @@ class ScoringMethod:
     """
 
     name: ClassVar[str]
+    has_self_influence: ClassVar[bool] = True  # False where S(i, i) is meaningless (self_influence raises)
 
     def __init_subclass__(cls, name: str, **kw: object) -> None:
         super().__init_subclass__(**kw)
@@ -46,8 +51,11 @@ class ScoringMethod:
     def prepare(cls, store: "FeatureStore", spec: TrakSpec) -> None:
         """Precompute and store what this method needs beyond the features (default: nothing).
 
-        ``spec`` carries the build's scoring options; each method reads back what it wrote itself.
+        ``spec`` carries the build's scoring options; each method reads back what it wrote itself. The base
+        caches self-influence in the store (methods that precompute more call it last).
         """
+        if cls.has_self_influence:
+            cls(store).cache_self_influence()
 
     def __init__(self, store: "FeatureStore") -> None:
         self.store = store
@@ -66,17 +74,35 @@ class ScoringMethod:
             self._columns[key] = self.store.column(name, ckpt).astype(np.float32)
         return self._columns[key]
 
+    def _row_scale(self, ckpt: str, rows: slice | np.ndarray) -> np.ndarray:
+        """s_c(i): the per-row factor that turns stored φ_c(i) into this method's train block of checkpoint c."""
+        raise NotImplementedError
+
     def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
         """This method's per-checkpoint train block from stored features of ``rows``."""
-        raise NotImplementedError
+        block: np.ndarray = feats * self._row_scale(ckpt, rows)[:, None]
+        return block
 
     def _finish(self, v: np.ndarray) -> np.ndarray:
         return v
+
+    def _finish_scores(self, scores: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """What ``_finish`` does to v_i, done to the scores ⟨v_i, q⟩ (nq, rows) instead (default: nothing)."""
+        return scores
 
     def train_vectors(self, start: int, stop: int) -> np.ndarray:
         """Train vectors v_i for rows ``start:stop`` (one store chunk at a time when streaming)."""
         rows = slice(start, stop)
         return self._finish(np.concatenate([self._transform(c, self.store.read_features(c, start, stop), rows) for c in self.ckpts], axis=1))
+
+    def train_scores(self, q: np.ndarray, start: int, stop: int) -> np.ndarray:
+        """⟨v_i, q⟩ for rows ``start:stop``, (nq, rows), without forming v_i: per checkpoint, one product with
+        the stored rows, times the per-row scales (what an exact search scans)."""
+        rows, k = slice(start, stop), self.store.k
+        out = np.zeros((len(q), stop - start), dtype=np.float32)
+        for j, c in enumerate(self.ckpts):
+            out += (q[:, j * k : (j + 1) * k] @ self.store.read_features(c, start, stop).T) * self._row_scale(c, rows)
+        return self._finish_scores(out, start, stop)
 
     def train_rows(self, ids: np.ndarray) -> np.ndarray:
         """Train vectors of arbitrary rows: exact re-ranking of an approximate index's shortlist."""
@@ -87,24 +113,56 @@ class ScoringMethod:
         """Query vectors (nq, dim) from per-checkpoint test features φ_c(t), ``dloss/doutput`` and p_y."""
         raise NotImplementedError
 
-    def self_influence(self) -> np.ndarray:
+    def self_influence(self, *, progress: bool = False) -> np.ndarray:
+        """S(i, i) = ⟨v_i, M φ(i)⟩ for every training row, (N,) float64.
+
+        Read from the store's cache when it was computed for these checkpoints (and λ); otherwise computed in
+        one pass over the store (``progress``: a bar on stderr when it is a terminal).
+        """
+        cached = self.store.read_cache(self._self_key(), self._self_stamp())
+        if cached is not None and cached.shape == (self.store.n,):
+            return cached.astype(np.float64, copy=False)
+        return self._self_influence(progress)
+
+    def cache_self_influence(self) -> None:
+        """Compute self-influence and write it to the store, unless a valid copy is there (a build's step)."""
+        stamp = self._self_stamp()
+        if self.store.read_cache(self._self_key(), stamp) is None:
+            self.store.write_cache(self._self_key(), self._self_influence(False), stamp)
+
+    def _self_key(self) -> str:
+        return f"self_influence/{self.name}"
+
+    def _self_stamp(self) -> str:
+        """What the cached values depend on beyond the store's fixed model, data and projector."""
+        inputs = {"method": self.name, "n": self.store.n,
+                  "checkpoints": [[c["id"], c.get("sha256"), float(c.get("lr_weight", 1.0))] for c in self.store.checkpoints]}
+        return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+    def _self_influence(self, progress: bool) -> np.ndarray:
         raise NotImplementedError
+
+    def _bar(self, progress: bool, passes: int = 1) -> "tqdm[None]":
+        """A bar over ``passes`` scans of the store's rows, shown when ``progress`` and stderr is a terminal."""
+        return tqdm(total=passes * self.store.n, desc=f"self-influence ({self.name})", unit="ex", disable=None if progress else True)
 
 
 class TracIn(ScoringMethod, name="tracin"):
     """TracInCP: Σ_c η_c ⟨∇ℓ_c(i), ∇ℓ_c(t)⟩, with ∇ℓ = (dℓ/dm)·∇m from the stored output gradients."""
 
-    def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
-        return feats * (math.sqrt(self.eta[ckpt]) * self._column("loss_weight", ckpt)[rows])[:, None]
+    def _row_scale(self, ckpt: str, rows: slice | np.ndarray) -> np.ndarray:
+        return math.sqrt(self.eta[ckpt]) * self._column("loss_weight", ckpt)[rows]
 
     def query_vectors(self, feats: dict[str, np.ndarray], weights: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> np.ndarray:
         return np.concatenate([feats[c] * (math.sqrt(self.eta[c]) * weights[c])[:, None] for c in self.ckpts], axis=1).astype(np.float32)
 
-    def self_influence(self) -> np.ndarray:
+    def _self_influence(self, progress: bool) -> np.ndarray:
         out = np.zeros(self.store.n)
-        for start, stop in self.store.iter_chunks():
-            v = self.train_vectors(start, stop).astype(np.float64)
-            out[start:stop] = (v * v).sum(1)
+        with self._bar(progress) as bar:
+            for start, stop in self.store.iter_chunks():
+                v = self.train_vectors(start, stop).astype(np.float64)
+                out[start:stop] = (v * v).sum(1)
+                bar.update(stop - start)
         return out
 
 
@@ -120,10 +178,20 @@ class GradCos(TracIn, name="gradcos"):
         unit: np.ndarray = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)  # numpy's stubs: Any
         return unit
 
+    def _finish_scores(self, scores: np.ndarray, start: int, stop: int) -> np.ndarray:
+        key = ("norm", f"{start}:{stop}")
+        if key not in self._columns:  # |v_i| before normalising, once per chunk: N floats in all
+            raw = np.concatenate([self._transform(c, self.store.read_features(c, start, stop), slice(start, stop)) for c in self.ckpts], axis=1)
+            self._columns[key] = np.maximum(np.linalg.norm(raw, axis=1), EPS)
+        cosines: np.ndarray = scores / self._columns[key]
+        return cosines
+
     def query_vectors(self, feats: dict[str, np.ndarray], weights: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> np.ndarray:
         return self._finish(super().query_vectors(feats, weights, probs))
 
-    def self_influence(self) -> np.ndarray:
+    has_self_influence = False
+
+    def self_influence(self, *, progress: bool = False) -> np.ndarray:
         raise BadSpecError("self-influence under gradcos is 1 for every example; use --method tracin or trak")
 
 
@@ -166,27 +234,35 @@ class TRAK(ScoringMethod, name="trak"):
             store.write_matrix(cls._key(ckpt), inv.astype(np.float32))
             # λ last: an inverse without it (a build killed in between) is recomputed on the next run.
             store.group[cls._key(ckpt)].attrs.update({"lambda_rel": spec.lambda_rel, "lambda": lam})
+        super().prepare(store, spec)  # self-influence, after the inverses it uses
 
     def inverse(self, ckpt: str) -> np.ndarray:
         if ckpt not in self._inv:
             self._inv[ckpt] = self.store.read_matrix(self._key(ckpt)).astype(np.float32)
         return self._inv[ckpt]
 
-    def _transform(self, ckpt: str, feats: np.ndarray, rows: slice | np.ndarray) -> np.ndarray:
-        return feats * (1.0 - self._column("prob", ckpt)[rows])[:, None]
+    def _row_scale(self, ckpt: str, rows: slice | np.ndarray) -> np.ndarray:
+        return 1.0 - self._column("prob", ckpt)[rows]
 
     def query_vectors(self, feats: dict[str, np.ndarray], weights: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> np.ndarray:
         n = len(self.ckpts)
         return np.concatenate([feats[c] @ self.inverse(c) / n for c in self.ckpts], axis=1).astype(np.float32)
 
-    def self_influence(self) -> np.ndarray:
+    def _self_stamp(self) -> str:
+        lams = [(self.damping(self.store, c) or {}).get("lambda") for c in self.ckpts]
+        return hashlib.sha256(f"{super()._self_stamp()} lambda={lams}".encode()).hexdigest()
+
+    def _self_influence(self, progress: bool) -> np.ndarray:
         out = np.zeros(self.store.n)
-        for c in self.ckpts:
-            inv = self.inverse(c)
-            for start, stop in self.store.iter_chunks():
-                phi = self.store.read_features(c, start, stop)
-                q = 1.0 - self._column("prob", c)[start:stop]
-                out[start:stop] += np.einsum("ik,kj,ij->i", phi, inv, phi) * q / len(self.ckpts)
+        with self._bar(progress, len(self.ckpts)) as bar:
+            for c in self.ckpts:
+                inv = self.inverse(c)
+                for start, stop in self.store.iter_chunks():
+                    phi = self.store.read_features(c, start, stop)
+                    q = 1.0 - self._column("prob", c)[start:stop]
+                    # φᵢᵀ M φᵢ for a whole chunk as one matrix product (BLAS), not a per-row einsum contraction
+                    out[start:stop] += ((phi @ inv) * phi).sum(1) * q / len(self.ckpts)
+                    bar.update(stop - start)
         return out
 
 

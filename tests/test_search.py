@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from index.errors import BadDataError, BadSpecError, IndexFileError, StoreDamagedError, StoreIncompleteError
-from index.search import IndexSpec, SearchIndex, build_index, load_index, recall_at_k, save_index
+from index.search import ExactScan, IndexSpec, SearchIndex, build_index, load_index, recall_at_k, save_index
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,6 +102,75 @@ def test_rerank_returns_exact_scores(data):
     os_, oi = pq.with_vectors(read).opponents(q, 10)
     np.testing.assert_allclose(os_, np.einsum("qd,qkd->qk", q, x[oi]), rtol=1e-5, atol=1e-5)
     assert (np.diff(os_, axis=1) >= 0).all()
+
+
+def _scan(x: np.ndarray, block: int, dtype: type = np.float32) -> ExactScan:
+    """An ExactScan over ``x`` stored as ``dtype``, read back ``block`` rows at a time like store chunks."""
+    stored = x.astype(dtype)
+    return ExactScan.of_rows(lambda: ((s, stored[s : s + block].astype(np.float32)) for s in range(0, len(x), block)), x.shape[1], len(x))
+
+
+@pytest.mark.parametrize("block", [1, 700, 4000, 5000])
+def test_exact_scan_equals_faiss_flat(data, block):
+    """Scanning row blocks gives the ids and scores of a FAISS IndexFlatIP over the same (float16-stored) rows."""
+    x, q = data
+    x16 = x.astype(np.float16).astype(np.float32)  # the store keeps float16; both sides see the same values
+    flat = build_index(x16, 48)
+    scan = _scan(x, block, np.float16)
+    assert scan.spec == IndexSpec("Flat", "ip", 48, 4000)
+    for k in (1, 10, 64):
+        fs, fi = flat.search(q, k)
+        ss, si = scan.search(q, k)
+        assert ss.dtype == np.float32 and si.dtype == np.int64 and si.shape == (40, k)
+        np.testing.assert_array_equal(si, fi)
+        np.testing.assert_allclose(ss, fs, rtol=1e-5, atol=1e-6)
+        fo, foi = flat.opponents(q, k)
+        so, soi = scan.opponents(q, k)
+        np.testing.assert_array_equal(soi, foi)
+        np.testing.assert_allclose(so, fo, rtol=1e-5, atol=1e-6)
+        (bs, bi), (bo, boi) = scan.search_both(q, q[::-1], k)  # one pass, two query sets
+        np.testing.assert_array_equal(bi, si)
+        np.testing.assert_array_equal(boi, soi[::-1])
+        np.testing.assert_allclose(bo, so[::-1], rtol=1e-6)
+    assert not np.array_equal(_scan(x, block).search(q, 10)[1], _scan(-x, block).search(q, 10)[1])
+
+
+def test_exact_scan_ties_go_to_the_smaller_id_and_k_may_exceed_n():
+    x = np.ones((9, 4), np.float32)
+    x[[2, 6]] *= 2  # two rows tie for the top, seven tie behind them
+    s, i = _scan(x, 4).search(np.ones((1, 4)), 5)
+    assert i.tolist() == [[2, 6, 0, 1, 3]]
+    np.testing.assert_array_equal(s, [[8, 8, 4, 4, 4]])
+    s, i = _scan(x, 4).search(np.ones((2, 4)), 20)
+    assert i.shape == (2, 9) and sorted(i[0]) == list(range(9))
+    assert _scan(np.zeros((0, 4), np.float32), 4).search(np.ones((1, 4)), 3)[1].shape == (1, 0)
+
+
+def test_exact_scan_refuses_bad_queries_and_bad_blocks(data):
+    x, q = data
+    scan = _scan(x, 700)
+    for k in (0, -1, 2.5, True):
+        with pytest.raises(BadSpecError, match="k must be a positive integer"):
+            scan.search(q, k)
+    with pytest.raises(BadDataError, match=r"queries must have shape \(n, 48\)"):
+        scan.search(q[:, :5], 3)
+    with pytest.raises(BadDataError, match="NaN or inf"):
+        scan.search(np.full((1, 48), np.nan), 3)
+    short = ExactScan.of_rows(lambda: iter([(0, x[:700])]), 48, 4000)
+    with pytest.raises(BadDataError, match="covered 700 rows; the store has 4000"):
+        short.search(q, 3)
+    gap = ExactScan.of_rows(lambda: iter([(0, x[:700]), (800, x[800:1500])]), 48, 4000)
+    with pytest.raises(BadDataError, match="after row 700"):
+        gap.search(q, 3)
+    with pytest.raises(BadDataError, match=r"shape \(700, 5\) at row 0"):
+        ExactScan.of_rows(lambda: iter([(0, x[:700, :5])]), 48, 700).search(q, 3)
+    wrong_nq = ExactScan(lambda qq: iter([(0, np.zeros((len(qq) + 1, 700)))]), 48, 700)
+    with pytest.raises(BadDataError, match=r"scores of shape \(41, 700\)"):
+        wrong_nq.search(q, 3)
+    bad = x[:700].copy()
+    bad[5, 0] = np.inf
+    with pytest.raises(BadDataError, match=r"rows 0\.\.700 contain NaN or inf"):
+        ExactScan.of_rows(lambda: iter([(0, bad)]), 48, 700).search(q, 3)
 
 
 def test_k_larger_than_ntotal_has_no_padding():

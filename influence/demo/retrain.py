@@ -35,7 +35,7 @@ def _accuracy(model: torch.nn.Module, ds: ArrayDataset) -> float:
 def run_repair(
     demo_dir: str | Path = "runs/demo", *, mislabel_fraction: float = 0.1, action: str = "drop", seed: int = 0,
     boxes: Sequence[Any] | None = None, mask_scope: str = "class", method: str | None = None, oracle: bool = False,
-    log: TextIO = sys.stderr,
+    log: TextIO = sys.stderr, progress: bool = True,
 ) -> dict[str, Any]:
     """Repair a finished demo run, retrain with the demo recipe and report before/after; writes ``repair.json``.
 
@@ -78,7 +78,7 @@ def run_repair(
         before["patched_accuracy"] = _accuracy(final, patched)
     n = len(train)
     n_flag = int(round(mislabel_fraction * n))
-    self_inf = session.self_influence(method)
+    self_inf = session.self_influence(method, progress=progress)
     flagged = np.argsort(-self_inf, kind="stable")[:n_flag].tolist()
     relabel: dict[int, int] = {}
     drop: list[int] = []
@@ -98,7 +98,7 @@ def run_repair(
     torch.manual_seed(seed)
     model = load_model(spec)
     print(f"[repair] retraining {spec} on {len(y2)} images for {DEMO_EPOCHS} epochs", file=log)
-    train_classifier(model, ArrayDataset(x2, y2, "repaired-train"), epochs=DEMO_EPOCHS, seed=seed)
+    train_classifier(model, ArrayDataset(x2, y2, "repaired-train"), epochs=DEMO_EPOCHS, seed=seed, progress=progress)
     after = {"clean_accuracy": _accuracy(model, test)}
     if patched is not None:
         after["patched_accuracy"] = _accuracy(model, patched)
@@ -130,7 +130,7 @@ def run_repair(
                 x_clean = mask_box(x_clean, patched_ids, truth["patch_box"], "local")
             torch.manual_seed(seed)
             ref = load_model(spec)
-            train_classifier(ref, ArrayDataset(x_clean, y_clean, "oracle-train"), epochs=DEMO_EPOCHS, seed=seed)
+            train_classifier(ref, ArrayDataset(x_clean, y_clean, "oracle-train"), epochs=DEMO_EPOCHS, seed=seed, progress=progress)
             result["oracle"] = {"clean_accuracy": _accuracy(ref, test)}
             if patched is not None:
                 result["oracle"]["patched_accuracy"] = _accuracy(ref, patched)

@@ -74,7 +74,8 @@ def run_demo(
     model = DigitsCNN()
     print(f"[demo] training digits-cnn on {len(train)} images ({len(truth['flipped'])} flipped labels, "
           f"{len(truth['patched'])} patched images of class {truth['patch_class']})", file=log)
-    saved = train_classifier(model, train, epochs=DEMO_EPOCHS, seed=seed, checkpoint_dir=ckpt_dir, checkpoints=DEMO_CHECKPOINTS)
+    saved = train_classifier(model, train, epochs=DEMO_EPOCHS, seed=seed, checkpoint_dir=ckpt_dir, checkpoints=DEMO_CHECKPOINTS,
+                             progress=progress)
     preds = predict(model, test)
     acc = float((preds == test.y).float().mean())
     patched = load_arrays(out / "test_patched.npz")
@@ -101,7 +102,7 @@ def run_demo(
         pro = ", ".join(f"#{p.train_id}(y={p.label}{tag(p.train_id)})" for p in r.proponents)
         opp = ", ".join(f"#{p.train_id}(y={p.label}{tag(p.train_id)})" for p in r.opponents)
         print(f"test {r.test_id}: true {r.label}, predicted {r.predicted} (p={r.probability:.2f})\n  + {pro}\n  - {opp}", file=listing)
-    report_info = _report_and_flags(session, out, test, patched, wrong, truth, k=k, log=log)
+    report_info = _report_and_flags(session, out, test, patched, wrong, truth, k=k, log=log, progress=progress)
     summary = {
         "out": str(out), "train": len(train), "test": len(test), "clean_accuracy": acc, "patched_accuracy": patched_acc,
         "misclassified": len(wrong), "checkpoints": [str(p) for p, _ in saved], "store": str(store_path),
@@ -115,7 +116,7 @@ def run_demo(
 
 def _report_and_flags(
     session: Influence, out: Path, test: ArrayDataset, patched: ArrayDataset, wrong: list[int], truth: InjectionsRecord, *,
-    k: int, log: TextIO,
+    k: int, log: TextIO, progress: bool = False,
 ) -> dict[str, Any]:
     """Flag mislabels, harmful examples and the shortcut; write the report; say how much ground truth was found."""
     from influence.explain import explain
@@ -125,11 +126,11 @@ def _report_and_flags(
     n = session.n_train
     flipped = set(truth["flipped"])
     top = len(flipped)
-    mislabels = flag_mislabels(session, method="trak", top=n)
+    mislabels = flag_mislabels(session, method="trak", top=n, progress=progress)
     order = [m.train_id for m in mislabels]
     found_at = {p: sum(1 for i in order[: int(p * n)] if i in flipped) / len(flipped) for p in (0.1, 0.2)}
-    harmful = flag_harmful(session, test.x, test.y, top=20)
-    shortcuts = flag_shortcuts(session, patched.x, patched.y)
+    harmful = flag_harmful(session, test.x, test.y, top=20, progress=progress)
+    shortcuts = flag_shortcuts(session, patched.x, patched.y, progress=progress)
     box = truth["patch_box"]
     hit = None
     for s in shortcuts:
@@ -139,7 +140,8 @@ def _report_and_flags(
     flags = {"mislabel": [f.to_json() for f in mislabels[:top]], "harmful": [f.to_json() for f in harmful],
              "shortcuts": [s.to_json() for s in shortcuts]}
     write_json(out / "flags.json", flags)
-    explanations = explain(session, test.x[wrong[:8]], labels=test.y[wrong[:8]].tolist(), test_ids=wrong[:8], k=k) if wrong else []
+    explanations = (explain(session, test.x[wrong[:8]], labels=test.y[wrong[:8]].tolist(), test_ids=wrong[:8], k=k, progress=progress)
+                    if wrong else [])
     images = {j: session.training_examples(s.train_ids[:8])[0] for j, s in enumerate(shortcuts)}
     notes = [
         f"Label noise: {len(flipped)} training labels flipped; self-influence (TRAK) ranks {found_at[0.1]:.0%} of them in its "

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from index.atomic import atomic_write
 from influence.data import ArrayDataset, SizedDataset, batch_of, index_subset
@@ -32,8 +33,11 @@ def train_classifier(
     checkpoints: int = DEMO_CHECKPOINTS,
     weight_decay: float = 5e-4,
     device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> list[tuple[Path, float]]:
     """SGD with momentum and a linear learning-rate decay; saves ``checkpoints`` evenly spaced state dicts.
+
+    ``progress``: a bar over epochs on stderr, shown only when stderr is a terminal.
 
     Returns ``[(path, lr_at_that_epoch), ...]`` (empty when ``checkpoint_dir`` is None).
     """
@@ -46,7 +50,7 @@ def train_classifier(
     saved: list[tuple[Path, float]] = []
     if checkpoint_dir is not None:
         Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-    for epoch in range(1, epochs + 1):
+    for epoch in tqdm(range(1, epochs + 1), desc="train", unit="epoch", disable=None if progress else True):
         current_lr = lr * (1 - (epoch - 1) / epochs)
         for group in opt.param_groups:
             group["lr"] = current_lr
