@@ -53,9 +53,9 @@ def _peak(m: torch.Tensor) -> list[int]:
 
 def influencer_flags(session: Influence, ids: Sequence[int]) -> dict[int, list[str]]:
     """Warnings per training example: high self-influence, and a label the final model disagrees with."""
-    from influence.flag import _best_self_influence
+    from influence.flag import mislabel_method
 
-    selfinf = session.self_influence(_best_self_influence(session))
+    selfinf = session.self_influence(mislabel_method(session))
     cut = float(np.quantile(selfinf, MISLABEL_QUANTILE))
     prob = session.label_probability()
     flags: dict[int, list[str]] = {}
