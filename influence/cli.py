@@ -26,7 +26,7 @@ from influence.demo.run import run_demo
 from influence.errors import BadSpecError, InfluenceError
 from influence.explain import explain
 from influence.features.projectors import ProjectorKind
-from influence.flag import KINDS, _best_self_influence, run_flags
+from influence.flag import KINDS, mislabel_method, run_flags
 from influence.data import Preprocessing
 from influence.loading import load_checkpoint, load_image, load_model, parse_model_args, read_image
 from influence.pipeline import build
@@ -335,7 +335,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_self_influence(args: argparse.Namespace) -> int:
     session = Influence.open(args.store)
-    method = args.method or _best_self_influence(session)  # the mislabel ranking's default, as in `flag`
+    method = args.method or mislabel_method(session)  # the mislabel ranking's default, as in `flag`
     values = session.self_influence(method)
     _save_npy(args.out, values)
     print(f"wrote {args.out}: self-influence of {len(values)} training examples ({method})", file=sys.stderr)

@@ -54,9 +54,9 @@ def _peak(m: torch.Tensor) -> list[int]:
 
 def influencer_flags(session: Influence, ids: Sequence[int]) -> dict[int, list[str]]:
     """Warnings per training example: high self-influence, and a label the final model disagrees with."""
-    from influence.flag import _best_self_influence
+    from influence.flag import mislabel_method
 
-    selfinf = session.self_influence(_best_self_influence(session))
+    selfinf = session.self_influence(mislabel_method(session))
     cut = float(np.quantile(selfinf, MISLABEL_QUANTILE))
     prob = session.label_probability()
     flags: dict[int, list[str]] = {}
@@ -81,7 +81,7 @@ def explain(
     ``progress``: a bar over the inputs on stderr, shown only when stderr is a terminal.
     """
     from influence.attribution import run_attribute
-    from influence.flag import _best_self_influence
+    from influence.flag import mislabel_method
     from influence.tfa import DEFAULT_TFA, get_tfa
 
     tfa = tfa or DEFAULT_TFA
@@ -90,7 +90,7 @@ def explain(
     results = session.query(x, targets, k=k, method=method, labels=labels, test_ids=test_ids)
     model = session.model_at(-1)  # this call's own copy of the final checkpoint: nothing else touches it
     explainer = tfa_cls(model, task=session.task)
-    session.self_influence(_best_self_influence(session), progress=progress)  # the flags' input, loaded once, before the bar
+    session.self_influence(mislabel_method(session), progress=progress)  # the flags' input, loaded once, before the bar
     out = []
     for xi, r in tqdm(list(zip(x, results)), desc="explain", unit="image", disable=None if progress else True):
         pixel_map, _ = run_attribute(model, xi, method=attribution, target=r.target)

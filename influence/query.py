@@ -291,7 +291,7 @@ class Influence:
 
         Proponents answer "why this class?" for the target (default: the predicted class). Opponents are
         the most harmful examples for the same class, except when ``labels`` are given and no target is:
-        then, as METHODS.md recommends for failures, they answer "what pulled it away from its true
+        then, as suits a misclassified image, they answer "what pulled it away from its true
         label?" (``opponents_target`` in the result says which class they were searched for).
         """
         if k < 1:

@@ -1,4 +1,4 @@
-"""Patch-shortcut detection from TFA maps (METHODS.md §4).
+"""Patch-shortcut detection from TFA maps.
 
 A shortcut is a small region that (1) holds the peak of the TFA map on many influential training images of one
 class, in the same place, and (2) looks the same in all of them (a pasted patch, a watermark, a tag).
@@ -55,10 +55,6 @@ class Shortcut:
 
     def to_json(self) -> dict[str, Any]:
         return {"class": self.cls, "box": list(self.box), "train_ids": list(self.train_ids), "score": self.score}
-
-    def __getitem__(self, key: str) -> object:
-        """Read a field by its JSON name, for code written against the earlier dict results."""
-        return self.to_json()[key]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -89,6 +89,20 @@ def test_match_shortcuts_found_false_alarm_and_iou_threshold():
     assert match_shortcuts([], 7, truth) == {"found": False, "false_alarms": 0, "best_iou": 0.0, "hit": None}
 
 
+def test_the_study_scores_flag_shortcut_reports_as_their_json(monkeypatch):
+    """The study's detector hands match_shortcuts the JSON of ``flag``, not the typed Shortcut objects."""
+    from influence.evaluation import shortcut_study
+    from influence.shortcut import Shortcut
+
+    found = [Shortcut(7, [12, 12, 15, 15], [1, 2], 0.8, support=0.9), Shortcut(3, [0, 0, 3, 3], [4], 0.5)]
+    monkeypatch.setattr(shortcut_study, "flag_shortcuts", lambda sess, x, y: found)
+    reports = shortcut_study.detector(None, torch.zeros(1), torch.zeros(1))
+    assert reports == [{"class": 7, "box": [12, 12, 15, 15], "train_ids": [1, 2], "score": 0.8},
+                       {"class": 3, "box": [0, 0, 3, 3], "train_ids": [4], "score": 0.5}]
+    m = match_shortcuts(reports, 7, [12, 12, 15, 15])
+    assert m["found"] and m["false_alarms"] == 1 and m["hit"] | {"train_ids": 2} == dict(reports[0], train_ids=2)
+
+
 # --------------------------------------------------------------------------- pixel
 
 def _map() -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ import torch
 
 import influence
 from conftest import BATCH, CNN_SPEC, N_TRAIN, PROJ_DIM
-from influence.flag import flag_harmful, flag_mislabels
+from influence.flag import Flag, flag_harmful, flag_mislabels
 
 SEED = 0
 # The conftest models train for 6 epochs. Mislabels: 20, so the first checkpoint is past the phase where every
@@ -32,13 +32,8 @@ N_FLIPS = N_TRAIN // 10
 N_TARGETS, COPIES, NOISE = 4, 3, 0.05
 
 
-def _field(flag: Any, name: str) -> Any:
-    """A flag's field whether flags are dicts or dataclasses with ``to_json()``."""
-    return flag[name] if isinstance(flag, dict) else getattr(flag, name)
-
-
-def _ids(flags: list[Any]) -> list[int]:
-    return [int(_field(f, "train_id")) for f in flags]
+def _ids(flags: Sequence[Flag]) -> list[int]:
+    return [f.train_id for f in flags]
 
 
 def _predict(checkpoint: Path, x: torch.Tensor) -> torch.Tensor:
@@ -97,18 +92,18 @@ def test_flipped_labels_rank_at_the_top(flipped, method, top10_bar, top20_bar):
     assert len(ids) == 2 * N_FLIPS == len(set(ids))
     assert len(flipped.flips & set(ids[:N_FLIPS])) / N_FLIPS >= top10_bar
     assert len(flipped.flips & set(ids)) / N_FLIPS >= top20_bar
-    scores = [_field(f, "score") for f in flags]
+    scores = [f.score for f in flags]
     assert scores == sorted(scores, reverse=True)
 
 
 def test_flagged_flips_carry_their_wrong_label(flipped, digits):
     """The reported label is the stored (wrong) one, and the final model gives it a low probability."""
     flags = flag_mislabels(flipped.session, top=N_FLIPS)
-    hits = [f for f in flags if _field(f, "train_id") in flipped.flips]
+    hits = [f for f in flags if f.train_id in flipped.flips]
     assert hits, "guard: the top of the ranking holds flips"
     for f in hits:
-        assert _field(f, "label") != int(digits.y[_field(f, "train_id")])
-    assert np.median([_field(f, "model_prob_of_label") for f in hits]) < 0.5
+        assert f.label != int(digits.y[f.train_id])
+    assert np.median([f.model_prob_of_label for f in hits]) < 0.5
 
 
 # ----------------------------------------------------------------------------- harmful
@@ -165,9 +160,9 @@ def test_planted_copies_top_the_harm_ranking(planted, method, bar):
     flags = flag_harmful(planted.session, planted.x, planted.y, method=method, top=len(planted_ids))
     assert len(flags) == len(planted_ids)
     failures = int((planted.predicted != planted.y).sum())  # the broken images, and only they
-    assert {_field(f, "of_failures") for f in flags} == {failures} and failures >= len(_broken(planted))
+    assert {f.of_failures for f in flags} == {failures} and failures >= len(_broken(planted))
     assert len(planted_ids & set(_ids(flags))) / len(planted_ids) >= bar
-    scores = [_field(f, "score") for f in flags]
+    scores = [f.score for f in flags]
     assert scores == sorted(scores, reverse=True) and scores[-1] > 0
 
 

@@ -320,7 +320,7 @@ def test_changing_trak_lambda_recomputes_the_inverse_and_index(digits, cnn_ckpts
 
 
 def test_opponents_answer_the_true_label_when_it_is_known(session, digits):
-    """METHODS.md default: proponents for the predicted class, opponents for the true label when given."""
+    """The default: proponents for the predicted class, opponents for the true label when given."""
     x = digits.x_test[:4]
     pred = session.predict(x).argmax(-1)
     labels = ((pred + 1) % 10).tolist()  # labels that disagree with every prediction

@@ -20,7 +20,7 @@ from influence.data import ArrayDataset
 from influence.demo.run import load_arrays, write_json
 from influence.demo.training import DEMO_EPOCHS, predict, train_classifier
 from influence.errors import BadDataError, BadSpecError
-from influence.flag import _best_self_influence
+from influence.flag import mislabel_method
 from influence.loading import load_checkpoint, load_model
 from influence.query import Influence
 from influence.repair import ACTIONS, _shortcut_records, apply_repair, mask_box, relabel_targets
@@ -69,7 +69,7 @@ def run_repair(
     flags = json.loads((root / "flags.json").read_text()) if (root / "flags.json").is_file() else {}
 
     session = Influence.open(root / "store")
-    method = method or _best_self_influence(session)
+    method = method or mislabel_method(session)
     spec = session.store.attrs.get("model_spec") or "digits-cnn"
     last = session.store.checkpoints[-1]
     final = load_checkpoint(load_model(spec), last["path"], expected_sha256=last["sha256"])

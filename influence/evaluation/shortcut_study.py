@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,9 +47,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
-def detector(sess: Influence, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
-    """The shortcut reports of ``influence flag --kind shortcut`` for test images (x, y)."""
-    return flag_shortcuts(sess, x, y)
+def detector(sess: Influence, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
+    """The shortcut reports of ``influence flag --kind shortcut`` for test images (x, y), as in its JSON."""
+    return [s.to_json() for s in flag_shortcuts(sess, x, y)]
 
 
 def pixel_level(sess: Influence, test_patched: ArrayDataset, noisy: ArrayDataset, patched_mask: np.ndarray, q_ids: list[int],
