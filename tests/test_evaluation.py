@@ -280,3 +280,16 @@ def test_grid_canvas_places_each_digit_in_its_quadrant():
     assert canvas.shape == (2, 1, 32, 32)
     assert canvas[0, 0, 16:, 16:].eq(1).all() and canvas[0].sum() == 256
     assert canvas[1, 0, :16, :16].eq(2).all() and canvas[1].sum() == 512
+
+
+def test_shortcut_study_detector_reports_are_flag_json_that_match_shortcuts_reads(monkeypatch):
+    from influence.evaluation import shortcut_study
+    from influence.shortcut import Shortcut
+
+    found = [Shortcut(7, [12, 12, 15, 15], [3, 5, 8], 0.75), Shortcut(2, [0, 0, 3, 3], [1], 0.5)]
+    monkeypatch.setattr(shortcut_study, "flag_shortcuts", lambda sess, x, y: found)
+    reports = shortcut_study.detector(None, torch.zeros(1), torch.zeros(1))
+    assert reports == [{"class": 7, "box": [12, 12, 15, 15], "train_ids": [3, 5, 8], "score": 0.75},
+                       {"class": 2, "box": [0, 0, 3, 3], "train_ids": [1], "score": 0.5}]
+    match = match_shortcuts(reports, 7, [12, 12, 15, 15])
+    assert match["found"] and match["false_alarms"] == 1 and match["hit"]["train_ids"] == [3, 5, 8]
