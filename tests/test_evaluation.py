@@ -294,3 +294,4 @@ def test_grid_canvas_places_each_digit_in_its_quadrant():
     assert canvas.shape == (2, 1, 32, 32)
     assert canvas[0, 0, 16:, 16:].eq(1).all() and canvas[0].sum() == 256
     assert canvas[1, 0, :16, :16].eq(2).all() and canvas[1].sum() == 512
+

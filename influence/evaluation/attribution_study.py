@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from influence.attribution import (
     VAR,
+    AttributionMethod,
     WAM,
     GradCAM,
     InputXGradient,
@@ -41,6 +43,9 @@ HEADS = {
     "linear": "flatten + linear, position-aware like DigitsCNN's",
 }
 GRID_EPOCHS = 12
+
+# A feature space the faithfulness curves mask in: (features (B, D) → model inputs, the images' features (B, D)).
+Space = tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]
 
 
 # --- data and models -----------------------------------------------------------------------------
@@ -82,7 +87,7 @@ class GridCNN(nn.Module):
             self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * width * 8 * 8, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.classifier(self.block(self.features(x)))
+        out: torch.Tensor = self.classifier(self.block(self.features(x)))
         return out.amax(dim=(2, 3)) if self.head == "max" else out
 
 
@@ -99,7 +104,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed:
             xb = x[idx] if augment is None else augment(x[idx], gen)
             loss = F.cross_entropy(model(xb), y[idx])
             opt.zero_grad()
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             opt.step()
     return model.eval()
 
@@ -115,7 +120,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 # --- shared measures -----------------------------------------------------------------------------
 
-def base_methods(model: nn.Module, n_ig: int = 50, n_smooth: int = 25) -> dict[str, tuple[object, dict]]:
+def base_methods(model: nn.Module, n_ig: int = 50, n_smooth: int = 25) -> dict[str, tuple[AttributionMethod, dict[str, Any]]]:
     """name → (method instance, attribute options) for every base method."""
     return {
         "saliency": (Saliency(model), {}),
@@ -138,9 +143,12 @@ def pixel_map(name: str, a: torch.Tensor, levels: int = 3) -> torch.Tensor:
 # --- 1. grid pointing game -----------------------------------------------------------------------
 
 def pointing_game(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, n_grids: int,
-                  seed: int, head: str) -> tuple[list[str], dict]:
-    """Grid pointing game with and without VAR on a ``GridCNN(head=head)`` trained on random-quadrant canvases."""
-    lines = []
+                  seed: int, head: str) -> tuple[list[str], dict[str, tuple[tuple[float, int], tuple[float, int]]]]:
+    """Grid pointing game with and without VAR on a ``GridCNN(head=head)`` trained on random-quadrant canvases.
+
+    Results: method → ((share, empty maps) without VAR, the same with VAR).
+    """
+    lines: list[str] = []
     t0 = time.time()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # module init draws from the global generator
@@ -151,13 +159,16 @@ def pointing_game(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Te
     p_true = probs.gather(2, y_test.reshape(1, -1, 1).expand(4, -1, 1)).squeeze(2).amin(0)
     confident = torch.nonzero((probs.argmax(2) == y_test).all(0) & (p_true > 0.9)).flatten()
     gen = torch.Generator().manual_seed(seed)
-    grids, targets, cells, present = [], [], [], []
+    grids: list[torch.Tensor] = []
+    targets: list[int] = []
+    cells: list[int] = []
+    present: list[list[int]] = []
     for _ in range(n_grids):
         classes = torch.randperm(10, generator=gen)[:4]
         picks = []
         for c in classes:
             pool = confident[y_test[confident] == c]
-            picks.append(pool[torch.randint(len(pool), (1,), generator=gen)].item())
+            picks.append(int(pool[torch.randint(len(pool), (1,), generator=gen)].item()))
         grid = torch.zeros(1, 32, 32)
         for q, i in enumerate(picks):
             r, c = 16 * (q // 2), 16 * (q % 2)
@@ -179,7 +190,7 @@ def pointing_game(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Te
         cell_mask[i, r : r + 16, c : c + 16] = 1
     cells_b = cell_mask.bool()
 
-    results = {}
+    results: dict[str, tuple[tuple[float, int], tuple[float, int]]] = {}
     for name, (method, opts) in base_methods(model).items():
         plain = pointing_share(pixel_map(name, method.attribute(x, target=t, **opts)), cells_b)
         var = pointing_share(pixel_map(name, VAR(method).attribute(x, target=t, classes=cls, **opts)), cells_b)
@@ -206,13 +217,14 @@ def pointing_game(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Te
 
 # --- 2. MPRT --------------------------------------------------------------------------------------
 
-def mprt(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[list[str], dict]:
+def mprt(model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> tuple[list[str], dict[str, float]]:
+    """Cascading top-down MPRT; results: method → mean Spearman once every layer is randomised."""
     t0 = time.time()
     layers = ["head.3", "head.1", "features.4", "features.0"]  # top-down: output layer first
     state = {k: v.clone() for k, v in model.state_dict().items()}
 
     def maps(m: nn.Module) -> dict[str, torch.Tensor]:
-        out = {}
+        out: dict[str, torch.Tensor] = {}
         methods = base_methods(m)
         methods["var_integrated_gradients"] = (VAR(IntegratedGradients(m)), {"n": 50})
         for name, (method, opts) in methods.items():
@@ -281,17 +293,18 @@ def mu_fidelity(model: nn.Module, x: torch.Tensor, t: torch.Tensor, attribution:
     return mu_fidelity_score(_target_prob(model, t, decode), features, attribution, seed)
 
 
-def faithfulness(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[list[str], dict]:
+def faithfulness(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[list[str], dict[str, float]]:
+    """Insertion / deletion AUC and μ-fidelity per map; results: map label → insertion − deletion AUC."""
     t0 = time.time()
     with torch.no_grad():
         t = model(x).argmax(1)
     b = x.shape[0]
     wavelet = WaveletTransform("haar", 3)
-    pixels = (lambda f: f.reshape(x.shape), x.flatten(1))
-    coeffs = (lambda f: wavelet.inverse(f.reshape(x.shape)), wavelet.forward(x).flatten(1))
+    pixels: Space = (lambda f: f.reshape(x.shape), x.flatten(1))
+    coeffs: Space = (lambda f: wavelet.inverse(f.reshape(x.shape)), wavelet.forward(x).flatten(1))
     ig, sg = IntegratedGradients(model), SmoothGrad(model)
     n = 25
-    rows: list[tuple[str, str, torch.Tensor, tuple]] = [
+    rows: list[tuple[str, str, torch.Tensor, Space]] = [
         ("IntegratedGradients (linear_path, n=50)", "pixels", ig.attribute(x, t, n=50), pixels),
         ("SmoothGrad (noise, n=25)", "pixels", sg.attribute(x, t, n=25), pixels),
     ]
@@ -299,7 +312,7 @@ def faithfulness(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[list[str
         z = WAM(model, mode=mode).attribute(x, t, n=steps)
         rows.append((f"WAM {mode} (n={steps})", "wavelet coefficients", z, coeffs))
         rows.append((f"WAM {mode} (n={steps}), Σ per-scale maps", "pixels", pixel_map("wam", z).unsqueeze(1), pixels))
-    sampler_rows = []
+    sampler_rows: list[tuple[str, str, torch.Tensor, Space]] = []
     for label, sampler, opts in (
         ("noise (σ = 0.15·range)", "noise", {}),
         ("linear_path (x₀ = 0)", "linear_path", {}),
@@ -311,7 +324,7 @@ def faithfulness(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[list[str
         sampler_rows.append((f"sampler {label}, n={n}", "pixels", a, pixels))
         if sampler == "noise":
             sampler_rows.append((f"sampler {label} ×x, n={n}", "pixels", a * x, pixels))
-    results = {}
+    results: dict[str, float] = {}
     lines = [
         "### Faithfulness: insertion / deletion AUC and μ-fidelity",
         "",
@@ -338,13 +351,14 @@ def faithfulness(model: nn.Module, x: torch.Tensor, seed: int) -> tuple[list[str
 
 # --- 4. sampler stability -----------------------------------------------------------------------------
 
-def stability(model: nn.Module, x: torch.Tensor, seeds: tuple[int, int]) -> tuple[list[str], dict]:
+def stability(model: nn.Module, x: torch.Tensor, seeds: tuple[int, int]) -> tuple[list[str], dict[tuple[str, int], tuple[float, float]]]:
+    """Seed-to-seed Spearman of the stochastic samplers; results: (sampler, n) → (all pixels, foreground)."""
     t0 = time.time()
     with torch.no_grad():
         t = model(x).argmax(1)
     ig = IntegratedGradients(model)
     foreground = (x > 0.1).squeeze(1)
-    results = {}
+    results: dict[tuple[str, int], tuple[float, float]] = {}
     lines = [
         "### Sampler stability (seed to seed)",
         "",

@@ -23,7 +23,7 @@ from influence.query import Influence
 TDA_METHODS = ("tracin", "gradcos", "trak")
 
 
-def demo_store(train: ArrayDataset, seed: int, work: str | os.PathLike, methods: Sequence[str] = TDA_METHODS) -> Influence:
+def demo_store(train: ArrayDataset, seed: int, work: str | os.PathLike[str], methods: Sequence[str] = TDA_METHODS) -> Influence:
     """Train the digits CNN on ``train`` with the demo recipe and build a store in ``work``/store; reuse it if built.
 
     The store is built from ``work``/train.npz, as ``influence build`` would build it from a file, so the training

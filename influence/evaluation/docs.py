@@ -12,7 +12,7 @@ from pathlib import Path
 from influence.errors import BadDataError
 
 
-def write_section(name: str, markdown: str, doc: str | os.PathLike) -> None:
+def write_section(name: str, markdown: str, doc: str | os.PathLike[str]) -> None:
     """Replace the section ``name`` of ``doc`` with ``markdown`` (appended when the page has no such section)."""
     begin, end = f"<!-- BEGIN {name} -->", f"<!-- END {name} -->"
     path = Path(doc)

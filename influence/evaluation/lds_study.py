@@ -20,15 +20,18 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import zarr
 
+from influence.data import SizedDataset
 from influence.errors import BadDataError
-from influence.evaluation.digits import ArrayDataset, index_subset, load_digits_split, train_classifier
+from influence.evaluation.digits import DEMO_CHECKPOINTS, ArrayDataset, index_subset, load_digits_split, train_classifier
 from influence.evaluation.docs import write_section
 from influence.evaluation.lds import M_SUBSETS, SUBSET_SEED, lds, margins, subset_masks, trak_scores_dual
 from influence.models import DigitsCNN, DigitsMLP
@@ -38,6 +41,10 @@ EPOCHS = 10          # the short recipe: train_classifier(epochs=10), lr 0.05, b
 MODEL_SETS = ("ckpt1", "ckpt5", "ckpt10", "full10", "half10")
 PROJECTORS = ("sparse", "factorized", "gaussian", "rademacher")
 KS = (512, 2048, 8192)
+
+# One JSON line of results_<model>.jsonl: tool, model, set, projector, k, method, seconds and the ``lds`` fields;
+# the other keys depend on the stage that wrote it, so rows stay plain JSON objects.
+Row = dict[str, Any]
 
 COMMANDS = """### How these were produced
 
@@ -74,7 +81,7 @@ def log(*a: object) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def _fmt(r: dict | None) -> str:
+def _fmt(r: Mapping[str, Any] | None) -> str:
     if r is None:
         return "–"
     return f"{r['lds']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}]"
@@ -92,15 +99,25 @@ class LdsStudy:
     def data(self) -> tuple[ArrayDataset, ArrayDataset]:
         return load_digits_split()
 
-    def train_one(self, model: str, ds: ArrayDataset, seed: int, **kw) -> tuple[torch.nn.Module, list]:
+    def train_one(self, model: str, ds: SizedDataset, seed: int, *, epochs: int = EPOCHS,
+                  checkpoint_dir: str | os.PathLike[str] | None = None,
+                  checkpoints: int = DEMO_CHECKPOINTS) -> tuple[torch.nn.Module, list[tuple[Path, float]]]:
+        """Train a fresh ``model`` on ``ds`` with the short recipe; (the net, its saved (checkpoint, lr) pairs)."""
         torch.manual_seed(seed)
         net = MODELS[model][0]()
-        saved = train_classifier(net, ds, epochs=kw.pop("epochs", EPOCHS), seed=seed, **kw)
+        saved = train_classifier(net, ds, epochs=epochs, seed=seed, checkpoint_dir=checkpoint_dir, checkpoints=checkpoints)
         return net, saved
 
     # --- stage: retrain (ground truth)
-    def open_truth(self, model: str, mode: str = "r") -> zarr.Group:
+    def open_truth(self, model: str, mode: Literal["r", "r+"] = "r") -> zarr.Group:
         return zarr.open_group(str(self.cache / f"{model}.zarr"), mode=mode)
+
+    def _truth_array(self, g: zarr.Group, key: str) -> zarr.Array[Any]:
+        """The ground-truth array ``key`` of ``g`` (a group there means the cache is damaged)."""
+        node = g[key]
+        if not isinstance(node, zarr.Array):
+            raise BadDataError(f"{g.store_path} has a group at {key!r}, where an array belongs; delete it to redo")
+        return node
 
     def stage_retrain(self, model: str, m: int = M_SUBSETS) -> None:
         train, test = self.data()
@@ -108,7 +125,7 @@ class LdsStudy:
         masks = subset_masks(len(train), m)
         if (path / "zarr.json").is_file():
             g = self.open_truth(model, "r+")
-            if g.attrs.get("epochs") != EPOCHS or not np.array_equal(g["masks"][:], masks):
+            if g.attrs.get("epochs") != EPOCHS or not np.array_equal(np.asarray(self._truth_array(g, "masks")[:]), masks):
                 raise BadDataError(f"{path} was made with another recipe; delete it to redo")
         else:
             g = zarr.open_group(str(path), mode="w")
@@ -118,25 +135,26 @@ class LdsStudy:
             g.create_array("margins", shape=(m, len(test)), dtype="float32", chunks=(1, len(test)), fill_value=np.nan)
             g.create_array("done", shape=(m,), dtype="bool", chunks=(m,), fill_value=False)
             g.create_array("seconds", shape=(m,), dtype="float32", chunks=(m,), fill_value=np.nan)
-        done = g["done"][:]
-        for j in np.flatnonzero(~done):
+        done_arr, margins_arr, seconds_arr = (self._truth_array(g, key) for key in ("done", "margins", "seconds"))
+        done = np.asarray(done_arr[:], dtype=bool)
+        for j in map(int, np.flatnonzero(~done)):
             t0 = time.perf_counter()
-            net, _ = self.train_one(model, index_subset(train, np.flatnonzero(masks[j]).tolist()), seed=int(j))
-            g["margins"][j] = margins(net, test.x, test.y)
-            g["seconds"][j] = time.perf_counter() - t0
+            net, _ = self.train_one(model, index_subset(train, np.flatnonzero(masks[j]).tolist()), seed=j)
+            margins_arr[j] = margins(net, test.x, test.y)
+            seconds_arr[j] = time.perf_counter() - t0
             done[j] = True
-            g["done"][:] = done
+            done_arr[:] = done
             if j % 10 == 0:
                 log(f"[retrain {model}] {j + 1}/{m} {time.perf_counter() - t0:.1f}s")
-        log(f"[retrain {model}] done; mean {np.nanmean(g['seconds'][:]):.2f}s per retrain")
+        log(f"[retrain {model}] done; mean {np.nanmean(np.asarray(seconds_arr[:])):.2f}s per retrain")
 
     # --- LDS
     def truth(self, model: str) -> tuple[np.ndarray, np.ndarray]:
         g = self.open_truth(model)
-        done = g["done"][:]
+        done = np.asarray(self._truth_array(g, "done")[:], dtype=bool)
         if not done.any():
             raise BadDataError(f"no retrains cached for {model}; run the retrain stage first")
-        return g["masks"][:][done], g["margins"][:][done]
+        return np.asarray(self._truth_array(g, "masks")[:])[done], np.asarray(self._truth_array(g, "margins")[:])[done]
 
     # --- stage: attribution models
     def models_dir(self, model: str) -> Path:
@@ -163,7 +181,7 @@ class LdsStudy:
                     if j == 0:
                         paths.append(meta["run"]["ckpts"][-1])
                         continue
-                    ds = train
+                    ds: SizedDataset = train
                 else:
                     ds = index_subset(train, np.sort(rng.choice(len(train), len(train) // 2, replace=False)).tolist())
                 net, _ = self.train_one(model, ds, seed=100 * (kind == "half") + j)
@@ -193,7 +211,7 @@ class LdsStudy:
     def results_path(self, model: str) -> Path:
         return self.cache / f"results_{model}.jsonl"
 
-    def append(self, model: str, row: dict) -> None:
+    def append(self, model: str, row: Row) -> None:
         with self.results_path(model).open("a") as f:
             f.write(json.dumps(row) + "\n")
         log(f"[{model}] {row.get('tool', 'ours')} {row['set']} {row.get('projector')} k={row.get('k')} {row['method']}: "
@@ -228,7 +246,7 @@ class LdsStudy:
                         t0 = time.perf_counter()
                         s = session.scores(test.x, test.y, method=method)
                         score_s = time.perf_counter() - t0
-                        row = {"tool": "ours", "model": model, "set": set_name, "n_models": len(session.store.checkpoint_ids),
+                        row: Row = {"tool": "ours", "model": model, "set": set_name, "n_models": len(session.store.checkpoint_ids),
                                "projector": projector, "k": int(session.store.k), "method": method,
                                "build_s": round(build_s, 2), "score_s": round(score_s, 2), "seconds": round(build_s + score_s, 2),
                                "extra_train_s": round(self.model_set(model, set_name)[2], 1),
@@ -263,7 +281,7 @@ class LdsStudy:
                     if rel == st.attrs.get("trak_lambda_rel"):
                         c = np.corrcoef(s.ravel(), ref.ravel())[0, 1]
                         log(f"[lambda] dual form vs library at λ_rel={rel}: correlation {c:.5f}")
-                    row = {"tool": "ours-lambda", "model": model, "set": set_name, "n_models": len(phi), "projector": "sparse",
+                    row: Row = {"tool": "ours-lambda", "model": model, "set": set_name, "n_models": len(phi), "projector": "sparse",
                            "k": k, "method": "trak", "lambda_rel": rel, "seconds": 0.0, **lds(s, masks, actual)}
                     self.append(model, row)
 
@@ -293,24 +311,24 @@ class LdsStudy:
                         if res is None:
                             continue
                         s, secs, note = res
-                        row = {"tool": tool, "model": model, "set": set_name, "n_models": len(ckpts), "projector": note.get("projector"),
+                        row: Row = {"tool": tool, "model": model, "set": set_name, "n_models": len(ckpts), "projector": note.get("projector"),
                                "k": note.get("k", k), "method": method, "seconds": round(secs, 2), "extra_train_s": round(extra, 1),
                                **lds(s, masks, actual)}
                         self.append(model, row)
 
     # --- stage: report
-    def _rows(self, model: str) -> list[dict]:
+    def _rows(self, model: str) -> list[Row]:
         p = self.results_path(model)
         if not p.is_file():
             return []
-        last: dict[tuple, dict] = {}
+        last: dict[tuple[Any, ...], Row] = {}
         for line in p.read_text().splitlines():
             r = json.loads(line)
             key = (r.get("tool"), r["set"], r.get("projector"), r.get("k"), r["method"], r.get("lambda_rel"))
             last[key] = r
         return list(last.values())
 
-    def write_report(self, doc: str | os.PathLike, plot: str | os.PathLike) -> None:
+    def write_report(self, doc: str | os.PathLike[str], plot: str | os.PathLike[str]) -> None:
         """Write the "lds" section of ``doc`` from the cached results, and the LDS-vs-cost figure to ``plot``."""
         parts = [COMMANDS]
         for model in MODELS:
@@ -318,7 +336,7 @@ class LdsStudy:
             if not rows:
                 continue
             g = self.open_truth(model)
-            n_done = int(g["done"][:].sum())
+            n_done = int(np.asarray(self._truth_array(g, "done")[:]).sum())
             recipe = g.attrs.get("recipe")
             ours = [r for r in rows if r.get("tool") == "ours"]
             lines = [f"### LDS on digits, {model.upper()} (ours)", "",
@@ -394,7 +412,7 @@ class LdsStudy:
         self._plot(plot)
         log(f"wrote {doc} and {plot}")
 
-    def _plot(self, plot: str | os.PathLike) -> None:
+    def _plot(self, plot: str | os.PathLike[str]) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -405,7 +423,7 @@ class LdsStudy:
         for ax, model in zip(axes[0], models):
             allrows = self._rows(model)
             rows = [r for r in allrows if r.get("tool") != "ours-lambda" and r.get("seconds", 0) > 0]
-            groups: dict[str, list] = {}
+            groups: dict[str, list[Row]] = {}
             for r in rows:
                 groups.setdefault(f"{r['tool']}: {r['method']}", []).append(r)
             for i, (name, rs) in enumerate(sorted(groups.items())):

@@ -17,19 +17,40 @@ Peers (all CPU, 2 threads):
 
 from __future__ import annotations
 
+import importlib
+import os
 import shutil
 import tempfile
 import time
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
-Row = tuple[str, "tuple[np.ndarray, float, dict] | None"]
+from influence.data import ArrayDataset
+
+
+class PeerNote(TypedDict):
+    """How a peer projected: its projector's name and size (``None``: no projection)."""
+
+    projector: str
+    k: int | None
+
+
+PeerResult = tuple[np.ndarray, float, PeerNote]
+Row = tuple[str, "PeerResult | None"]
 TOOLS = ("traker", "captum", "dattri")
+_Params = dict[str, torch.Tensor]
+_Example = tuple[torch.Tensor, torch.Tensor]
+
+
+def _peer(module: str) -> Any:
+    """The optional, untyped peer module ``module`` (never a runtime dependency), so used through ``Any``."""
+    return importlib.import_module(module)
 
 
 def _load(model_cls: Callable[[], nn.Module], path: str) -> nn.Module:
@@ -38,8 +59,8 @@ def _load(model_cls: Callable[[], nn.Module], path: str) -> nn.Module:
     return net.eval()
 
 
-def _loader(ds, batch_size: int = 64) -> DataLoader:
-    return DataLoader(torch.utils.data.TensorDataset(ds.x, ds.y), batch_size=batch_size, shuffle=False)
+def _loader(ds: ArrayDataset, batch_size: int = 64) -> DataLoader[tuple[torch.Tensor, ...]]:
+    return DataLoader(TensorDataset(ds.x, ds.y), batch_size=batch_size, shuffle=False)
 
 
 def _final_linear(net: nn.Module) -> nn.Module:
@@ -48,14 +69,16 @@ def _final_linear(net: nn.Module) -> nn.Module:
 
 # ----------------------------------------------------------------------------- traker
 
-def run_traker(model_cls, ckpts, lrs, train, test, *, k: int, grad_sq: float | None = None, rels=(0.0, 0.01)) -> Iterator[Row]:
+def run_traker(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[float], train: ArrayDataset, test: ArrayDataset,
+               *, k: int, grad_sq: float | None = None, rels: Sequence[float] = (0.0, 0.01)) -> Iterator[Row]:
     """TRAK reference: featurize each checkpoint once with its CPU rademacher projector, then solve and score per λ.
 
     traker's projector has ±1 entries (no 1/√k), so trace(ΦᵀΦ)/k ≈ Σ_i ||g_i||² = ``grad_sq`` and
     λ = rel·grad_sq matches our relative λ. Seconds for each λ = featurize + that λ's solve and scoring.
     """
-    from trak import TRAKer
-    from trak.projectors import BasicProjector, ProjectionType
+    TRAKer = _peer("trak").TRAKer
+    projectors = _peer("trak.projectors")
+    BasicProjector, ProjectionType = projectors.BasicProjector, projectors.ProjectionType
 
     net = _load(model_cls, ckpts[0])
     grad_dim = sum(p.numel() for p in net.parameters())
@@ -86,7 +109,7 @@ def run_traker(model_cls, ckpts, lrs, train, test, *, k: int, grad_sq: float | N
             t0 = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                tr.score_computer.lambda_reg = float(rel * grad_sq) if rel else 0.0
+                tr.score_computer.lambda_reg = float(rel * grad_sq) if rel and grad_sq is not None else 0.0
                 for mid in range(len(ckpts)):
                     tr.saver.model_ids[mid]["is_finalized"] = 0
                 tr.finalize_features()
@@ -111,15 +134,17 @@ class _BruteForceNN:
     def setup(self, data: torch.Tensor) -> None:
         self.data = data
 
-    def get_nearest_neighbors(self, query: torch.Tensor, k: int):
+    def get_nearest_neighbors(self, query: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         s = query @ self.data.T
         d, i = torch.topk(s, k, dim=1)
         return i, d
 
 
-def run_captum(model_cls, ckpts, lrs, train, test, *, k: int, exact: bool = True, **_: object) -> Iterator[Row]:
-    from captum.influence import TracInCP, TracInCPFastRandProj
-    from captum.influence._utils.nearest_neighbors import NearestNeighbors
+def run_captum(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[float], train: ArrayDataset, test: ArrayDataset,
+               *, k: int, exact: bool = True, **_: object) -> Iterator[Row]:
+    influence = _peer("captum.influence")
+    TracInCP, TracInCPFastRandProj = influence.TracInCP, influence.TracInCPFastRandProj
+    NearestNeighbors = _peer("captum.influence._utils.nearest_neighbors").NearestNeighbors
 
     NN = type("NN", (_BruteForceNN, NearestNeighbors), {})
     lr_of = dict(zip(ckpts, lrs))
@@ -130,7 +155,7 @@ def run_captum(model_cls, ckpts, lrs, train, test, *, k: int, exact: bool = True
         model.eval()
         return float(lr_of[path])
 
-    ds = torch.utils.data.TensorDataset(train.x, train.y)
+    ds = TensorDataset(train.x, train.y)
     test_batch = (test.x, test.y)
     if exact:
         t0 = time.perf_counter()
@@ -156,35 +181,37 @@ def run_captum(model_cls, ckpts, lrs, train, test, *, k: int, exact: bool = True
 
 # ----------------------------------------------------------------------------- dattri
 
-def run_dattri(model_cls, ckpts, lrs, train, test, *, k: int, grad_sq: float | None = None, rels=(0.0, 0.01)) -> Iterator[Row]:
+def run_dattri(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[float], train: ArrayDataset, test: ArrayDataset,
+               *, k: int, grad_sq: float | None = None, rels: Sequence[float] = (0.0, 0.01)) -> Iterator[Row]:
     """dattri TRAK (margin target, normal projection) at regularization 0 and rel·tr/k, then lr-weighted TracIn.
 
     dattri divides gradients by √p and projects with N(0, 1) entries, so trace(ΦᵀΦ)/k ≈ grad_sq/p.
     Each λ is a full ``cache`` (featurize + solve): dattri does not separate the two.
     """
-    from dattri.algorithm.tracin import TracInAttributor
-    from dattri.algorithm.trak import TRAKAttributor
-    from dattri.task import AttributionTask
+    TracInAttributor = _peer("dattri.algorithm.tracin").TracInAttributor
+    TRAKAttributor = _peer("dattri.algorithm.trak").TRAKAttributor
+    AttributionTask = _peer("dattri.task").AttributionTask
 
     net = _load(model_cls, ckpts[0])
     p_dim = sum(p.numel() for p in net.parameters())
     ce = nn.CrossEntropyLoss()
 
-    def margin(params, data):
+    def margin(params: _Params, data: _Example) -> torch.Tensor:
         x, y = data
-        logp = -ce(torch.func.functional_call(net, params, x.unsqueeze(0)), y.unsqueeze(0))
+        logp: torch.Tensor = -ce(torch.func.functional_call(net, params, x.unsqueeze(0)), y.unsqueeze(0))
         return logp - torch.log(1 - torch.exp(logp))
 
-    def loss(params, data):
+    def loss(params: _Params, data: _Example) -> torch.Tensor:
         x, y = data
-        return ce(torch.func.functional_call(net, params, x.unsqueeze(0)), y.unsqueeze(0))
+        out: torch.Tensor = ce(torch.func.functional_call(net, params, x.unsqueeze(0)), y.unsqueeze(0))
+        return out
 
-    def prob(params, data):  # no @flatten_func: dattri 0.3 unflattens the params before calling it
+    def prob(params: _Params, data: _Example) -> torch.Tensor:  # no @flatten_func: dattri 0.3 unflattens the params before calling it
         x, y = data
         return torch.exp(-ce(torch.func.functional_call(net, params, x.unsqueeze(0)), y.unsqueeze(0)))
 
     states = [torch.load(c, map_location="cpu", weights_only=True) for c in ckpts]
-    proj = {"proj_dim": k, "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu", "proj_type": "normal"}
+    proj: dict[str, Any] = {"proj_dim": k, "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu", "proj_type": "normal"}
     for rel in rels:
         name = f"trak(λ={'0' if not rel else f'{rel}·tr/k'})"
         if rel and grad_sq is None:
@@ -193,7 +220,7 @@ def run_dattri(model_cls, ckpts, lrs, train, test, *, k: int, grad_sq: float | N
         try:
             task = AttributionTask(loss_func=margin, model=net, checkpoints=states)
             att = TRAKAttributor(task=task, correct_probability_func=prob, projector_kwargs=dict(proj), device="cpu",
-                                 regularization=float(rel * grad_sq / p_dim) if rel else 0.0)
+                                 regularization=float(rel * grad_sq / p_dim) if rel and grad_sq is not None else 0.0)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 att.cache(_loader(train))
@@ -216,10 +243,12 @@ def run_dattri(model_cls, ckpts, lrs, train, test, *, k: int, grad_sq: float | N
         yield ("tracin", None)
 
 
-RUNNERS = {"traker": run_traker, "captum": run_captum, "dattri": run_dattri}
+# Each runner takes its own options (grad_sq, rels, exact), so their common type names only the rows they yield.
+RUNNERS: dict[str, Callable[..., Iterator[Row]]] = {"traker": run_traker, "captum": run_captum, "dattri": run_dattri}
 
 
-def run(tool: str, model_cls, ckpts, lrs, train, test, *, k: int, **kw) -> Iterator[Row]:
+def run(tool: str, model_cls: Callable[[], nn.Module], ckpts: Sequence[str | os.PathLike[str]], lrs: Sequence[float],
+        train: ArrayDataset, test: ArrayDataset, *, k: int, **kw: Any) -> Iterator[Row]:
     """``kw``: ``grad_sq`` (Σ_i ||margin gradient_i||², mean over checkpoints, for relative λ), ``rels``, ``exact``. Rows ``(method, (scores, seconds, note) | None)`` of one peer tool on one model set at projection size k."""
     if tool not in RUNNERS:
         raise ValueError(f"unknown peer {tool!r}; choose one of {', '.join(RUNNERS)}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -28,9 +28,12 @@ from influence.flag import flag_shortcuts
 from influence.query import Influence
 from influence.tfa import get_tfa
 
-PLACEMENTS = {"bottom-right": (12, 12, 15, 15), "top-left": (1, 1, 4, 4)}
-# name -> (TFA method, options); "random" is a uniform random map
-VARIANTS: dict[str, tuple[str, dict]] = {
+PLACEMENTS: dict[str, tuple[int, int, int, int]] = {"bottom-right": (12, 12, 15, 15), "top-left": (1, 1, 4, 4)}
+# A TFA variant: (TFA method, its options); "random" is a uniform random map.
+Variant = tuple[str, dict[str, Any]]
+# One run's JSON record (seed, accuracies, per-method scores, pixel level, detector), as render reads it back.
+Record = dict[str, Any]
+VARIANTS: dict[str, Variant] = {
     "two_step (input×grad of logit)": ("two_step", {"method": "input_x_gradient"}),
     "two_step (IG of logit, 16 steps; default)": ("two_step", {}),
     "gradcos (plain gradient)": ("gradcos", {}),
@@ -47,13 +50,20 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
+class PixelLevel(TypedDict):
+    """Pixel-level results: maps scored, and per variant [mean mass in patch, share of peaks in patch] (None: no maps)."""
+
+    pixel_maps: int
+    pixel: dict[str, list[float] | None]
+
+
 def detector(sess: Influence, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, Any]]:
-    """The shortcut reports of ``influence flag --kind shortcut`` for test images (x, y), as in its JSON."""
+    """The shortcut reports of ``influence flag --kind shortcut`` for test images (x, y), as its JSON writes them."""
     return [s.to_json() for s in flag_shortcuts(sess, x, y)]
 
 
 def pixel_level(sess: Influence, test_patched: ArrayDataset, noisy: ArrayDataset, patched_mask: np.ndarray, q_ids: list[int],
-                box: list[int], variants: dict[str, tuple[str, dict]], *, k: int, rank_method: str, seed: int) -> dict:
+                box: list[int], variants: dict[str, Variant], *, k: int, rank_method: str, seed: int) -> PixelLevel:
     """Mass and peak of each TFA variant's map inside the patch, over the patched top-k proponents of ``q_ids``."""
     final = sess.model_at(-1)
     gen = torch.Generator().manual_seed(seed)
@@ -76,18 +86,19 @@ def pixel_level(sess: Influence, test_patched: ArrayDataset, noisy: ArrayDataset
             "pixel": {v: ([float(np.mean([a for a, _ in s])), float(np.mean([b for _, b in s]))] if s else None) for v, s in stats.items()}}
 
 
-def run_patched(seed: int, placement: str, work: str | os.PathLike, *, sample_queries: int = 40, pixel_queries: int = 3, k: int = 5,
-                rank_method: str = "gradcos", variants: dict[str, tuple[str, dict]] | None = None) -> dict:
+def run_patched(seed: int, placement: str, work: str | os.PathLike[str], *, sample_queries: int = 40, pixel_queries: int = 3, k: int = 5,
+                rank_method: str = "gradcos", variants: dict[str, Variant] | None = None) -> Record:
     """One patched run: train and build (cached in ``work``), sample-level AUPRC, pixel level, and `flag`'s detector."""
-    box = list(PLACEMENTS[placement])
+    patch_box = PLACEMENTS[placement]
+    box = list(patch_box)
     train, test = load_digits_split(seed=0)
-    noisy, test_patched, truth = inject(train, test, patch_box=tuple(box), seed=seed)
+    noisy, test_patched, truth = inject(train, test, patch_box=patch_box, seed=seed)
     t0 = time.perf_counter()
     sess = demo_store(noisy, seed, work)
     t1 = time.perf_counter()
     pred = predict(sess.model_at(-1), test_patched)
     hit = torch.nonzero(pred == truth.patch_class).flatten()
-    out: dict = {"seed": seed, "placement": placement, "box": box, "patched_test": len(test_patched),
+    out: Record = {"seed": seed, "placement": placement, "box": box, "patched_test": len(test_patched),
                  "predicted_shortcut_class": len(hit), "clean_acc": accuracy(sess, test), "train_build_s": round(t1 - t0, 1)}
     patched_mask = np.zeros(len(noisy), dtype=bool)
     patched_mask[truth.patched] = True
@@ -115,19 +126,19 @@ def run_patched(seed: int, placement: str, work: str | os.PathLike, *, sample_qu
     return out
 
 
-def run_clean(seed: int, work: str | os.PathLike) -> dict:
+def run_clean(seed: int, work: str | os.PathLike[str]) -> Record:
     """One clean run (no patch, flips kept): `flag`'s shortcut reports for clean and patch-pasted test queries, all false alarms."""
     train, test = load_digits_split(seed=0)
     noisy, test_patched, _ = inject(train, test, patch_fraction=0.0, seed=seed)
     sess = demo_store(noisy, seed, work)
-    out: dict = {"seed": seed, "clean_acc": accuracy(sess, test)}
+    out: Record = {"seed": seed, "clean_acc": accuracy(sess, test)}
     for name, data in (("clean test queries", test), ("patch-pasted test queries", test_patched)):
         reports = detector(sess, data.x, data.y)
         out[name] = {"alarms": [r | {"train_ids": len(r["train_ids"])} for r in reports]}
     return out
 
 
-def render(res: dict) -> str:
+def render(res: dict[str, Any]) -> str:
     """Markdown tables of a results document {"patched": [...], "clean": [...], "args": {"k": ...}}."""
     pat = res["patched"]
     k = res["args"]["k"]
