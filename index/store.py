@@ -5,11 +5,18 @@ whole, so the store adds:
 status first (``building`` before any data, ``complete`` last); chunk, then
 its ``done`` flag, and readers trust flags, never array shapes; a crc32c codec
 on feature arrays; one writer at a time through an OS lock; and a sweep of
-zarr's stale ``*.partial`` temp files on resume.
+stale temp files (zarr's ``*.partial``, ``index.atomic``'s ``.*.tmp``) on resume.
+
+Completion writes a digest manifest (``index.integrity``): every data file's size and
+sha256, and a digest of the answer-changing attributes. A complete store is checked
+against it on open (metadata, array headers, done flags) and on every read (each chunk
+file read must exist with its recorded size; the crc32c codec checks its bytes), so a
+deleted chunk is an error, never zarr's fill value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -21,6 +28,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from index import integrity
 from index.errors import BadSpecError, StoreDamagedError, StoreIncompleteError, StoreLockedError, StoreMismatchError
 
 FORMAT_VERSION = 1
@@ -33,26 +41,91 @@ class StoreStatus(str, Enum):
     COMPLETE = "complete"
 
 
+_HELD: dict[str, list[int]] = {}
+"""Lock files this process holds, as path -> [fd, depth]. ``flock`` belongs to one open file, so a
+second take in the same process (the CLI locks before ``build`` opens the store) must reuse it."""
+
+
 class _WriterLock:
-    """``fcntl.flock`` on a file in the store: released by the OS if the holder dies."""
+    """``fcntl.flock`` on ``<store>/.influence.lock``: released by the OS the moment the holder dies.
+
+    The store group is created without ``mode="w"`` (which deletes the folder), so creating the
+    store never removes the lock file that guards it.
+    """
 
     def __init__(self, root: Path) -> None:
         self.path = root / LOCK_NAME
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            os.close(self.fd)
-            raise StoreLockedError(f"store {root} is locked by pid {holder} (another build is writing it); wait for it to finish") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        self.key = str(self.path.resolve())
+        if self.key in _HELD:
+            _HELD[self.key][1] += 1
+            return
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise StoreLockedError(
+                    f"store {root} is locked by pid {holder} (another build is writing it); wait for it to finish"
+                ) from None
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the file was removed by a holder cleaning up between our open and flock: retry
+        else:
+            raise StoreLockedError(f"store {root}: could not take the writer lock {self.path}; try again")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD[self.key] = [fd, 1]
 
-    def release(self) -> None:
-        if self.fd >= 0:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = -1
+    def release(self, remove: bool = False) -> None:
+        """Drop one hold; the last one unlocks (``remove``: and deletes the lock file first, still locked)."""
+        held = _HELD.get(self.key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] == 0:
+            del _HELD[self.key]
+            if remove:
+                self.path.unlink(missing_ok=True)
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+            os.close(held[0])
+
+
+def _check_out_dir(root: Path) -> None:
+    """``--out`` must be absent, an empty folder, or an influence store (checked before any file is made)."""
+    if root.exists() and not root.is_dir():
+        raise BadSpecError(f"--out {root} exists and is not a directory; choose a new path")
+    if root.is_dir() and not (root / "zarr.json").is_file():
+        if any(p.name != LOCK_NAME for p in root.iterdir()):
+            raise BadSpecError(f"--out {root} is a non-empty directory that is not an influence store; choose a new path")
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the store's writer lock for the block (creating the folder if needed); refuses a held one at once.
+
+    The CLI takes it right after parsing arguments, before loading the model and data, so a second
+    writer is refused in its first second rather than after start-up.
+    """
+    root = Path(path)
+    _check_out_dir(root)
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    lock = _WriterLock(root)
+    try:
+        yield
+    finally:
+        # A run refused before it created the store leaves no folder behind (others re-check the inode).
+        empty = created and not (root / "zarr.json").exists() and all(p.name == LOCK_NAME for p in root.iterdir())
+        lock.release(remove=empty)
+        if empty:
+            with contextlib.suppress(OSError):
+                root.rmdir()
 
 
 class FeatureStore:
@@ -64,6 +137,7 @@ class FeatureStore:
 
     def __init__(self, root: Path, group: zarr.Group, lock: _WriterLock | None = None) -> None:
         self.root, self.group, self._lock = root, group, lock
+        self._files: dict[str, list[Any]] | None = None  # the verified manifest of a complete store opened to read
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -79,7 +153,9 @@ class FeatureStore:
         if attrs.get("format_version") != FORMAT_VERSION:
             raise StoreIncompleteError(f"{root} is not an influence store of format {FORMAT_VERSION} (found {attrs.get('format_version')!r})")
         store = cls(root, group)
-        if not allow_incomplete and attrs.get("status") != StoreStatus.COMPLETE.value:
+        if attrs.get("status") == StoreStatus.COMPLETE.value:
+            store._files = integrity.check_open(root, attrs)
+        elif not allow_incomplete:
             raise StoreIncompleteError(f"store incomplete: {store.progress()}; re-run the same `influence build` command to finish it")
         return store
 
@@ -87,23 +163,25 @@ class FeatureStore:
     def open_for_write(cls, path: str | os.PathLike[str], manifest: dict[str, Any]) -> "FeatureStore":
         """Create the store, or reopen it to resume or extend; refuses a different model/projector/task."""
         root = Path(path)
-        if root.exists() and not root.is_dir():
-            raise BadSpecError(f"--out {root} exists and is not a directory; choose a new path")
+        _check_out_dir(root)
         root.mkdir(parents=True, exist_ok=True)
         lock = _WriterLock(root)
         try:
+            _check_out_dir(root)  # again under the lock: another writer may have filled it meanwhile
+            head = {"format_version": FORMAT_VERSION, "status": StoreStatus.BUILDING.value}
             if (root / "zarr.json").is_file():
                 group = zarr.open_group(str(root), mode="r+")
                 store = cls(root, group, lock)
+                if "format_version" not in group.attrs and _only_group_header(root):
+                    group.attrs.update(head)  # a writer killed right after creating the group: adopt it
                 store._check_compatible(manifest)
                 store._sweep_partials()
             else:
-                if any(p.name != LOCK_NAME for p in root.iterdir()):
-                    raise BadSpecError(f"--out {root} is a non-empty directory that is not an influence store; choose a new path")
-                group = zarr.open_group(str(root), mode="w")
+                # One write creates the group with its format and status (never mode="w": it deletes the lock file).
+                group = zarr.create_group(str(root), attributes=head)
                 store = cls(root, group, lock)
             # Status first: nothing else is written before the store says it is building.
-            store.group.attrs.update({"format_version": FORMAT_VERSION, "status": StoreStatus.BUILDING.value})
+            store.group.attrs.update(head)
             for key, value in manifest.items():
                 if key != "checkpoints":
                     store.group.attrs[key] = value
@@ -136,9 +214,11 @@ class FeatureStore:
                 )
 
     def _sweep_partials(self) -> None:
-        """Remove temp files zarr leaves behind when a writer is killed mid-rename (we hold the lock)."""
-        for p in self.root.rglob("*.partial"):
-            p.unlink(missing_ok=True)
+        """Remove temp files a killed writer leaves behind: zarr's ``*.partial``, ``atomic_write``'s ``.*.tmp`` (we hold the lock)."""
+        for pattern in ("*.partial", ".*.tmp"):
+            for p in self.root.rglob(pattern):
+                if p.is_file():
+                    p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ manifest
     @property
@@ -157,7 +237,10 @@ class FeatureStore:
         for ckpt in self.checkpoint_ids:
             if not self.done(ckpt).all():
                 raise StoreIncompleteError(f"cannot mark complete: {self.progress()}")
-        self.group.attrs["status"] = StoreStatus.COMPLETE.value
+        # The manifest first, then one zarr.json write switches status and manifest together.
+        record = integrity.write_manifest(self.root, self.attrs)
+        self.group.attrs.update({"status": StoreStatus.COMPLETE.value, integrity.ATTR: record})
+        integrity.sweep_manifests(self.root, keep=record["manifest"])
 
     def _int_attr(self, key: str) -> int:
         value = self.group.attrs[key]
@@ -233,8 +316,27 @@ class FeatureStore:
             raise StoreDamagedError(f"store {self.root} has a group at {key}, where an array belongs; rebuild it")
         return node
 
+    def _read(self, key: str, rows: slice | np.ndarray | None = None, select: Any = None, full: bool = False) -> np.ndarray:
+        """Read ``key`` (``rows`` of axis 0, or all) after checking each chunk file it touches against the manifest.
+
+        A chunk file recorded at completion must still be there with its size (zarr would read a missing one
+        as its fill value); the crc32c codec then checks its bytes. Either failure is StoreDamagedError.
+        """
+        arr = self._array(key)
+        if self._files is not None:
+            integrity.check_chunks(self.root, key, arr, rows, self._files, full=full)
+        try:
+            if select is not None:
+                return np.asarray(select(arr))
+            return np.asarray(arr[rows if rows is not None else slice(None)])
+        except (ValueError, OSError) as e:
+            raise StoreDamagedError(
+                f"store {self.root} is damaged: reading {key} failed ({type(e).__name__}: {str(e)[:80]}); "
+                f"run `influence verify {self.root}` and rebuild it"
+            ) from None
+
     def done(self, ckpt: str) -> np.ndarray:
-        return np.asarray(self._array(f"done/{ckpt}")[:], dtype=bool)
+        return np.asarray(self._read(f"done/{ckpt}"), dtype=bool)
 
     def write_chunk(self, ckpt: str, chunk: int, features: np.ndarray, labels: np.ndarray, **columns: np.ndarray) -> None:
         """Write one whole row chunk, then (and only then) its done flag."""
@@ -250,21 +352,22 @@ class FeatureStore:
 
     def read_features(self, ckpt: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         stop = self.n if stop is None else stop
-        return np.asarray(self._array(f"features/{ckpt}")[start:stop], dtype=np.float32)
+        return np.asarray(self._read(f"features/{ckpt}", slice(start, stop)), dtype=np.float32)
 
     def read_rows(self, ckpt: str, ids: np.ndarray) -> np.ndarray:
         """Features of arbitrary rows (for exact re-ranking of an approximate shortlist)."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.n):
             raise StoreIncompleteError(f"row ids out of range [0, {self.n}) requested from store {self.root}")
-        return np.asarray(self._array(f"features/{ckpt}").get_orthogonal_selection((ids, slice(None))), dtype=np.float32)
+        return np.asarray(self._read(f"features/{ckpt}", ids, lambda a: a.get_orthogonal_selection((ids, slice(None)))),
+                          dtype=np.float32)
 
     def column(self, name: str, ckpt: str | None = None, start: int = 0, stop: int | None = None) -> np.ndarray:
         key = name if ckpt is None else f"{name}/{ckpt}"
-        return np.asarray(self._array(key)[start:stop])
+        return self._read(key, slice(start, stop))
 
     def labels(self) -> np.ndarray:
-        return np.asarray(self._array("labels")[:], dtype=np.int64)
+        return np.asarray(self._read("labels"), dtype=np.int64)
 
     def write_matrix(self, key: str, value: np.ndarray) -> None:
         self.group.create_array(key, shape=value.shape, chunks=value.shape, dtype=value.dtype,
@@ -274,7 +377,7 @@ class FeatureStore:
     def read_matrix(self, key: str) -> np.ndarray:
         if key not in self.group:
             raise StoreIncompleteError(f"store {self.root} has no {key}; rebuild with the method that needs it")
-        return np.asarray(self._array(key)[...])
+        return self._read(key, full=True)
 
     def iter_chunks(self) -> Iterator[tuple[int, int]]:
         for c in range(self.n_chunks()):
@@ -285,3 +388,8 @@ class FeatureStore:
         d = self.root / "faiss"
         d.mkdir(exist_ok=True)
         return d
+
+
+def _only_group_header(root: Path) -> bool:
+    """True when ``root`` holds nothing but the group's zarr.json (and the lock): a store killed at creation."""
+    return all(p.name in ("zarr.json", LOCK_NAME) or p.name.endswith((".tmp", ".partial")) for p in root.iterdir())

@@ -14,6 +14,7 @@ import importlib.util
 import os
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,6 +103,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    _check_zip_crcs(path)
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(obj, dict):
         for key in ("state_dict", "model_state_dict", "model"):
@@ -111,6 +113,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise BadCheckpointError(f"checkpoint {path} does not hold a state dict of tensors")
     return obj
+
+
+def _check_zip_crcs(path: Path) -> None:
+    """A ``torch.save`` file is a zip whose entries carry CRC-32s that ``torch.load`` does not check:
+    a flipped bit inside a tensor would load as a silently different weight. Legacy (non-zip) files pass."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        raise BadCheckpointError(f"checkpoint {path} is a damaged zip archive ({type(e).__name__}); restore or re-save it") from None
+    if bad is not None:
+        raise BadCheckpointError(f"checkpoint {path} is corrupt: entry {bad} fails its CRC-32 check; restore or re-save it")
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], expected_sha256: str | None = None) -> nn.Module:
