@@ -102,7 +102,7 @@ def load_manifest(root: Path, attrs: dict[str, Any]) -> dict[str, Any]:
                              "the ones recorded when it was completed")
     if not isinstance(files, dict):
         raise _damaged(root, f"its manifest {name} is malformed")
-    return doc
+    return {"files": files, "attrs_sha256": saved}
 
 
 def _check_file(root: Path, rel: str, entry: Any) -> str | None:

@@ -168,7 +168,7 @@ class FeatureStore:
         lock = _WriterLock(root)
         try:
             _check_out_dir(root)  # again under the lock: another writer may have filled it meanwhile
-            head = {"format_version": FORMAT_VERSION, "status": StoreStatus.BUILDING.value}
+            head: dict[str, Any] = {"format_version": FORMAT_VERSION, "status": StoreStatus.BUILDING.value}
             if (root / "zarr.json").is_file():
                 group = zarr.open_group(str(root), mode="r+")
                 store = cls(root, group, lock)

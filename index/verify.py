@@ -47,7 +47,9 @@ def verify_store(path: str | os.PathLike[str]) -> list[Verdict]:
         detail = f"{n} files match" if not problems else f"{len(problems)} of {n} files fail: {'; '.join(problems[:3])}"
         out.append(Verdict(array, not problems, detail))
     out += _verify_recorded("index", attrs.get("indexes", {}), root)
-    out += _verify_recorded("checkpoint", {str(c.get("id")): c for c in attrs.get("checkpoints", []) if isinstance(c, dict)}, None)
+    records = attrs.get("checkpoints")
+    checkpoints = {str(c.get("id")): c for c in records if isinstance(c, dict)} if isinstance(records, list) else records
+    out += _verify_recorded("checkpoint", checkpoints, None)
     return out
 
 

@@ -223,8 +223,12 @@ def test_custom_task_is_stored_by_import_path_and_must_be_passed(digits, cnn_ckp
 
 
 def test_a_store_naming_unknown_code_is_never_imported(copy_store):
+    from index import integrity
+
     store = copy_store()
-    zarr.open_group(str(store), mode="r+").attrs["task"] = "no_such_module_abc:Evil"
+    group = zarr.open_group(str(store), mode="r+")
+    group.attrs["task"] = "no_such_module_abc:Evil"
+    group.attrs["integrity"] = integrity.write_manifest(store, dict(group.attrs))  # sealed: as if built that way
     with pytest.raises(BadSpecError, match="no_such_module_abc:Evil"):
         influence.Influence.open(store)
 
