@@ -259,3 +259,48 @@ def test_verify_refuses_an_incomplete_store(copy_store, capsys):
     zarr.open_group(str(root), mode="r+").attrs["status"] = "building"
     code, lines, _ = _verify(capsys, root)
     assert code == 2 and lines == ["FAIL metadata: status is 'building', not 'complete': re-run the build to finish it"]
+
+
+@pytest.mark.slow
+def test_every_deleted_chunk_through_the_cli(store, copy_store, digits, tmp_path, capsys):
+    """Each chunk file deleted in turn; ``query`` and ``score`` for every method: exit 2 with one line naming the
+    file, or exit 0 with exactly the intact store's answer. Prints the counts quoted in docs/RELIABILITY.md."""
+    import contextlib
+    import io
+
+    def run(root: Path, argv: list) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in [argv[0], root, *argv[1:]]])
+        return code, out.getvalue(), err.getvalue()
+
+    commands = []
+    for method in ("tracin", "gradcos", "trak"):
+        commands.append(["query", "--data", digits.test_npz, "--ids", "0,3,7", "--method", method, "--json"])
+        commands.append(["score", "--data", digits.test_npz, "--ids", "0,3,7", "--method", method, "--out", tmp_path / "s.npy"])
+    intact = []
+    for cmd in commands:
+        code, out, _ = run(store, cmd)
+        assert code == 0
+        intact.append(_answers(out) if cmd[0] == "query" else np.load(tmp_path / "s.npy"))
+    root = copy_store()
+    counts = {"cases": 0, "exit 2, one line naming the file": 0, "exit 0, intact answer": 0}
+    for rel in _chunk_files(root):
+        shutil.move(root / rel, root / "aside")
+        try:
+            for cmd, want in zip(commands, intact):
+                (tmp_path / "s.npy").unlink(missing_ok=True)
+                code, out, err = run(root, cmd)
+                counts["cases"] += 1
+                if code == 2:
+                    assert out == "" and err.count("\n") == 1 and rel in err and "Traceback" not in err, (rel, cmd, err)
+                    counts["exit 2, one line naming the file"] += 1
+                else:
+                    assert code == 0, (rel, cmd, code, err)
+                    got = _answers(out) if cmd[0] == "query" else np.load(tmp_path / "s.npy")
+                    assert (got == want) if cmd[0] == "query" else np.array_equal(got, want), (rel, cmd)
+                    counts["exit 0, intact answer"] += 1
+        finally:
+            shutil.move(root / "aside", root / rel)
+    print("deleted chunk files through the CLI:", counts)
+    assert counts["exit 2, one line naming the file"] > 0
