@@ -59,7 +59,9 @@ def data_files(root: Path) -> Iterator[str]:
 def write_manifest(root: Path, attrs: dict[str, Any]) -> dict[str, str]:
     """Hash every data file and write a new manifest atomically; return the record for the root attributes."""
     files = {rel: [(root / rel).stat().st_size, sha256_of(root / rel)] for rel in data_files(root)}
-    body = json.dumps({"format": 1, "attrs_sha256": attrs_digest(attrs), "files": files}, sort_keys=True).encode()
+    covered = {k: v for k, v in attrs.items() if k not in _UNCOVERED}
+    body = json.dumps({"format": 1, "attrs_sha256": attrs_digest(attrs), "attrs": covered, "files": files},
+                      sort_keys=True).encode()
     name = f"{MANIFEST_PREFIX}{secrets.token_hex(6)}.json"
     with atomic_write(root / name) as f:
         f.write(body)
@@ -77,8 +79,12 @@ def _damaged(root: Path, why: str) -> StoreDamagedError:
     return StoreDamagedError(f"store {root} is damaged: {why}; run `influence verify {root}` and rebuild it")
 
 
-def load_manifest(root: Path, attrs: dict[str, Any]) -> dict[str, Any]:
-    """The manifest named in ``attrs``, checked against its recorded sha256 and against ``attrs`` themselves."""
+def load_manifest(root: Path, attrs: dict[str, Any], snapshot: bool = False) -> dict[str, Any]:
+    """The manifest named in ``attrs``, checked against its recorded sha256 and against ``attrs`` themselves.
+
+    ``snapshot``: ``attrs`` are those of a store being extended or rebuilt; the manifest's own copy of the
+    attributes of the last complete state is checked against its digest instead, and returned as ``attrs``.
+    """
     rec = attrs.get(ATTR)
     if not isinstance(rec, dict) or not isinstance(rec.get("manifest"), str) or not isinstance(rec.get("sha256"), str):
         raise _damaged(root, f"it is marked complete but has no valid {ATTR!r} record in zarr.json (found {rec!r})")
@@ -97,12 +103,17 @@ def load_manifest(root: Path, attrs: dict[str, Any]) -> dict[str, Any]:
         saved = doc["attrs_sha256"]
     except (ValueError, KeyError, TypeError):
         raise _damaged(root, f"its manifest {name} is malformed") from None
+    if snapshot:
+        kept = doc.get("attrs")
+        if not isinstance(kept, dict) or saved != attrs_digest(kept):
+            raise _damaged(root, f"its manifest {name} holds no intact copy of the last complete attributes")
+        attrs = kept
     if saved != attrs_digest(attrs):
         raise _damaged(root, "the attributes in zarr.json (seeds, projector, weights, classes, ...) differ from "
                              "the ones recorded when it was completed")
     if not isinstance(files, dict):
         raise _damaged(root, f"its manifest {name} is malformed")
-    return {"files": files, "attrs_sha256": saved}
+    return {"files": files, "attrs": attrs}
 
 
 def _check_file(root: Path, rel: str, entry: Any) -> str | None:
@@ -121,15 +132,19 @@ def _check_file(root: Path, rel: str, entry: Any) -> str | None:
     return None
 
 
-def check_open(root: Path, attrs: dict[str, Any]) -> dict[str, list[Any]]:
-    """On open of a complete store: the manifest, the attributes, array headers and done flags (all small)."""
-    files: dict[str, list[Any]] = load_manifest(root, attrs)["files"]
+def check_open(root: Path, attrs: dict[str, Any], snapshot: bool = False) -> dict[str, Any]:
+    """On open of a complete store: the manifest, the attributes, array headers and done flags (all small).
+
+    Returns ``{"files", "attrs"}``: the recorded files and the attributes to serve (see ``load_manifest``).
+    """
+    doc = load_manifest(root, attrs, snapshot)
+    files: dict[str, list[Any]] = doc["files"]
     for rel, entry in files.items():
         if rel.endswith("zarr.json") or rel.startswith("done/"):
             why = _check_file(root, rel, entry)
             if why:
                 raise _damaged(root, why)
-    return files
+    return doc
 
 
 def check_chunks(root: Path, key: str, arr: zarr.Array[Any], rows: slice | np.ndarray | None,

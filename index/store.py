@@ -138,6 +138,7 @@ class FeatureStore:
     def __init__(self, root: Path, group: zarr.Group, lock: _WriterLock | None = None) -> None:
         self.root, self.group, self._lock = root, group, lock
         self._files: dict[str, list[Any]] | None = None  # the verified manifest of a complete store opened to read
+        self._snapshot: dict[str, Any] | None = None  # the last complete attributes, served while a writer extends
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -154,10 +155,26 @@ class FeatureStore:
             raise StoreIncompleteError(f"{root} is not an influence store of format {FORMAT_VERSION} (found {attrs.get('format_version')!r})")
         store = cls(root, group)
         if attrs.get("status") == StoreStatus.COMPLETE.value:
-            store._files = integrity.check_open(root, attrs)
+            store._files = integrity.check_open(root, attrs)["files"]
         elif not allow_incomplete:
-            raise StoreIncompleteError(f"store incomplete: {store.progress()}; re-run the same `influence build` command to finish it")
+            store._serve_last_complete(attrs)
         return store
+
+    def _serve_last_complete(self, attrs: dict[str, Any]) -> None:
+        """A store being extended or rebuilt keeps serving its last complete state, when that is still intact.
+
+        Its manifest holds those attributes; the arrays they name are checked as for a complete store (headers
+        and done flags now, chunk files on read). Anything changed in place since is refused, never mixed in.
+        """
+        incomplete = StoreIncompleteError(
+            f"store incomplete: {self.progress()}; re-run the same `influence build` command to finish it")
+        if integrity.ATTR not in attrs:
+            raise incomplete
+        try:
+            doc = integrity.check_open(self.root, attrs, snapshot=True)
+        except StoreDamagedError:
+            raise incomplete from None
+        self._files, self._snapshot = doc["files"], {**doc["attrs"], "status": StoreStatus.COMPLETE.value}
 
     @classmethod
     def open_for_write(cls, path: str | os.PathLike[str], manifest: dict[str, Any]) -> "FeatureStore":
@@ -222,15 +239,20 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ manifest
     @property
+    def _meta(self) -> Any:
+        """The attributes this handle serves: the group's, or the last complete ones while a writer works."""
+        return self._snapshot if self._snapshot is not None else self.group.attrs
+
+    @property
     def attrs(self) -> dict[str, Any]:
-        return dict(self.group.attrs)
+        return dict(self._meta)
 
     def set_attrs(self, **values: Any) -> None:
         self.group.attrs.update(values)
 
     @property
     def status(self) -> str:
-        return str(self.group.attrs.get("status"))
+        return str(self._meta.get("status"))
 
     def mark_complete(self) -> None:
         """The last write of a build: only now may readers use the store."""
@@ -243,7 +265,7 @@ class FeatureStore:
         integrity.sweep_manifests(self.root, keep=record["manifest"])
 
     def _int_attr(self, key: str) -> int:
-        value = self.group.attrs[key]
+        value = self._meta[key]
         if not isinstance(value, SupportsInt):
             raise StoreDamagedError(f"store {self.root} has {key}={value!r} in its manifest, not an integer; rebuild it")
         return int(value)
@@ -262,7 +284,7 @@ class FeatureStore:
 
     @property
     def checkpoints(self) -> list[dict[str, Any]]:
-        records = self.group.attrs.get("checkpoints", [])
+        records = self._meta.get("checkpoints", [])
         if isinstance(records, list):
             found = [r for r in records if isinstance(r, dict)]
             if len(found) == len(records):
@@ -324,7 +346,8 @@ class FeatureStore:
         """
         arr = self._array(key)
         if self._files is not None:
-            integrity.check_chunks(self.root, key, arr, rows, self._files, full=full)
+            # while a writer works on the store, every chunk read is compared by sha256 (it may rewrite in place)
+            integrity.check_chunks(self.root, key, arr, rows, self._files, full=full or self._snapshot is not None)
         try:
             if select is not None:
                 return np.asarray(select(arr))
@@ -367,7 +390,7 @@ class FeatureStore:
         return self._read(key, slice(start, stop))
 
     def labels(self) -> np.ndarray:
-        return np.asarray(self._read("labels"), dtype=np.int64)
+        return np.asarray(self._read("labels", full=True), dtype=np.int64)  # small, and rewritten by every extension
 
     def write_matrix(self, key: str, value: np.ndarray) -> None:
         self.group.create_array(key, shape=value.shape, chunks=value.shape, dtype=value.dtype,

@@ -38,7 +38,7 @@ def verify_store(path: str | os.PathLike[str]) -> list[Verdict]:
     if attrs.get("status") != "complete":
         return [Verdict("metadata", False, f"status is {attrs.get('status')!r}, not 'complete': re-run the build to finish it")]
     try:
-        files = integrity.check_open(root, attrs)
+        files = integrity.check_open(root, attrs)["files"]
     except InfluenceError as e:
         return [Verdict("metadata", False, str(e))]
     out = [Verdict("metadata", True, f"attributes and manifest match ({len(files)} files recorded)")]
