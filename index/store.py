@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator, SupportsInt
@@ -392,15 +393,48 @@ class FeatureStore:
     def labels(self) -> np.ndarray:
         return np.asarray(self._read("labels", full=True), dtype=np.int64)  # small, and rewritten by every extension
 
-    def write_matrix(self, key: str, value: np.ndarray) -> None:
-        self.group.create_array(key, shape=value.shape, chunks=value.shape, dtype=value.dtype,
+    def matrix_key(self, key: str) -> str:
+        """Where matrix ``key`` lives now: each write makes a new generation (``key.<token>``) beside the old."""
+        mapping = self._meta.get("matrices", {})
+        actual = mapping.get(key, key) if isinstance(mapping, dict) else key
+        if not isinstance(actual, str) or not (actual == key or actual.startswith(f"{key}.")):
+            raise StoreDamagedError(f"store {self.root} maps matrix {key} to {actual!r} in its manifest; rebuild it")
+        return actual
+
+    def write_matrix(self, key: str, value: np.ndarray, attrs: dict[str, Any] | None = None) -> None:
+        """Write a new generation of ``key`` with its ``attrs``, then switch to it in one zarr.json write.
+
+        The live generation stays untouched, so readers of the last complete state (whose attributes still
+        name it) keep reading it whole; older generations and orphans of killed writes are deleted.
+        """
+        live = self.matrix_key(key) if key in self._meta.get("matrices", {}) else None
+        actual = f"{key}.{secrets.token_hex(4)}"
+        self.group.create_array(actual, shape=value.shape, chunks=value.shape, dtype=value.dtype,
                                 compressors=[Crc32cCodec()], overwrite=True)
-        self._array(key)[...] = value
+        self._array(actual)[...] = value
+        if attrs:
+            self._array(actual).attrs.update(attrs)
+        self.group.attrs["matrices"] = {**self._meta.get("matrices", {}), key: actual}
+        parent, _, name = key.rpartition("/")
+        holder = self.group[parent] if parent else self.group
+        if isinstance(holder, zarr.Group):
+            for old in list(holder.array_keys()):
+                full = f"{parent}/{old}" if parent else old
+                if full.startswith(f"{key}.") and full not in (actual, live):
+                    del holder[old]
+
+    def matrix_attrs(self, key: str) -> dict[str, Any] | None:
+        """The attributes written with matrix ``key`` (None when there is no such matrix)."""
+        actual = self.matrix_key(key)
+        if actual not in self.group:
+            return None
+        return dict(self._array(actual).attrs)
 
     def read_matrix(self, key: str) -> np.ndarray:
-        if key not in self.group:
+        actual = self.matrix_key(key)
+        if actual not in self.group:
             raise StoreIncompleteError(f"store {self.root} has no {key}; rebuild with the method that needs it")
-        return self._read(key, full=True)
+        return self._read(actual, full=True)
 
     def iter_chunks(self) -> Iterator[tuple[int, int]]:
         for c in range(self.n_chunks()):

@@ -144,11 +144,11 @@ def test_edited_answer_changing_attributes_are_refused(copy_store, digits, capsy
 
 def test_edited_trak_lambda_in_an_array_header_is_refused(copy_store):
     root = copy_store()
-    header = root / "trak/c0/zarr.json"
+    header = root / FeatureStore.open(root).matrix_key("trak/c0") / "zarr.json"
     doc = json.loads(header.read_text())
     doc["attributes"]["lambda_rel"] = 0.5
     header.write_text(json.dumps(doc, indent=2))
-    with pytest.raises(StoreDamagedError, match="trak/c0/zarr.json"):
+    with pytest.raises(StoreDamagedError, match=r"trak/c0\.[0-9a-f]+/zarr.json"):
         FeatureStore.open(root)
 
 
@@ -201,7 +201,7 @@ def test_every_single_bit_flip_in_root_metadata(copy_store):
     assert counts.get("ACCEPTED-CHANGED", 0) == 0, counts
 
 
-def test_session_opened_before_a_lambda_rebuild_never_mixes_lambdas(copy_store, digits, cnn_ckpts):
+def test_sessions_opened_before_a_lambda_rebuild_keep_the_old_lambda_whole(copy_store, digits, cnn_ckpts):
     root = copy_store()
     x, y = digits.x_test[:4], digits.y_test[:4]
     before = influence.Influence.open(root)
@@ -215,9 +215,8 @@ def test_session_opened_before_a_lambda_rebuild_never_mixes_lambdas(copy_store, 
     # the session that had read its matrices keeps answering with the old λ, whole
     np.testing.assert_array_equal(before.scores(x, y, method="trak"), old)
     assert [[p.train_id for p in r.proponents] for r in before.query(x, y, method="trak")] == query_old
-    # one that had not read them yet is refused, never given the new matrices under the old manifest
-    with pytest.raises(StoreDamagedError, match="changed after this session opened"):
-        untouched.scores(x, y, method="trak")
+    # one that had not read them yet reads the old generation, still beside the new one
+    np.testing.assert_array_equal(untouched.scores(x, y, method="trak"), old)
 
 
 def _verify(capsys, root: Path) -> tuple[int, list[str], str]:
@@ -231,7 +230,7 @@ def test_verify_prints_one_verdict_per_artifact(copy_store, capsys, cnn_ckpts):
     code, lines, err = _verify(capsys, root)
     assert code == 0 and err == "", err
     artifacts = [ln.split(" ", 1)[1].split(":")[0].strip() for ln in lines]
-    for want in ["metadata", "features/c0", "features/c2", "labels", "trak/c1", "done/c0",
+    for want in ["metadata", "features/c0", "features/c2", "labels", FeatureStore.open(root).matrix_key("trak/c1"), "done/c0",
                  "index tracin", "index trak", "checkpoint c0", "checkpoint c2"]:
         assert want in artifacts, (want, artifacts)
     assert all(ln.startswith("ok") for ln in lines), lines
