@@ -11,7 +11,9 @@ Completion writes a digest manifest (``index.integrity``): every data file's siz
 sha256, and a digest of the answer-changing attributes. A complete store is checked
 against it on open (metadata, array headers, done flags) and on every read (each chunk
 file read must exist with its recorded size; the crc32c codec checks its bytes), so a
-deleted chunk is an error, never zarr's fill value.
+deleted chunk is an error, never zarr's fill value. Matrices (TRAK's inverses) are written as
+a new generation beside the live one and switched in by one attribute write, so readers of
+the last complete state (served while a writer works) never see them change.
 """
 
 from __future__ import annotations
