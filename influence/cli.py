@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from index.atomic import atomic_write
-from index.store import FEATURE_DTYPES
+from index.store import FEATURE_DTYPES, writer_lock
+from index.verify import verify_store
 from influence.attribution import METHODS as ATTRIBUTION_METHODS
 from influence.attribution import run_attribute
 from influence.demo.retrain import run_repair
@@ -182,6 +183,10 @@ def _parser() -> _Parser:
     i.add_argument("store")
     i.add_argument("--json", action="store_true")
 
+    v = sub.add_parser("verify", help="check every artifact of a store against its recorded digests (exit 2 if any fails)")
+    v.add_argument("store")
+    v.add_argument("--json", action="store_true")
+
     e = sub.add_parser("explain", help="prediction, pixel map, influencers with training-image maps and flags; HTML report with --out")
     e.add_argument("store")
     src = e.add_mutually_exclusive_group(required=True)
@@ -252,11 +257,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
-    path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
-                 params=args.params, lr_weights=args.lr_weights, batch_size=args.batch_size, methods=args.method,
-                 index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows, trak_lambda=args.trak_lambda,
-                 device=args.device, progress=not args.json, preprocessing=_preprocessing(args), classes=args.classes,
-                 model_args=parse_model_args(args.model_arg))
+    with writer_lock(args.out):  # taken before the model and data load: a second writer is refused at once
+        path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
+                     params=args.params, lr_weights=args.lr_weights, batch_size=args.batch_size, methods=args.method,
+                     index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows,
+                     trak_lambda=args.trak_lambda, device=args.device, progress=not args.json,
+                     preprocessing=_preprocessing(args), classes=args.classes, model_args=parse_model_args(args.model_arg))
     info = describe_store(path) | {"seconds": round(time.perf_counter() - t0, 2)}
     classes = info["classes"] or []
     _emit(info, args.json, f"store {info['path']}: {info['n']} examples × {len(info['checkpoints'])} checkpoints, "
@@ -354,6 +360,20 @@ def _cmd_info(args: argparse.Namespace) -> int:
     info = describe_store(args.store)
     lines = [f"{k}: {json.dumps(v)}" for k, v in info.items()]
     _emit(info, args.json, "\n".join(lines))
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    verdicts = verify_store(args.store)
+    failed = [v for v in verdicts if not v.ok]
+    if args.json:
+        print(json.dumps({"store": args.store, "ok": not failed, "verdicts": [v.__dict__ for v in verdicts]}))
+    else:
+        print("\n".join(v.line() for v in verdicts))
+    if failed:
+        print(f"error: store {args.store} fails verification ({len(failed)} of {len(verdicts)} artifacts, first: "
+              f"{failed[0].artifact}); rebuild it with the same `influence build` command and a new --out", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -476,7 +496,7 @@ def _cmd_repair(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "demo": _cmd_demo, "build": _cmd_build, "query": _cmd_query, "score": _cmd_score,
-    "self-influence": _cmd_self_influence, "info": _cmd_info, "attribute": _cmd_attribute,
+    "self-influence": _cmd_self_influence, "info": _cmd_info, "verify": _cmd_verify, "attribute": _cmd_attribute,
     "explain": _cmd_explain, "flag": _cmd_flag, "repair": _cmd_repair,
 }
 

@@ -17,6 +17,7 @@ import os
 import pickle
 import sys
 import warnings
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -177,6 +178,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return _strip_prefixes(load_file(str(path)))
+    _check_zip_crcs(path)
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
     if _is_state_dict(obj):
         return _strip_prefixes(obj)
@@ -203,6 +205,20 @@ def _mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str:
         if items:
             parts.append(f"{len(items)} {label} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
     return "; ".join(parts) or "load_state_dict refused it"
+
+
+def _check_zip_crcs(path: Path) -> None:
+    """A ``torch.save`` file is a zip whose entries carry CRC-32s that ``torch.load`` does not check:
+    a flipped bit inside a tensor would load as a silently different weight. Legacy (non-zip) files pass."""
+    if not zipfile.is_zipfile(path):
+        return
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
+        raise BadCheckpointError(f"checkpoint {path} is a damaged zip archive ({type(e).__name__}); restore or re-save it") from None
+    if bad is not None:
+        raise BadCheckpointError(f"checkpoint {path} is corrupt: entry {bad} fails its CRC-32 check; restore or re-save it")
 
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], expected_sha256: str | None = None) -> nn.Module:

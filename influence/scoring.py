@@ -213,10 +213,9 @@ class TRAK(ScoringMethod, name="trak"):
     @classmethod
     def damping(cls, store: "FeatureStore", ckpt: str) -> dict[str, float] | None:
         """``{"lambda_rel", "lambda"}`` the stored inverse of ``ckpt`` was computed with; None if there is none."""
-        key = cls._key(ckpt)
-        if key not in store.group:
+        attrs = store.matrix_attrs(cls._key(ckpt))
+        if attrs is None:
             return None
-        attrs: dict[str, Any] = dict(store.group[key].attrs)
         return {k: float(attrs[k]) for k in ("lambda_rel", "lambda")} if "lambda_rel" in attrs else None
 
     @classmethod
@@ -231,9 +230,8 @@ class TRAK(ScoringMethod, name="trak"):
                 phi = store.read_features(ckpt, s, e).astype(np.float64)
                 gram += phi.T @ phi
             inv, lam = trak_inverse(gram, spec.lambda_rel)
-            store.write_matrix(cls._key(ckpt), inv.astype(np.float32))
-            # λ last: an inverse without it (a build killed in between) is recomputed on the next run.
-            store.group[cls._key(ckpt)].attrs.update({"lambda_rel": spec.lambda_rel, "lambda": lam})
+            # Written beside the live inverse with its λ, then switched in: a killed build leaves the old one live.
+            store.write_matrix(cls._key(ckpt), inv.astype(np.float32), attrs={"lambda_rel": spec.lambda_rel, "lambda": lam})
         super().prepare(store, spec)  # self-influence, after the inverses it uses
 
     def inverse(self, ckpt: str) -> np.ndarray:

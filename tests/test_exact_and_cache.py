@@ -12,6 +12,7 @@ import zarr
 
 import influence
 from conftest import BATCH, CHUNK, CNN_SPEC, N_TRAIN, PROJ_DIM
+from index.errors import StoreDamagedError
 from index.search import ExactScan, SearchIndex, build_index, load_index, save_index
 from index.store import FeatureStore
 from influence.errors import BadSpecError
@@ -30,7 +31,11 @@ def _old_flat_records(path) -> dict[str, dict]:
         (path / "faiss").mkdir(exist_ok=True)
         rec = save_index(index, path / "faiss" / f"{m}.index")
         records[m] = {**rec, "factory": "Flat", "path": f"faiss/{m}.index"}
-    zarr.open_group(str(path), mode="r+").attrs["indexes"] = records
+    from index import integrity
+
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["indexes"] = records
+    group.attrs["integrity"] = integrity.write_manifest(path, dict(group.attrs))  # sealed: as if built that way
     return records
 
 
@@ -104,7 +109,7 @@ def _oracle_self_influence(path, method: str) -> np.ndarray:
             w = np.asarray(g[f"loss_weight/{c['id']}"][:], dtype=np.float64)
             out += c["lr_weight"] * w**2 * np.array([row @ row for row in phi])
         else:
-            inv = np.asarray(g[f"trak/{c['id']}"][...], dtype=np.float64)
+            inv = np.asarray(g[g.attrs["matrices"][f"trak/{c['id']}"]][...], dtype=np.float64)  # the live generation
             p = np.asarray(g[f"prob/{c['id']}"][:], dtype=np.float64)
             out += (1 - p) * np.array([row @ inv @ row for row in phi]) / len(ckpts)
     return out
@@ -114,9 +119,10 @@ def _oracle_self_influence(path, method: str) -> np.ndarray:
 def test_build_caches_self_influence_and_sessions_read_it(store, method, monkeypatch):
     want = _oracle_self_influence(store, method)
     g = zarr.open_group(str(store), mode="r")
-    assert f"self_influence/{method}" in g and "valid_for" in g[f"self_influence/{method}"].attrs
-    assert "self_influence/gradcos" not in g
-    np.testing.assert_allclose(np.asarray(g[f"self_influence/{method}"][:]), want, rtol=2e-4)
+    live = g.attrs["matrices"]  # cache key -> its live generation
+    assert f"self_influence/{method}" in live and "valid_for" in g[live[f"self_influence/{method}"]].attrs
+    assert "self_influence/gradcos" not in live
+    np.testing.assert_allclose(np.asarray(g[live[f"self_influence/{method}"]][:]), want, rtol=2e-4)
 
     def recompute(self: ScoringMethod, progress: bool) -> np.ndarray:
         raise AssertionError("recomputed although the store holds a valid cache")
@@ -127,32 +133,27 @@ def test_build_caches_self_influence_and_sessions_read_it(store, method, monkeyp
     np.testing.assert_allclose(got, want, rtol=2e-4)
 
 
-def test_stale_or_half_written_cache_is_not_used(copy_store, monkeypatch):
+def test_stale_or_half_written_cache_is_not_used(copy_store):
     path = copy_store()
     want = _oracle_self_influence(path, "trak")
-    arr = zarr.open_array(str(path / "self_influence" / "trak"), mode="r+")
-    arr[:] = -1.0  # values no computation gives, under the stamp of a valid cache: served as they are
-    assert (influence.Influence.open(path).self_influence("trak") == -1).all()
-    arr.attrs["valid_for"] = "0" * 64  # a stamp of other checkpoints or another λ: recomputed
-    np.testing.assert_allclose(influence.Influence.open(path).self_influence("trak"), want, rtol=2e-4)
-    del arr.attrs["valid_for"]  # data written, stamp not yet (a killed build): recomputed
-    np.testing.assert_allclose(influence.Influence.open(path).self_influence("trak"), want, rtol=2e-4)
-
-    # rewriting a valid cache and dying after the data, before the stamp, leaves no valid-looking cache
     with FeatureStore.open_for_write(path, FeatureStore.open(path).attrs) as store:
         stamp = get_method("trak")(store)._self_stamp()
-        store.write_cache("self_influence/trak", want, stamp)
         assert store.read_cache("self_influence/trak", stamp) is not None
-        write = FeatureStore.write_matrix
+        assert store.read_cache("self_influence/trak", "0" * 64) is None  # other checkpoints or another λ: stale
+        # a write killed before its switch leaves an orphan generation beside the live one: never read
+        live = store.matrix_key("self_influence/trak")
+        store.group.create_array("self_influence/trak.deadbeef", shape=want.shape, dtype=want.dtype)[:] = want * 2
+        assert store.matrix_key("self_influence/trak") == live
+        np.testing.assert_allclose(store.read_cache("self_influence/trak", stamp), want, rtol=2e-4)
 
-        def dies_after_data(self: FeatureStore, key: str, value: np.ndarray) -> None:
-            write(self, key, value * 2)
-            raise OSError("killed")
 
-        monkeypatch.setattr(FeatureStore, "write_matrix", dies_after_data)
-        with pytest.raises(OSError, match="killed"):
-            store.write_cache("self_influence/trak", want, stamp)
-        assert store.read_cache("self_influence/trak", stamp) is None
+def test_cache_edited_in_place_is_refused_never_served(copy_store):
+    path = copy_store()
+    g = zarr.open_group(str(path), mode="r")
+    arr = zarr.open_array(str(path / g.attrs["matrices"]["self_influence/trak"]), mode="r+")
+    arr[:] = -1.0  # values no computation gives: the store's digests catch them
+    with pytest.raises(StoreDamagedError):
+        influence.Influence.open(path).self_influence("trak")
 
 
 def test_cache_follows_trak_lambda(digits, cnn_ckpts, copy_store):

@@ -9,6 +9,7 @@ import shutil
 import sys
 
 import pytest
+import zarr
 
 from influence.cli import main
 
@@ -40,8 +41,13 @@ def test_explain_bar_on_a_terminal_only(store, digits, monkeypatch):
 
 def test_flag_and_self_influence_bars_when_computing(copy_store, digits, monkeypatch, tmp_path):
     """A store without the self-influence cache (built before it existed) computes it, with a bar."""
+    from index import integrity
+
     path = copy_store()
     shutil.rmtree(path / "self_influence")
+    group = zarr.open_group(str(path), mode="r+")
+    group.attrs["matrices"] = {k: v for k, v in group.attrs["matrices"].items() if not k.startswith("self_influence/")}
+    group.attrs["integrity"] = integrity.write_manifest(path, dict(group.attrs))  # sealed: as if built that way
     code, _, err = _run(monkeypatch, ["self-influence", str(path), "--method", "trak", "--out", str(tmp_path / "s.npy")], tty=True)
     assert code == 0 and "self-influence (trak): 100%" in err
     code, _, err = _run(monkeypatch, ["flag", str(path), "--test", str(digits.test_npz), "--kind", "harmful"], tty=True)
