@@ -435,8 +435,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         sim = ("~", e.similar) if e.similar_method else ("~", [])
         for side, items in (("+", r.proponents), ("-", r.opponents), sim):
             for p in items:
-                flags = f"  [{', '.join(e.flags[p.train_id])}]" if p.train_id in e.flags else ""
-                print(f"  {side} {_who(p)}{flags}")
+                tag = f"  [{', '.join(e.flags[p.train_id])}]" if p.train_id in e.flags else ""
+                print(f"  {side} {_who(p)}{tag}")
     if report:
         print(f"report: {report}", file=sys.stderr)
     return 0
@@ -498,11 +498,11 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         if not args.flags or not args.out:
             raise BadSpecError("repair STORE needs --flags FLAGS.json (from `influence flag STORE --json`) and --out DIR")
         session = Influence.open(args.store)
-        summary = repair_store(session, _read_flags(args.flags, session), args.out, action=args.action, mask_scope=args.mask_scope)
+        done = repair_store(session, _read_flags(args.flags, session), args.out, action=args.action, mask_scope=args.mask_scope)
         if args.json:
-            print(json.dumps(summary))
+            print(json.dumps(done))
         else:
-            print(summary.pop("recipe"))
+            print(done.pop("recipe"))
         return 0
     if args.flags:
         raise BadSpecError("--flags is for `repair STORE`; the demo loop (no STORE) reads the demo folder's flags.json")

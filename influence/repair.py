@@ -221,7 +221,8 @@ def repair_store(
     relabel: dict[int, int] = {}
     if action == "relabel" and mislabels:
         tx, _ = session.training_examples(mislabels)
-        relabel = relabel_targets(session.predict(tx).cpu(), labels.tolist(), mislabels)
+        guess = relabel_targets(session.predict(tx).cpu(), [int(labels[i]) for i in mislabels], range(len(mislabels)))
+        relabel = {i: guess[j] for j, i in enumerate(mislabels)}
     drop = mislabels if action == "drop" else []
     masked: dict[int, list[list[int]]] = {}
     for rec in shortcuts:

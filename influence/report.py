@@ -225,7 +225,7 @@ def _summary(
         if imgs is not None:
             name = f"shortcut_{n:02d}.png"
             shortcut_figure(sc, imgs, out / name)
-            figs.append(f"<img class='shortcut' src='{name}' alt='shortcut {n}: box {sc['box']} on its supporting images'>")
+            figs.append(f"<img src='{name}' class='shortcut' alt='shortcut {n}: box {sc['box']} on its supporting images'>")
     parts.append("</ul>" + "".join(figs) + "</section>")
     return "".join(parts)
 
