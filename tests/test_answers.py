@@ -145,3 +145,39 @@ def test_report_without_flags_says_shortcuts_were_not_searched(session, digits, 
     page = _Page()
     page.feed(write_report(tmp_path / "r", found).read_text())
     assert "not searched" in page.summary_text and not [a for a in page.summary_imgs if "shortcut" in (a["src"] or "")]
+
+
+from test_user_data import mixed_store, user  # noqa: E402,F401  (a real image-folder store, fixtures reused)
+
+
+def test_repair_folder_store_writes_a_file_list_and_masked_pngs(mixed_store, user, tmp_path, capsys):
+    from PIL import Image
+
+    from influence.query import Influence
+
+    s = Influence.open(mixed_store)
+    paths = [s.train_path(i) for i in range(s.n_train)]
+    flags = tmp_path / "flags.json"
+    flags.write_text(json.dumps({"mislabel": [{"train_id": 0, "score": 1.0, "label": 0}],
+                                 "shortcuts": [{"class": 1, "box": [1, 1, 4, 4], "train_ids": [7, 8], "score": 0.9}]}))
+    out = tmp_path / "cleaned"
+    code, text, err = run(capsys, "repair", mixed_store, "--flags", flags, "--out", out, "--mask-scope", "flagged")
+    assert code == 0, err
+    files = list(csv.DictReader((out / "train_files.csv").read_text().splitlines()))
+    listed = [f["path"] for f in files]
+    assert len(files) == s.n_train - 1 and paths[0] not in listed  # the dropped row, by path
+    for i in (7, 8):
+        masked = f"masked/{Path(paths[i]).with_suffix('.png')}"
+        assert masked in listed and paths[i] not in listed
+        new = np.asarray(Image.open(out / masked).convert("RGB")).astype(int)
+        old = np.asarray(Image.open(user.train / paths[i]).convert("RGB")).astype(int)
+        assert new.shape == old.shape
+        h, w = old.shape[:2]
+        y0, y1, x0, x1 = h // 8, -(-4 * h // 8), w // 8, -(-4 * w // 8)  # the 8×8 model box on this file's pixels
+        assert np.ptp(new[y0:y1, x0:x1].reshape(-1, 3), axis=0).max() == 0
+        keep = np.ones((h, w), bool)
+        keep[y0:y1, x0:x1] = False
+        assert np.abs(new[keep] - old[keep]).max() <= 1
+    changes = {int(r["train_id"]): r for r in csv.DictReader((out / "changes.csv").read_text().splitlines())}
+    assert changes[0]["action"] == "drop" and changes[0]["path"] == paths[0] and changes[7]["action"] == "mask"
+    assert "train_files.csv" in text
