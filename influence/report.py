@@ -219,7 +219,7 @@ def _summary(
         parts.append("<li class='shortcuts'>No patch shortcut found.</li>")
     for n, sc in enumerate(shortcuts or []):
         cls = html.escape(str(sc.get("class_name", sc["class"])))
-        parts.append(f"<li class='shortcut'>Shortcut for class {cls}: box {sc['box']} (x0, y0, x1, y1), "
+        parts.append(f"<li class='shortcut'>Detected shortcut: class {cls}, box {sc['box']} (x0, y0, x1, y1), "
                      f"{len(sc['train_ids'])} supporting training images, score {sc['score']:.3g}.</li>")
         imgs = shortcut_images.get(n)
         if imgs is not None:
