@@ -29,7 +29,7 @@ def main() -> None:
     truth = json.loads((root / "injections.json").read_text())
     flipped, patched = set(truth["flipped"]), set(truth["patched"])
     s = Influence.open(root / "store")
-    rows = {}
+    rows: dict[str, dict[str, int]] = {}
     for name, pool in (("patched", "test_patched.npz"), ("clean", "test.npz")):
         d = np.load(root / pool)
         x, y = torch.as_tensor(d["x"]), torch.as_tensor(d["y"])
