@@ -194,7 +194,8 @@ def _parser() -> _Parser:
     src.add_argument("--data", help="DATA SPEC of test examples")
     e.add_argument("--ids", type=_ids, default=None, help="comma-separated example ids in --data (default: the misclassified ones)")
     e.add_argument("--k", type=int, default=_default(explain, "k"))
-    e.add_argument("--method", choices=methods, default=_default(explain, "method"))
+    e.add_argument("--method", choices=["auto", *methods], default=_default(explain, "method"),
+                   help="auto (default): proponents and opponents by TracIn, plus the Grad-Cos proponents (finds shortcuts)")
     e.add_argument("--target", default=None, help="class to explain: a class name or index, 'label' or 'predicted' (default)")
     e.add_argument("--label", default=None, help="true class of --image (name or index)")
     _preprocessing_args(e, build=False)
@@ -202,6 +203,7 @@ def _parser() -> _Parser:
                    help="pixel attribution method (see `influence attribute --help`; default %(default)s)")
     e.add_argument("--tfa", default=_default(explain, "tfa"), choices=tfas, help=f"map on training images (default {DEFAULT_TFA}, the measured best)")
     e.add_argument("--out", default=None, help="folder for an HTML report with PNG figures")
+    e.add_argument("--flags", default=None, help="`influence flag --json` output: the report's summary shows its mislabels and shortcuts")
     e.add_argument("--json", action="store_true")
 
     f = sub.add_parser("flag", help="likely mislabels, net-harmful training examples and patch shortcuts")
@@ -215,8 +217,10 @@ def _parser() -> _Parser:
     _preprocessing_args(f, build=False)
     f.add_argument("--json", action="store_true")
 
-    r = sub.add_parser("repair", help="(demo) drop/relabel flagged mislabels, mask the detected shortcut, retrain, compare")
-    r.add_argument("--out", default=_default(run_repair, "demo_dir"), help="a finished `influence demo` folder (default: %(default)s)")
+    r = sub.add_parser("repair", help="act on flags: cleaned data for your training (STORE --flags F --out DIR), or the demo's retrain loop")
+    r.add_argument("store", nargs="?", default=None, help="a store: write cleaned training data for it (omit for the demo loop)")
+    r.add_argument("--flags", default=None, help="with STORE: `influence flag --json` output to act on")
+    r.add_argument("--out", default=None, help=f"with STORE: output folder; without: a finished `influence demo` folder (default {_default(run_repair, 'demo_dir')})")
     r.add_argument("--action", choices=_choices("repair-action"), default=_default(run_repair, "action"), help="what to do with flagged mislabels")
     r.add_argument("--fraction", type=float, default=_default(run_repair, "mislabel_fraction"),
                    help="share of training examples flagged as mislabels (default %(default)s)")
@@ -429,12 +433,18 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             raise InfluenceError(f"no misclassified examples in {args.data}; pass --ids to explain correct ones")
         x, labels, ids = x[wrong], [labels[i] for i in wrong], [ids[i] for i in wrong]
         paths = None if paths is None else [paths[i] for i in wrong]
+    flags = _read_flags(args.flags, session) if args.flags else None
     found = explain(session, x, targets=_targets(args.target, labels, len(x), session), labels=labels, test_ids=ids, k=args.k,
                     method=args.method, attribution=args.attribution, tfa=args.tfa, progress=not args.json)
     if paths is not None:  # explain() queries without paths; the results are ours to annotate
         for e, path in zip(found, paths):
             e.result.test_path = path
-    report = str(write_report(args.out, found)) if args.out else None
+    report = None
+    if args.out:
+        shortcut_images = {j: session.training_examples(sc["train_ids"][:8])[0] for j, sc in enumerate((flags or {}).get("shortcuts", []))}
+        mis = [int(f["train_id"]) for f in (flags or {}).get("mislabel", [])][:8]
+        mislabel_images = dict(zip(mis, session.training_examples(mis)[0])) if mis else {}
+        report = str(write_report(args.out, found, flags=flags, shortcut_images=shortcut_images, mislabel_images=mislabel_images))
     if args.json:
         print(json.dumps({"method": args.method, "report": report, "explanations": [e.to_json() for e in found]}))
         return 0
@@ -442,10 +452,11 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         r = e.result
         true = f", true {r.label_name}" if r.label_name is not None else ""
         print(f"{_head(r, args.image or 'image')}: predicted {r.predicted_name}{true}; explaining class {r.target_name} (p={r.probability:.3f})")
-        for side, items in (("+", r.proponents), ("-", r.opponents)):
+        sim = ("~", e.similar) if e.similar_method else ("~", [])
+        for side, items in (("+", r.proponents), ("-", r.opponents), sim):
             for p in items:
-                flags = f"  [{', '.join(e.flags[p.train_id])}]" if p.train_id in e.flags else ""
-                print(f"  {side} {_who(p)}{flags}")
+                tag = f"  [{', '.join(e.flags[p.train_id])}]" if p.train_id in e.flags else ""
+                print(f"  {side} {_who(p)}{tag}")
     if report:
         print(f"report: {report}", file=sys.stderr)
     return 0
@@ -458,6 +469,9 @@ def _cmd_flag(args: argparse.Namespace) -> int:
         data = session.test_data(args.test, size=args.size, channels=args.channels)
         test = (data.x, data.y)
     kinds = _choices("flag-kind") if args.kind == "all" else [args.kind]
+    if test is None and args.kind == "all":
+        kinds = ["mislabel"]
+        print("flag: running the mislabel check only; harmful and shortcut need test images: pass --test SPEC", file=sys.stderr)
     doc = _named_flags(session, run_flags(session, test, kinds=kinds, top=args.top, method=args.method, tfa=args.tfa,
                                               progress=not args.json))
     if args.json:
@@ -486,8 +500,33 @@ def _named_flags(session: Influence, doc: dict[str, Any]) -> dict[str, Any]:
     return doc
 
 
+def _read_flags(path: str, session: Influence) -> dict[str, Any]:
+    """An `influence flag --json` file, with names and paths added where it lacks them."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise BadSpecError(f"cannot read flags {path!r} ({e}); write them with `influence flag STORE --json > flags.json`") from None
+    if not isinstance(doc, dict):
+        raise BadSpecError(f"flags {path!r} hold a {type(doc).__name__}, not the JSON object `influence flag --json` writes")
+    return _named_flags(session, doc)
+
+
 def _cmd_repair(args: argparse.Namespace) -> int:
-    report = run_repair(args.out, mislabel_fraction=args.fraction, action=args.action, seed=args.seed,
+    if args.store is not None:  # the user's own store: write cleaned data and a recipe, retrain nothing
+        from influence.repair import repair_store
+
+        if not args.flags or not args.out:
+            raise BadSpecError("repair STORE needs --flags FLAGS.json (from `influence flag STORE --json`) and --out DIR")
+        session = Influence.open(args.store)
+        done = repair_store(session, _read_flags(args.flags, session), args.out, action=args.action, mask_scope=args.mask_scope)
+        if args.json:
+            print(json.dumps(done))
+        else:
+            print(done.pop("recipe"))
+        return 0
+    if args.flags:
+        raise BadSpecError("--flags is for `repair STORE`; the demo loop (no STORE) reads the demo folder's flags.json")
+    report = run_repair(args.out or _default(run_repair, "demo_dir"), mislabel_fraction=args.fraction, action=args.action, seed=args.seed,
                         mask_scope=args.mask_scope, method=args.method, log=sys.stderr, progress=not args.json)
     if args.json:
         print(json.dumps(report))

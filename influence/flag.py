@@ -130,12 +130,13 @@ def run_flags(
     """The JSON document of ``influence flag``: the typed results' ``to_json()``, keyed mislabel, harmful, shortcuts.
 
     ``method`` overrides the measured defaults (mislabel: trak, harmful: tracin, shortcut: gradcos).
+    Without ``test`` only the mislabel check runs (harmful and shortcut are skipped; asked for alone they are an error).
     ``progress``: bars on stderr for the slow steps, shown only when stderr is a terminal.
     """
     bad = [k for k in kinds if k not in KINDS]
     if bad:
         raise BadSpecError(f"unknown --kind {bad}; choose from {', '.join(KINDS)} or all")
-    if test is None and any(k in ("harmful", "shortcut") for k in kinds):  # before any work, so it fails fast
+    if test is None and not any(k == "mislabel" for k in kinds):  # before any work, so it fails fast
         raise BadSpecError("--kind harmful and shortcut need test images: pass --test SPEC (e.g. your failing images)")
     out: dict[str, Any] = {}
     if "mislabel" in kinds:

@@ -57,7 +57,7 @@ def test_report_references_only_files_it_wrote(session, digits, tmp_path, capsys
 def test_explain_api_maps_have_image_shapes(session, digits):
     [e] = explain(session, digits.x_test[2], k=2, attribution="saliency")
     assert e.pixel_map.shape == digits.x_test[2].shape
-    assert set(e.tfa_maps) == {p.train_id for p in e.result.proponents + e.result.opponents}
+    assert set(e.tfa_maps) == {p.train_id for p in e.result.proponents + e.result.opponents + e.similar}
     for i, m in e.tfa_maps.items():
         assert m.shape == digits.x[i].shape
 

@@ -143,13 +143,16 @@ def _report_and_flags(
     explanations = (explain(session, test.x[wrong[:8]], labels=test.y[wrong[:8]].tolist(), test_ids=wrong[:8], k=k, progress=progress)
                     if wrong else [])
     images = {j: session.training_examples(s.train_ids[:8])[0] for j, s in enumerate(shortcuts)}
+    top_ids = [m.train_id for m in mislabels[:8]]
+    mislabel_images = dict(zip(top_ids, session.training_examples(top_ids)[0]))
     notes = [
         f"Label noise: {len(flipped)} training labels flipped; self-influence (TRAK) ranks {found_at[0.1]:.0%} of them in its "
         f"top 10% and {found_at[0.2]:.0%} in its top 20%.",
         f"Patch shortcut: injected on {len(truth['patched'])} class-{truth['patch_class']} training images at box {box}; "
         + (f"detected at {hit.box} with {len(hit.train_ids)} supporting images." if hit else "not detected."),
     ]
-    report = write_report(out / "report", explanations, flags=flags, shortcut_images=images, title="influence demo report", notes=notes)
+    report = write_report(out / "report", explanations, flags=flags, shortcut_images=images, title="influence demo report", notes=notes,
+                          mislabel_images=mislabel_images)
     print("\n[demo] ground truth found:", file=log)
     for line in notes:
         print(f"  {line}", file=log)
