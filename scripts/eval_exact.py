@@ -53,7 +53,47 @@ def gelu_mlp() -> torch.nn.Module:
     return net
 
 
-MODELS = {"digits-mlp": "digits-mlp", "gelu-mlp": f"{Path(__file__).resolve()}:gelu_mlp"}
+def fashion_mlp() -> torch.nn.Module:
+    """The digits MLP's shape on 28×28 Fashion-MNIST: 784 → 128 → 128 → 10, ReLU."""
+    from influence.models import DigitsMLP
+
+    return DigitsMLP(in_features=784)
+
+
+MODELS = {"digits-mlp": "digits-mlp", "gelu-mlp": f"{Path(__file__).resolve()}:gelu_mlp", "digits-cnn": "digits-cnn",
+          "fashion-mlp": f"{Path(__file__).resolve()}:fashion_mlp"}
+FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist (gzipped idx files)
+FASHION_TRAIN = 5000
+
+
+def _idx(path: Path) -> np.ndarray:
+    """An idx file (the MNIST format: magic, dims as big-endian uint32, then uint8 data)."""
+    import gzip
+
+    raw = gzip.open(path).read()
+    ndim = raw[3]
+    dims = np.frombuffer(raw[4:4 + 4 * ndim], dtype=">u4").astype(int)
+    return np.frombuffer(raw[4 + 4 * ndim:], dtype=np.uint8).reshape(dims)
+
+
+def load_fashion() -> tuple["ArrayDataset", "ArrayDataset"]:
+    """5,000 Fashion-MNIST training images (a seeded random draw from the 60,000) and the 10,000 test images, 1×28×28 in [0, 1]."""
+    from influence.data import ArrayDataset
+
+    if not FASHION.is_dir():
+        raise SystemExit(f"{FASHION} not found: apt-get install -y dataset-fashion-mnist")
+    out = []
+    for split in ("train", "t10k"):
+        x = torch.as_tensor(_idx(FASHION / f"{split}-images-idx3-ubyte.gz").copy(), dtype=torch.float32)[:, None] / 255.0
+        y = torch.as_tensor(_idx(FASHION / f"{split}-labels-idx1-ubyte.gz").astype(np.int64))
+        out.append((x, y))
+    keep = torch.as_tensor(np.sort(np.random.default_rng(0).choice(len(out[0][1]), FASHION_TRAIN, replace=False)))
+    return (ArrayDataset(out[0][0][keep], out[0][1][keep], "fashion-train-5000"),
+            ArrayDataset(out[1][0], out[1][1], "fashion-test"))
+
+
+def load_data(model: str) -> tuple["ArrayDataset", "ArrayDataset"]:
+    return load_fashion() if model.startswith("fashion") else load_digits_split()
 
 
 def log(*a: object) -> None:
@@ -68,7 +108,7 @@ def variant_dir(model: str, dtype: str, drop: tuple[float, float], n_test: int) 
 def run(n_retrains: int, n_test: int, query_batch: int, proj_dim: int, dtype: str = "float32",
         drop: tuple[float, float] = (0.01, 0.05), baselines: bool = True, model: str = "digits-mlp") -> dict:
     recipe = dataclasses.replace(RECIPE, dtype=dtype, model=MODELS[model])
-    train, test = load_digits_split()
+    train, test = load_data(model)
     cache = variant_dir(model, dtype, drop, n_test)
     cache.mkdir(parents=True, exist_ok=True)
     test_ids = np.sort(np.random.default_rng(TEST_SEED).choice(len(test), n_test, replace=False))
@@ -175,7 +215,7 @@ def test_accuracy(result: dict) -> float | None:
     from influence.loading import load_checkpoint
 
     net = load_checkpoint(Recipe.load(run_dir / "recipe.json").build_model(), ckpts[-1])
-    _, test = load_digits_split()
+    _, test = load_data(result.get("model", "digits-mlp"))
     with torch.no_grad():
         return float((net(test.x.to(next(net.parameters()).dtype)).argmax(-1) == test.y).float().mean())
 
