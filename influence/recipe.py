@@ -282,6 +282,8 @@ def _probe(run: "_Run", x: torch.Tensor, y: torch.Tensor) -> None:
             )
         try:
             grads = [torch.func.grad(run.loss)(p, w, x, y) for _ in range(2)]
+        except (BadSpecError, BadDataError):
+            raise
         except Exception as e:  # user modules may raise anything under torch.func
             raise BadSpecError(
                 f"exact replay cannot differentiate this model functionally (torch.func.functional_call + grad): "
@@ -463,6 +465,9 @@ def _eval_norm(mean: torch.Tensor, var: torch.Tensor, module: nn.modules.batchno
 def _record_batch_stats(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str, module: nn.Module,
                         args: tuple[Any, ...]) -> None:
     """Forward pre-hook: the batch mean and unbiased variance per channel, as BatchNorm folds into its running stats."""
+    if name in stats:
+        raise BadSpecError(f"exact replay refuses BatchNorm layer {name!r} called twice in one forward: its running "
+                           "statistics would be updated twice per step; use one BatchNorm per call site")
     x = args[0]
     dims = [0] + list(range(2, x.dim()))
     n = x.numel() // x.shape[1]

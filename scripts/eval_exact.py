@@ -223,7 +223,8 @@ def run(n_retrains: int, n_test: int, query_batch: int, proj_dim: int, dtype: st
     return result
 
 
-def removal(model: str, n_images: int, ks: tuple[int, ...], proj_dim: int, query_batch: int) -> dict[str, Any]:
+def removal(model: str, n_images: int, ks: tuple[int, ...], proj_dim: int, query_batch: int,
+            stop_at: float | None = None) -> dict[str, Any]:
     """Drop the top-k proponents of a misclassified test image's wrong class, retrain with the same seed: does it flip?
 
     Proponents by exact mode (d margin_wrong / d w_i, largest first), by TRAK over the run's 10 checkpoints
@@ -269,6 +270,8 @@ def removal(model: str, n_images: int, ks: tuple[int, ...], proj_dim: int, query
                 key = f"{method},{k},{j}"
                 if key in done:
                     continue
+                if stop_at is not None and time.time() > stop_at:
+                    break
                 w = np.ones(len(train))
                 w[ranked[method][j, :k]] = 0.0
                 retrained = recipe.train(train, weights=w)
@@ -278,6 +281,8 @@ def removal(model: str, n_images: int, ks: tuple[int, ...], proj_dim: int, query
                 out_path.write_text(json.dumps({"model": model, "test_ids": ids.tolist(), "ks": list(ks), "margins": done}))
             log(f"[removal] k={k} {method} done")
     rows = {}
+    ks = tuple(sorted(k for k in ks if all(f"{m},{k},{j}" in done for m in ("exact", "trak", "random")
+                                           for j in range(len(ids)))))  # a deadline may leave some k undone
     for k in ks:
         for method in ("exact", "trak", "random"):
             after = [done[f"{method},{k},{j}"] for j in range(len(ids))]
@@ -577,7 +582,8 @@ def main(argv: list[str] | None = None) -> None:
     from _benchdoc import write_section
 
     if a.removal and not a.report:
-        res = removal(a.model, a.removal_images, tuple(int(k) for k in a.removal_k.split(",")), a.proj_dim, a.query_batch)
+        res = removal(a.model, a.removal_images, tuple(int(k) for k in a.removal_k.split(",")), a.proj_dim, a.query_batch,
+                      _deadline(a.stop_at))
         for name, r in res["rows"].items():
             log(f"{name:>12}: flipped {r['flipped']}/{len(res['test_ids'])}, now correct {r['now_correct']}, "
                 f"mean margin drop {r['mean_margin_drop']:.3f}")

@@ -231,7 +231,19 @@ def with_instance_norm_stats() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), nn.Flatten(), nn.Linear(784, 10))
 
 
+class SharedNorm(nn.Module):
+    """One BatchNorm applied at two call sites: torch would update its running statistics twice per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.out = nn.Linear(256, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bn(self.bn(self.fc(x.flatten(1)))))
+
+
 @pytest.mark.parametrize("model, message", [
+    (SharedNorm, "called twice in one forward"),
     (with_instance_norm_stats, "InstanceNorm2d, track_running_stats=True"),
     (with_dropout, r"Dropout, p=0\.5"),
     (Noisy, "non-deterministic"),
