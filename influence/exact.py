@@ -8,7 +8,9 @@ does, and differentiate the final model's margin on the test point with respect 
 function ``(θ, optimizer state, w_batch) → (θ', state')``; ``torch.func.vjp`` of it
 (it contains ``torch.func.grad`` of the batch loss, so the vjp is second order)
 carries the adjoint back one step and yields that batch's ``∂/∂w``. Adam's moments
-are part of the state, so their updates are differentiated too.
+and BatchNorm's running statistics are part of the state, so their updates are
+differentiated too (the running statistics reach the margin through the final
+eval-mode model; each step's batch statistics depend on the parameters).
 
 Memory: the forward pass keeps the state every ``K ≈ √T`` steps; the reverse pass
 recomputes each segment's ``K`` states from its saved start, so at most about
@@ -64,13 +66,16 @@ def metagradient(
     model, run = prepare(recipe, data, None, device)
     dtype = DTYPES[recipe.dtype]
     x_test = as_batch(test_x, single=True).to(run.device, dtype)
-    try:  # check the test images and targets before the training run, not after it
+    try:  # check the test images and targets before the training run, not after it (in eval mode, as they are scored)
+        model.eval()
         with torch.no_grad():
             num_classes = int(run.logits(run.initial_state()["p"], x_test).shape[-1])
     except RuntimeError as e:
         raise BadDataError(
             f"the model cannot run on test_x of shape {tuple(x_test.shape[1:])}: {str(e).strip().splitlines()[0][:160]}"
         ) from None
+    finally:
+        model.train()
     y_test = as_targets(target, len(x_test), num_classes).to(run.device)
     T = len(run.steps)
     K = checkpoint_every or max(1, round(math.sqrt(T)))
@@ -86,14 +91,15 @@ def metagradient(
     peak = states_saved
     step_evals = T
 
-    # The final model's margins and their gradient, one row per test point.
+    # The final model's margins and their gradient (parameters and BatchNorm statistics), one row per test point.
     model.eval()
     task = ClassificationTask()
+    final = {"p": state["p"], "b": state.get("b", {})}
     with torch.no_grad():
-        margins = task.output(run.logits(state["p"], x_test), y_test)
-    cot_p = torch.func.jacrev(lambda p: task.output(run.logits(p, x_test), y_test))(state["p"])
+        margins = task.output(run.logits(final["p"], x_test, final["b"]), y_test)
+    cot_final = torch.func.jacrev(lambda f: task.output(run.logits(f["p"], x_test, f["b"]), y_test))(final)
     model.train()
-    cot: State = {key: ({k: cot_p[k] for k in part} if key == "p" else
+    cot: State = {key: (cot_final[key] if key in cot_final else
                         {k: torch.zeros((len(x_test),) + v.shape, dtype=v.dtype, device=v.device) for k, v in part.items()})
                   for key, part in state.items()}
     del state

@@ -17,18 +17,24 @@ What a recipe supports:
   ``train_classifier``), the last batch of an epoch possibly short; no augmentation;
 * the batch loss ``Σ_i w_i ℓ_i / |batch|`` with per-example weights ``w`` (default ones).
 
-What it refuses (``BadSpecError``, with the reason): models with BatchNorm (their
-running statistics are hidden state that changes the eval-mode model and is not
-threaded through the replay; use GroupNorm/LayerNorm or no normalisation), Dropout
-with p > 0 (random masks), and any model whose train-mode forward or gradient is
-not bitwise repeatable or that writes to its buffers (found by a probe on the
-first batch). Data-dependent control flow is fine: the replay recomputes every
-forward exactly, so it follows the same branches.
+BatchNorm in train mode is replayed: each step normalises with the batch's own
+statistics (a deterministic function of the batch and the parameters) and moves the
+running statistics towards them; the running statistics are threaded through the
+step as part of the state (``state["b"]``), feed only the final eval-mode model, and
+are differentiated like the parameters.
+
+What it refuses (``BadSpecError``, with the reason): Dropout with p > 0 (random
+masks), InstanceNorm with running statistics, and any model whose train-mode forward
+or gradient is not bitwise repeatable or that writes to buffers other than
+BatchNorm's running statistics (found by a probe on the first batch). Data-dependent
+control flow is fine: the replay recomputes every forward exactly, so it follows the
+same branches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -50,7 +56,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
-State = dict[str, dict[str, torch.Tensor]]  # {"p": params, "v": momentum or second moment, "m": first moment (Adam)}
+# {"p": params, "v": momentum or second moment, "m": first moment (Adam), "b": BatchNorm running statistics}
+State = dict[str, dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -173,10 +180,10 @@ class Recipe:
             state = run.step(state, t)
             epoch = run.steps[t][0]
             if save_at and (t + 1 == len(run.steps) or run.steps[t + 1][0] != epoch) and epoch + 1 in save_at:
-                run.load_into(model, state)
+                run.load_into(model, state, t + 1)
                 torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()},
                            Path(checkpoint_dir) / f"epoch_{epoch + 1:03d}.pt")  # type: ignore[arg-type]
-        run.load_into(model, state)
+        run.load_into(model, state, len(run.steps))
         return model.eval()
 
     # ------------------------------------------------------------------ JSON beside the checkpoints
@@ -229,14 +236,17 @@ def _model_spec_string(model: str | Callable[[], nn.Module]) -> str:
 # ----------------------------------------------------------------------------- refusals
 
 def refuse_unreplayable_layers(model: nn.Module) -> None:
-    """BatchNorm running statistics and Dropout masks are state the replay does not reproduce: refuse them by name."""
+    """Dropout masks and InstanceNorm running statistics are state the replay does not reproduce: refuse them by name."""
     for name, m in model.named_modules():
         kind = type(m).__name__
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) or (
-                isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats):
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
             raise BadSpecError(
-                f"exact replay refuses layer {name!r} ({kind}): its running statistics change during training and "
-                "are not replayed; use a model without BatchNorm (GroupNorm or LayerNorm replay exactly)"
+                f"exact replay refuses layer {name!r} ({kind}, track_running_stats=True): its running statistics are "
+                "not replayed; set track_running_stats=False, or use BatchNorm, GroupNorm or LayerNorm"
+            )
+        if type(m) not in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise BadSpecError(
+                f"exact replay refuses layer {name!r} ({kind}): only BatchNorm1d/2d/3d running statistics are replayed"
             )
         if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             raise BadSpecError(
@@ -272,6 +282,8 @@ def _probe(run: "_Run", x: torch.Tensor, y: torch.Tensor) -> None:
             )
         try:
             grads = [torch.func.grad(run.loss)(p, w, x, y) for _ in range(2)]
+        except (BadSpecError, BadDataError):
+            raise
         except Exception as e:  # user modules may raise anything under torch.func
             raise BadSpecError(
                 f"exact replay cannot differentiate this model functionally (torch.func.functional_call + grad): "
@@ -317,7 +329,13 @@ class _Run:
         self.names = [k for k, v in model.named_parameters() if v.requires_grad]
         trainable = set(self.names)
         self.frozen = {k: v.detach() for k, v in model.named_parameters() if k not in trainable}
-        self.buffers = {k: v.detach() for k, v in model.named_buffers()}
+        # BatchNorm layers whose running statistics the replay threads through the state.
+        self.norms = {name: m for name, m in model.named_modules()
+                      if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+        self.norm_counts = {name: int(m.num_batches_tracked) if m.num_batches_tracked is not None else 0
+                            for name, m in self.norms.items()}
+        threaded = {_prefix(name) + b for name in self.norms for b in ("running_mean", "running_var", "num_batches_tracked")}
+        self.buffers = {k: v.detach() for k, v in model.named_buffers() if k not in threaded}
         self.steps = recipe.batches(len(data))
 
     def batch(self, t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -330,37 +348,132 @@ class _Run:
             x, y = batch_of(sub, 0, len(sub))
         return x.to(self.device, self.dtype), y.to(self.device), idx
 
-    def logits(self, p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = functional_call(self.model, {**p, **self.frozen, **self.buffers}, (x,))
+    def logits(self, p: dict[str, torch.Tensor], x: torch.Tensor, running: dict[str, torch.Tensor] | None = None,
+               stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """The model's logits; in eval mode BatchNorm uses ``running`` (the state's ``"b"``), in train mode the batch.
+
+        In train mode BatchNorm gets no running-statistics buffers (so it writes nothing) and, when ``stats`` is
+        given, each layer's batch mean and unbiased variance are recorded there for :meth:`update_running`.
+        """
+        norm: dict[str, torch.Tensor | None] = {}
+        hooks = []
+        for name, m in self.norms.items():
+            pre = _prefix(name)
+            if self.model.training:
+                norm.update({pre + "running_mean": None, pre + "running_var": None, pre + "num_batches_tracked": None})
+                if stats is not None:
+                    hooks.append(m.register_forward_pre_hook(functools.partial(_record_batch_stats, stats, name)))
+            else:
+                # native batch_norm has no derivative for its running statistics: it gets detached copies, and a
+                # hook recomputes its output differentiably from the state's statistics.
+                src = running if running is not None else self.initial_running()
+                mean, var = src[pre + "running_mean"], src[pre + "running_var"]
+                norm.update({pre + "running_mean": mean.detach(), pre + "running_var": var.detach(),
+                             pre + "num_batches_tracked": m.num_batches_tracked})
+                hooks.append(m.register_forward_hook(functools.partial(_eval_norm, mean, var)))
+        try:
+            tensors: dict[str, Any] = {**p, **self.frozen, **self.buffers, **norm}  # None: BatchNorm gets no stats
+            out: torch.Tensor = functional_call(self.model, tensors, (x,))
+        finally:
+            for h in hooks:
+                h.remove()
         return out
 
     def loss(self, p: dict[str, torch.Tensor], w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``Σ_i w_i ℓ_i / |batch|``: with w = 1, the ordinary mean cross-entropy."""
-        ell = nn.functional.cross_entropy(self.logits(p, x), y, reduction="none")
-        return (w * ell).sum() / len(y)
+        return self.loss_and_stats(p, w, x, y)[0]
+
+    def loss_and_stats(self, p: dict[str, torch.Tensor], w: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+                       ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        ell = nn.functional.cross_entropy(self.logits(p, x, stats=stats), y, reduction="none")
+        return (w * ell).sum() / len(y), stats
+
+    def initial_running(self) -> dict[str, torch.Tensor]:
+        """The BatchNorm running statistics the model was built with (empty without BatchNorm)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, m in self.norms.items():
+            assert m.running_mean is not None and m.running_var is not None  # track_running_stats
+            out[_prefix(name) + "running_mean"] = m.running_mean.detach().clone()
+            out[_prefix(name) + "running_var"] = m.running_var.detach().clone()
+        return out
+
+    def update_running(self, running: dict[str, torch.Tensor], stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                       t: int) -> dict[str, torch.Tensor]:
+        """BatchNorm's running-statistics update at step ``t`` (0-based), as a differentiable function."""
+        out: dict[str, torch.Tensor] = {}
+        for name, m in self.norms.items():
+            pre = _prefix(name)
+            f = m.momentum if m.momentum is not None else 1.0 / (self.norm_counts[name] + t + 1)
+            mean, var = stats[name]
+            out[pre + "running_mean"] = (1 - f) * running[pre + "running_mean"] + f * mean
+            out[pre + "running_var"] = (1 - f) * running[pre + "running_var"] + f * var
+        return out
 
     def initial_state(self) -> State:
         p = {k: v.detach().clone() for k, v in self.model.named_parameters() if k in set(self.names)}
         zeros = {k: torch.zeros_like(v) for k, v in p.items()}
         if self.recipe.optimizer == "sgd":
-            return {"p": p, "v": zeros}
-        return {"p": p, "m": zeros, "v": {k: v.clone() for k, v in zeros.items()}}
+            state: State = {"p": p, "v": zeros}
+        else:
+            state = {"p": p, "m": zeros, "v": {k: v.clone() for k, v in zeros.items()}}
+        if self.norms:
+            state["b"] = self.initial_running()
+        return state
 
     def step_with(self, state: State, w: torch.Tensor, t: int) -> State:
         """Step ``t`` (0-based) with this batch's weights ``w`` as an explicit (differentiable) input."""
         x, y, _ = self.batch(t)
-        grad = torch.func.grad(self.loss)(state["p"], w, x, y)
-        return optimizer_step(self.recipe, state, grad, self.recipe.lr_at(self.steps[t][0]), t + 1)
+        grad, stats = torch.func.grad(self.loss_and_stats, has_aux=True)(state["p"], w, x, y)
+        new = optimizer_step(self.recipe, state, grad, self.recipe.lr_at(self.steps[t][0]), t + 1)
+        if self.norms:
+            new["b"] = self.update_running(state["b"], stats, t)
+        return new
 
     def step(self, state: State, t: int) -> State:
         with torch.no_grad():
             return self.step_with(state, self.weights[self.steps[t][1]], t)
 
-    def load_into(self, model: nn.Module, state: State) -> None:
+    def load_into(self, model: nn.Module, state: State, steps: int) -> None:
+        """Write a state reached after ``steps`` steps into ``model`` (parameters and BatchNorm statistics)."""
         with torch.no_grad():
             params = dict(model.named_parameters())
             for k, v in state["p"].items():
                 params[k].copy_(v)
+            buffers = dict(model.named_buffers())
+            for k, v in state.get("b", {}).items():
+                buffers[k].copy_(v)
+            for name in self.norms:
+                buffers[_prefix(name) + "num_batches_tracked"].fill_(self.norm_counts[name] + steps)
+
+
+def _prefix(module_name: str) -> str:
+    return f"{module_name}." if module_name else ""
+
+
+def _eval_norm(mean: torch.Tensor, var: torch.Tensor, module: nn.modules.batchnorm._BatchNorm, args: tuple[Any, ...],
+               output: Any) -> torch.Tensor:
+    """Forward hook: eval-mode BatchNorm from ``mean`` and ``var``, differentiable in both (replaces the output)."""
+    x: torch.Tensor = args[0]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    out = (x - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + module.eps)
+    if module.affine:
+        out = out * module.weight.reshape(shape) + module.bias.reshape(shape)
+    return out
+
+
+def _record_batch_stats(stats: dict[str, tuple[torch.Tensor, torch.Tensor]], name: str, module: nn.Module,
+                        args: tuple[Any, ...]) -> None:
+    """Forward pre-hook: the batch mean and unbiased variance per channel, as BatchNorm folds into its running stats."""
+    if name in stats:
+        raise BadSpecError(f"exact replay refuses BatchNorm layer {name!r} called twice in one forward: its running "
+                           "statistics would be updated twice per step; use one BatchNorm per call site")
+    x = args[0]
+    dims = [0] + list(range(2, x.dim()))
+    n = x.numel() // x.shape[1]
+    if n < 2:
+        raise BadDataError(f"BatchNorm layer {name!r} got {n} value per channel in a training batch; it needs at least 2")
+    stats[name] = (x.mean(dims), x.var(dims, correction=1))
 
 
 def prepare(recipe: Recipe, data: SizedDataset, weights: Any, device: str | torch.device = "cpu") -> tuple[nn.Module, _Run]:

@@ -20,7 +20,7 @@ from influence.data import ArrayDataset
 from influence.demo.digits import load_digits_split
 from influence.exact import exact_scores, metagradient
 from influence.features.task import ClassificationTask
-from influence.models import DigitsMLP
+from influence.models import DigitsCNN, DigitsMLP
 from influence.recipe import Recipe
 from influence.demo.training import train_classifier
 
@@ -70,6 +70,44 @@ def test_scores_match_finite_differences_of_retraining(tiny, name):
     fd = np.array([finite_difference(recipe, data, i, xt[0], target) for i in ids])
     np.testing.assert_allclose(s[ids], fd, rtol=1e-3, atol=1e-3 * np.abs(s).max())
     assert np.abs(s).max() > 1e-3  # not a vacuous agreement of near-zeros
+
+
+def tiny_bn_cnn() -> nn.Module:
+    """Conv → BatchNorm2d → ReLU, then Linear → BatchNorm1d (cumulative average: momentum=None) → GELU → Linear."""
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(4), nn.Flatten(),
+        nn.Linear(64, 16), nn.BatchNorm1d(16, momentum=None), nn.GELU(), nn.Linear(16, 10),
+    )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_batchnorm_scores_match_finite_differences_of_retraining(tiny, optimizer):
+    """Train-mode batch statistics and the running statistics (which only the final eval-mode model reads) are replayed."""
+    data, xt, yt = tiny
+    recipe = Recipe(model=tiny_bn_cnn, optimizer=optimizer, lr=0.1 if optimizer == "sgd" else 0.01, weight_decay=0.01,
+                    epochs=3, batch_size=8, seed=3, dtype="float64")
+    target = int(yt[1])
+    s = exact_scores(recipe, data, xt[1], target)
+    ids = [int(i) for i in np.argsort(-np.abs(s))[:3]] + [7]
+    fd = np.array([finite_difference(recipe, data, i, xt[1], target) for i in ids])
+    np.testing.assert_allclose(s[ids], fd, rtol=1e-3, atol=1e-3 * np.abs(s).max())
+    assert np.abs(s).max() > 1e-3
+
+
+def test_batchnorm_recipe_reproduces_train_classifier(tiny):
+    """The digits CNN trained by the recipe matches torch.optim.SGD + nn.BatchNorm2d's own running-statistics update."""
+    data, _, _ = tiny
+    net = Recipe(model="digits-cnn", epochs=3, batch_size=8, seed=2).train(data)
+    torch.manual_seed(2)
+    ref = DigitsCNN()
+    train_classifier(ref, data, epochs=3, batch_size=8, seed=2)
+    moved = 0
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[k], v, rtol=1e-4, atol=1e-5)
+        if "running" in k:
+            moved += int(not torch.equal(v, torch.zeros_like(v) if "mean" in k else torch.ones_like(v)))
+    assert moved == 4  # both layers' means and variances left their initial values
+    assert int(net.state_dict()["features.1.num_batches_tracked"]) == 12  # 3 epochs × 4 batches
 
 
 class DeadUnitMLP(nn.Module):
@@ -189,8 +227,24 @@ def with_dropout() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(256, 16), nn.Dropout(0.5), nn.Linear(16, 10))
 
 
+def with_instance_norm_stats() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), nn.Flatten(), nn.Linear(784, 10))
+
+
+class SharedNorm(nn.Module):
+    """One BatchNorm applied at two call sites: torch would update its running statistics twice per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.out = nn.Linear(256, 16), nn.BatchNorm1d(16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bn(self.bn(self.fc(x.flatten(1)))))
+
+
 @pytest.mark.parametrize("model, message", [
-    ("digits-cnn", "BatchNorm"),
+    (SharedNorm, "called twice in one forward"),
+    (with_instance_norm_stats, "InstanceNorm2d, track_running_stats=True"),
     (with_dropout, r"Dropout, p=0\.5"),
     (Noisy, "non-deterministic"),
     (Counter, "buffers"),
@@ -246,7 +300,7 @@ def test_public_names():
 
 def test_exact_scores_predict_small_drop_retraining(tiny):
     """The claim of exact mode, end to end: −Σ_{i∈S} s_i ranks the margin changes of retrains without S."""
-    from influence.exact_eval import drop_lds, drop_masks, final_margins, retrain_margins
+    from influence.evaluation.exact_lds import drop_lds, drop_masks, final_margins, retrain_margins
 
     data, xt, yt = tiny
     recipe = Recipe(model=TINY_MLP, epochs=3, batch_size=8, seed=4, dtype="float64")
