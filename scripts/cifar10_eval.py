@@ -12,6 +12,9 @@ Stages (results appended as JSON lines to ``--results``):
     python scripts/cifar10_eval.py lds       # CIFAR-2 LDS against the retrained half-subset margins
     python scripts/cifar10_eval.py mislabel  # 10% / 20% flips: AUC, found in top 10% / 20%, against baselines
     python scripts/cifar10_eval.py shortcut  # planted patches: detector found / clean alarms, AUPRC, TFA peak-in-patch
+    python scripts/cifar10_eval.py harmful-plan   # flag_harmful's top-k for 20 misclassified CIFAR-2 test images
+    (retrain without them: scripts/cifar10_train.py --removal runs/cifar10/removal_plan.npz)
+    python scripts/cifar10_eval.py harmful-eval   # fixed predictions against removing k random images
 """
 
 from __future__ import annotations
@@ -137,7 +140,7 @@ def stage_mislabel(args: argparse.Namespace) -> None:
             "training loss (final model)": mis[f"{tag}/train_loss"],
             "4-fold CV confidence (1 − out-of-fold p(label))": 1.0 - mis[f"{tag}/oof_probs"][np.arange(len(noisy)), noisy],
         }
-        for method in args.methods:
+        for method in [m for m in args.methods if m != "gradcos"]:  # Grad-Cos self-influence is 1 by definition
             rows[f"ours: {method} self-influence"] = session.self_influence(method)
         # the flag API returns the same ranking as its top rows: check it on the inspected 10%
         top = flag_mislabels(session, method="trak", top=len(noisy) // 10)
@@ -165,7 +168,7 @@ def stage_shortcut(args: argparse.Namespace) -> None:
     qid = np.sort(rng.choice(len(test), args.queries, replace=False))
     xq_u8 = np.stack([(test[i][0].numpy() * 255).round().astype(np.uint8) for i in qid])
     yq = np.array([test[i][1] for i in qid])
-    runs = [(p, s) for p in args.patches for s in SHORTCUT_SEEDS]
+    runs = [(p, s) for s in args.seeds for p in args.patches]
     for patch, seed in runs:
         tag = f"{patch}_s{seed}"
         ckpt = work / "ckpt" / f"sc_{tag}.pt"
@@ -224,6 +227,55 @@ def stage_shortcut(args: argparse.Namespace) -> None:
         append(Path(args.results), row)
 
 
+# --------------------------------------------------------------------------------------------- stage: harmful
+HARM_K = (100, 400)
+
+
+def harmful_queries(args: argparse.Namespace) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """20 CIFAR-2 test images that the seed-0 full-data model misclassifies (a seeded random choice)."""
+    from influence.loading import ImageFolder
+    from influence.query import Influence
+
+    test = ImageFolder(Path(args.cifar2) / "test")
+    x = torch.stack([test[i][0] for i in range(len(test))])
+    y = torch.tensor([test[i][1] for i in range(len(test))])
+    session = Influence.open(Path(args.work) / "stores" / f"lds_models_k{args.k}")
+    wrong = np.nonzero((session.predict(x).argmax(-1).cpu() != y).numpy())[0]
+    tid = np.sort(np.random.default_rng(0).choice(wrong, 20, replace=False))
+    return tid, x[tid], y[tid]
+
+
+def stage_harmful_plan(args: argparse.Namespace) -> None:
+    """Top-k harmful training images for 20 misclassified test images (``flag_harmful``, TRAK) and k random ones."""
+    from influence.flag import flag_harmful
+    from influence.query import Influence
+
+    tid, x, y = harmful_queries(args)
+    session = Influence.open(Path(args.work) / "stores" / f"lds_models_k{args.k}")
+    flags = flag_harmful(session, x, y, method="trak", top=max(HARM_K))
+    ids = np.array([f.train_id for f in flags])
+    rng = np.random.default_rng(1)
+    sets = {"test_ids": tid}
+    for k in HARM_K:
+        sets[f"remove/top{k}"] = ids[:k]
+        sets[f"remove/random{k}"] = np.sort(rng.choice(session.n_train, k, replace=False))
+    np.savez(args.removal, **sets)
+    log(f"{len(ids)} harmful ids for test images {tid.tolist()} -> {args.removal}")
+
+
+def stage_harmful_eval(args: argparse.Namespace) -> None:
+    """Fixed predictions (margin > 0) among the 20 after retraining without each set, per seed."""
+    plan = np.load(args.removal)
+    res = np.load(Path(args.models) / "removal.npz")
+    tid = plan["test_ids"]
+    for name in ["none"] + [f"{w}{k}" for k in HARM_K for w in ("top", "random")]:
+        seeds = sorted(k for k in res.files if k.startswith(f"remove/{name}/"))
+        fixed = [int((res[k][tid] > 0).sum()) for k in seeds]
+        drop = [float(res[k][tid].mean()) for k in seeds]
+        append(Path(args.results), {"stage": "harmful", "removed": name, "fixed_of_20_per_seed": fixed,
+                                    "mean_margin_per_seed": [round(v, 3) for v in drop]})
+
+
 # --------------------------------------------------------------------------------------------- local metrics
 def lds(scores: np.ndarray, masks: np.ndarray, actual: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
     """Linear datamodeling score (Park et al., 2023): mean over test points of Spearman(Σ_{i∈S} τ(i, t), margin_S(t))."""
@@ -270,7 +322,8 @@ def peak_in_patch(m: torch.Tensor, box: list[int]) -> tuple[float, float]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["export", "lds", "mislabel", "shortcut"])
+    p.add_argument("stage", choices=["export", "lds", "mislabel", "shortcut", "harmful-plan", "harmful-eval"])
+    p.add_argument("--removal", default="runs/cifar10/removal_plan.npz", help="harmful-plan's output")
     p.add_argument("--models", default="runs/cifar10_models", help="the trainer's --out folder")
     p.add_argument("--data-dir", default="runs/cifar10", help="scripts/cifar10_data.py's --dest")
     p.add_argument("--cifar2", default=None, help="CIFAR-2 folder (default DATA_DIR/cifar2)")
@@ -283,6 +336,7 @@ def main() -> int:
     p.add_argument("--methods", nargs="+", default=["tracin", "gradcos", "trak"])
     p.add_argument("--mis-ckpts", nargs="+", default=["ep24"])
     p.add_argument("--patches", nargs="+", default=list(PATCHES) + ["clean"])
+    p.add_argument("--seeds", type=int, nargs="+", default=list(SHORTCUT_SEEDS))
     p.add_argument("--queries", type=int, default=400)
     p.add_argument("--sample-queries", type=int, default=20)
     p.add_argument("--pixel-queries", type=int, default=3)
@@ -291,7 +345,8 @@ def main() -> int:
     args.cifar2 = args.cifar2 or str(Path(args.data_dir) / "cifar2")
     args.cifar10 = args.cifar10 or str(Path(args.data_dir) / "cifar10-jpg")
     torch.set_num_threads(1)
-    {"export": stage_export, "lds": stage_lds, "mislabel": stage_mislabel, "shortcut": stage_shortcut}[args.stage](args)
+    {"export": stage_export, "lds": stage_lds, "mislabel": stage_mislabel, "shortcut": stage_shortcut,
+     "harmful-plan": stage_harmful_plan, "harmful-eval": stage_harmful_eval}[args.stage](args)
     return 0
 
 

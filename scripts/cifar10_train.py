@@ -221,6 +221,10 @@ def state_arrays(sd: dict, prefix: str, half: bool = False) -> dict[str, np.ndar
 # --- jobs ----------------------------------------------------------------------------------------------------------
 def job_list(args: argparse.Namespace) -> list[dict]:
     jobs: list[dict] = []
+    if args.removal:  # harmful-example removal: retrain CIFAR-2 without each named id set, 3 seeds each
+        names = [k for k in np.load(args.removal).files if k.startswith("remove/")] + ["remove/none"]
+        jobs = [{"kind": "removal", "set": n, "seed": s, "id": i} for i, (n, s) in enumerate((n, s) for n in names for s in range(3))]
+        return jobs
     for s in range(args.full_models):
         jobs.append({"kind": "lds_full", "seed": s})
     for r in range(args.retrains):
@@ -302,6 +306,14 @@ def run_job(j: dict, d: dict, args: argparse.Namespace) -> dict:
             lp = logits_of(model, torch.from_numpy(xt).to(dev))
             out["patched_to_cls"] = np.float32((lp.argmax(1) == int(out["cls"])).float().mean())
         out.update(state_arrays(model.state_dict(), "final", half=True))
+    elif j["kind"] == "removal":
+        x, y = d["c2_x"], d["c2_y"]
+        drop = np.load(args.removal)[j["set"]] if j["set"] != "remove/none" else np.array([], dtype=np.int64)
+        keep = torch.from_numpy(np.setdiff1d(np.arange(len(x)), drop)).to(dev)
+        model, _ = train(x[keep], y[keep], width=W, epochs=E, seed=j["seed"])
+        lg = logits_of(model, d["c2_xt"])
+        out["margins"] = margins(lg, d["c2_yt"].cpu())
+        out["acc"] = np.float32((lg.argmax(1) == d["c2_yt"].cpu()).float().mean())
     elif j["kind"] == "resnet9":
         model, _ = train(d["all_x"], d["all_y"], width=64, epochs=args.resnet9_epochs, seed=0, batch=512, lr=0.1,
                          amp=dev.type == "cuda")
@@ -397,6 +409,10 @@ def pack(args: argparse.Namespace, jobs: list[dict], done: dict[int, str]) -> di
     if sc:
         np.savez(out / "shortcut.npz", **sc)
     summary["shortcut_runs"] = runs
+    rem = {f"{j['set']}/seed{j['seed']}": load(j)["margins"] for j in ok if j["kind"] == "removal"}
+    if rem:
+        np.savez(out / "removal.npz", **rem)
+        summary["removal_runs"] = len(rem)
     rj = [j for j in ok if j["kind"] == "resnet9"]
     if rj:
         r = load(rj[0])
@@ -419,6 +435,7 @@ def main() -> None:
     p.add_argument("--resnet9-epochs", type=int, default=12)
     p.add_argument("--deadline", type=float, default=300.0, help="seconds after which no new job starts")
     p.add_argument("--grace", type=float, default=90.0, help="seconds after the deadline before running jobs are killed")
+    p.add_argument("--removal", default="", help=".npz of id sets (remove/<name>) to retrain CIFAR-2 without")
     p.add_argument("--only", default="", help="comma-separated job ids to run (to finish an interrupted run)")
     p.add_argument("--tiny", type=int, default=0, help="keep only this many images per class (a smoke test)")
     p.add_argument("--cpu", action="store_true")
