@@ -106,7 +106,8 @@ class NarrowResNet9(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        out: torch.Tensor = self.net(x)
+        return out
 
 
 BUILTIN_MODELS: dict[str, Callable[[], nn.Module]] = {
