@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10_train import CIFAR2, FLIP_RATES, PATCHES, SHORTCUT_SEEDS, apply_patch, flip_labels, read_folder, shortcut_plan, subset_ids  # noqa: E402
+from influence.evaluation.cifar10 import CIFAR2, FLIP_RATES, PATCHES, SHORTCUT_SEEDS, apply_patch, flip_labels, read_folder, shortcut_plan, subset_ids
 
 SHA256 = "b59e4472a315c71d8417303786187aad293bc71d536412bf402ef132b0c54c91"
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.gz"

@@ -31,10 +31,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from cifar10_train import FLIP_RATES, PATCHES, SHORTCUT_SEEDS, patch_box  # noqa: E402
+from influence.evaluation.cifar10 import FLIP_RATES, PATCHES, SHORTCUT_SEEDS, patch_box
 
 MODEL = "resnet9-narrow"
 
@@ -160,7 +158,7 @@ def stage_shortcut(args: argparse.Namespace) -> None:
     from influence.shortcut import box_iou
     from influence.tfa import get_tfa
 
-    from cifar10_train import apply_patch
+    from influence.evaluation.cifar10 import apply_patch
 
     work = Path(args.work)
     test = ImageFolder(Path(args.cifar10) / "test")

@@ -19,14 +19,13 @@ Every model is a 10-way classifier (CIFAR-2 uses labels 0 = cat, 1 = dog of its 
 built-in names load the checkpoints as they are. Workers stop taking jobs after ``--deadline`` seconds and the
 finished results are packed into a few .npz files under ``--out``.
 
-    python scripts/cifar10_train.py --data data/cifar10-jpg --out runs/cifar10_models --workers 8
+    PYTHONPATH=. python scripts/cifar10_train.py --data data/cifar10-jpg --out runs/cifar10_models --workers 8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import sys
 import time
@@ -38,21 +37,11 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
-CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-CIFAR2 = ("cat", "dog")
-SUBSET_PER_CLASS = 1000
-FLIP_RATES = (0.1, 0.2)
-FOLDS = 4
-# name -> (size px, colour RGB in [0, 1] or "checker", top-left (x, y)); the checker patch sits at the image centre,
-# over the object's own texture rather than on the plainer border
-PATCHES: dict[str, tuple[int, object, tuple[int, int]]] = {
-    "red2-topleft": (2, (1.0, 0.0, 0.0), (2, 2)),
-    "green4-bottomright": (4, (0.0, 1.0, 0.0), (26, 26)),
-    "yellow6-topright": (6, (1.0, 1.0, 0.0), (24, 2)),
-    "checker4-centre": (4, "checker", (14, 14)),
-}
-SHORTCUT_SEEDS = (0, 1, 2)
-PATCH_FRACTION = 0.5
+from influence.evaluation.cifar10 import (  # the shared plan (numpy and pillow only)
+    CIFAR2, CLASSES, FLIP_RATES, FOLDS, PATCHES, SHORTCUT_SEEDS, SUBSET_PER_CLASS, apply_patch, flip_labels, read_folder,
+    shortcut_plan,
+    subset_ids,
+)
 
 
 # --- the models: the same module layout as influence.models (state-dict keys match the built-in names) -------------
@@ -89,61 +78,6 @@ class ResNet9(nn.Module):
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
-def read_folder(root: Path) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 N×3×32×32 images and labels of an image folder, in sorted class / sorted file order."""
-    from PIL import Image
-
-    xs, ys = [], []
-    for c, name in enumerate(sorted(p.name for p in root.iterdir() if p.is_dir())):
-        for f in sorted((root / name).iterdir()):
-            if f.suffix.lower() in (".jpg", ".jpeg", ".png"):
-                with Image.open(f) as im:
-                    xs.append(np.asarray(im.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1))
-                ys.append(c)
-    return np.stack(xs), np.asarray(ys, dtype=np.int64)
-
-
-def subset_ids(y: np.ndarray, per_class: int = SUBSET_PER_CLASS) -> np.ndarray:
-    """The first ``per_class`` images of each class: the 10,000-image subset."""
-    return np.concatenate([np.nonzero(y == c)[0][:per_class] for c in range(10)])
-
-
-def flip_labels(y: np.ndarray, rate: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Flip ``rate`` of the labels to a uniformly random other class; returns (noisy labels, flipped ids)."""
-    rng = np.random.default_rng(seed)
-    ids = np.sort(rng.choice(len(y), int(round(rate * len(y))), replace=False))
-    noisy = y.copy()
-    noisy[ids] = (y[ids] + rng.integers(1, 10, len(ids))) % 10
-    return noisy, ids
-
-
-def patch_box(name: str) -> tuple[int, int, int, int]:
-    size, _, (x0, y0) = PATCHES[name]
-    return x0, y0, x0 + size, y0 + size
-
-
-def apply_patch(x: np.ndarray, name: str) -> np.ndarray:
-    """A copy of uint8 N×3×32×32 images with the named patch planted."""
-    size, colour, _ = PATCHES[name]
-    x0, y0, x1, y1 = patch_box(name)
-    out = x.copy()
-    if colour == "checker":
-        yy, xx = np.mgrid[0:size, 0:size]
-        pattern = ((yy + xx) % 2 * 255).astype(np.uint8)
-        out[:, :, y0:y1, x0:x1] = pattern[None, None]
-    else:
-        out[:, :, y0:y1, x0:x1] = (np.asarray(colour) * 255).astype(np.uint8)[None, :, None, None]
-    return out
-
-
-def shortcut_plan(y: np.ndarray, name: str, seed: int) -> tuple[int, np.ndarray]:
-    """(shortcut class, ids of the training images to patch) for one patch and seed."""
-    cls = (list(PATCHES).index(name) * 3 + seed) % 10
-    rng = np.random.default_rng(1000 + seed)
-    members = np.nonzero(y == cls)[0]
-    return cls, np.sort(rng.choice(members, int(PATCH_FRACTION * len(members)), replace=False))
-
-
 # --- one training run ----------------------------------------------------------------------------------------------
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random 4-px reflect-padded crops and horizontal flips, per example, on the tensor's device."""
