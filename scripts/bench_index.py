@@ -209,7 +209,7 @@ def scale_configs(n: int, d: int, max_hnsw: int) -> list[tuple[str, list[dict[st
     nlist = 1024 if n > 2 * 10**5 else 256
     out = [
         (f"IVF{nlist},Flat", [{"nprobe": p} for p in (8, 16, 32, 64, 128)]),
-        (f"IVF{nlist},PQ{d // 8}", [{"nprobe": p, "rerank": r} for p in (32, 64) for r in (100, 500)]),
+        (f"IVF{nlist},PQ{d // 8}", [{"nprobe": p, "rerank": r} for p in (32, 64, 128) for r in (100, 500)]),
         ("HNSW32", [{"efSearch": e} for e in (64, 128, 256, 512)]),
     ]
     return [c for c in out if not (c[0].startswith("HNSW") and n > max_hnsw)]
@@ -261,7 +261,7 @@ def scale_one(
     (pro_s, pro_i), (opp_s, opp_i) = exact
     rows = []
     for params in variants:
-        search = {k: v for k, v in params.items() if k != "rerank"}
+        search: dict[str, Any] = {k: v for k, v in params.items() if k != "rerank"}
         for name, value in search.items():
             faiss.ParameterSpace().set_index_parameter(built.index, name, value)
         spec = dataclasses.replace(built.spec, rerank=params.get("rerank", 0), **search)
@@ -361,6 +361,8 @@ def run_scale(a: argparse.Namespace, argv: list[str] | None) -> str:
     print(scale_fmt(flat), flush=True)
     deadline = time.time() + a.child_timeout
     for factory, variants in scale_configs(n, model.dim, int(a.max_hnsw)):
+        if a.only and not factory.startswith(a.only):
+            continue
         out = run_forked(max(60.0, deadline - time.time()), x16, q, factory, variants, a.singles, exact)
         if isinstance(out, str):
             failed.append(f"- {factory}: {out}")
@@ -415,6 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--suite", choices=("default", "scale"), default="default",
                    help="scale: the N = 10^6 comparison (last --sizes value) on real held-out queries")
     p.add_argument("--query-features", help="(scale) held-out real query vectors (n, d) .npy")
+    p.add_argument("--only", help="(scale) run only the approximate indexes whose factory starts with this")
     p.add_argument("--exact-singles", type=int, default=10, help="(scale) single exact queries timed")
     p.add_argument("--child-timeout", type=float, default=3600, help="(scale) seconds for all approximate indexes together")
     p.add_argument("--out", help="write the markdown section here")
@@ -427,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
         print(doc)
         if a.out:
             Path(a.out).write_text(doc)
+        else:
+            write_section("bench_index_scale", doc, a.doc)
         return
     sizes = [int(float(s)) for s in a.sizes.split(",")]
     dims = [int(s) for s in a.dims.split(",")]
