@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,7 +31,8 @@ from influence.features.projectors import ProjectorKind
 from influence.flag import KINDS, mislabel_method, run_flags
 from influence.data import Preprocessing
 from influence.loading import load_checkpoint, load_image, load_model, parse_model_args, read_image
-from influence.pipeline import build
+from influence.index_check import DEFAULT_KS, check_indexes
+from influence.pipeline import StageTimer, build
 from influence.query import Influence, Influencer, QueryResult, TestData, describe_store
 from influence.repair import ACTIONS, MASK_SCOPES
 from influence.scoring import METHOD_NAMES
@@ -139,6 +141,8 @@ def _parser() -> _Parser:
     b.add_argument("--method", type=_methods, default=list(_default(build, "methods")),
                    help=f"methods to index (default: all of {','.join(methods)})")
     b.add_argument("--index", default=_default(build, "index_factory"), help="FAISS index factory string (default %(default)s: exact)")
+    b.add_argument("--rerank", type=int, default=_default(build, "rerank"),
+                   help="approximate --index only: shortlist re-ranked exactly from the store (default %(default)s; 0: none)")
     b.add_argument("--seed", type=int, default=_default(build, "seed"), help="projection seed")
     b.add_argument("--dtype", choices=_choices("dtype"), default=_default(build, "dtype"), help="feature storage type")
     b.add_argument("--trak-lambda", type=float, default=_default(build, "trak_lambda"),
@@ -152,7 +156,17 @@ def _parser() -> _Parser:
                    help="class names in the model's output order, comma-separated (default: the folder names, an .npz's "
                         "'classes' array, else 0..K-1)")
     _preprocessing_args(b, build=True)
-    b.add_argument("--json", action="store_true", help="print the store summary as JSON")
+    b.add_argument("--json", action="store_true", help="print the store summary, with seconds per build stage, as JSON")
+
+    c = sub.add_parser("index-check", help="recall@10/@50 of a store's approximate indexes against exact search")
+    c.add_argument("store")
+    c.add_argument("--data", default=None,
+                   help="DATA SPEC of query images, held-out test data preferably (default: the store's training data)")
+    c.add_argument("--queries", type=int, default=200, help="examples sampled from --data as queries (default %(default)s)")
+    c.add_argument("--method", type=_methods, default=None, help="methods to check (default: all the store has)")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed")
+    c.add_argument("--device", default=_default(Influence.open, "device"))
+    c.add_argument("--json", action="store_true")
 
     for name, helptext, api in (("query", "top proponents and opponents of test images", Influence.query),
                                 ("score", "the full (n_train, n_test) score matrix", Influence.scores)):
@@ -259,19 +273,47 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _process_seconds() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere): the start-up before a command runs."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
+    startup = _process_seconds()
+    timer = StageTimer()
     t0 = time.perf_counter()
     with writer_lock(args.out):  # taken before the model and data load: a second writer is refused at once
         path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
                      params=args.params, lr_weights=args.lr_weights, batch_size=args.batch_size, methods=args.method,
                      index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows,
                      trak_lambda=args.trak_lambda, device=args.device, progress=not args.json,
-                     preprocessing=_preprocessing(args), classes=args.classes, model_args=parse_model_args(args.model_arg))
-    info = describe_store(path) | {"seconds": round(time.perf_counter() - t0, 2)}
+                     preprocessing=_preprocessing(args), classes=args.classes, model_args=parse_model_args(args.model_arg),
+                     rerank=args.rerank, timer=timer)
+    stages = ({"startup": startup} if startup is not None else {}) | timer.seconds
+    info = describe_store(path) | {"seconds": round(time.perf_counter() - t0, 2),
+                                   "stages": {k: round(v, 3) for k, v in stages.items()}}
     classes = info["classes"] or []
     _emit(info, args.json, f"store {info['path']}: {info['n']} examples × {len(info['checkpoints'])} checkpoints, "
                            f"k={info['k']}, {len(classes)} classes ({', '.join(classes[:10])}{' ...' if len(classes) > 10 else ''}), "
-                           f"status {info['status']} ({info['seconds']} s)")
+                           f"status {info['status']} ({info['seconds']} s)\n"
+                           f"stages (s): {', '.join(f'{k} {v:.2f}' for k, v in info['stages'].items())}")
+    return 0
+
+
+def _cmd_index_check(args: argparse.Namespace) -> int:
+    session = Influence.open(args.store, device=args.device)
+    spec = args.data if args.data is not None else session.store.attrs.get("data_spec")
+    if spec is None:
+        raise BadSpecError(f"store {args.store} records no data spec (built from in-memory data); pass --data")
+    results = check_indexes(session, session.test_data(spec), queries=args.queries, methods=args.method, seed=args.seed)
+    doc = {"store": str(args.store), "data": str(spec), "ks": list(DEFAULT_KS), "indexes": [r.to_json() for r in results]}
+    text = "\n".join(r.line() for r in results) or "every index of this store is exact (Flat): nothing to check"
+    _emit(doc, args.json, text)
     return 0
 
 
@@ -537,6 +579,7 @@ COMMANDS = {
     "demo": _cmd_demo, "build": _cmd_build, "query": _cmd_query, "score": _cmd_score,
     "self-influence": _cmd_self_influence, "info": _cmd_info, "verify": _cmd_verify, "attribute": _cmd_attribute,
     "explain": _cmd_explain, "flag": _cmd_flag, "repair": _cmd_repair,
+    "index-check": _cmd_index_check,
 }
 
 

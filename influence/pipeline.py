@@ -12,6 +12,8 @@ import hashlib
 import json
 import logging
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -38,6 +40,37 @@ TRAIN_SAMPLE = 50_000  # vectors used to train an approximate index
 RERANK = 256  # an approximate index's shortlist, re-ranked exactly from the store
 NPROBE = 32  # IVF lists searched (FAISS's default of 1 misses most neighbours of gradient features)
 EF_SEARCH = 256  # HNSW search depth
+
+# build stages, as StageTimer names them (``influence build --json`` prints them under "stages")
+LOAD = "model_and_data_load"  # model, data, checkpoint checks and loads, fingerprints
+READ = "data_read"  # reading and checking each batch of images
+GRADIENTS = "gradients_and_projection"  # per-example gradients, projected layer by layer as they are produced
+WRITES = "writes"  # store chunks, columns and status
+TRAK_SOLVE = "trak_solve"  # TRAK's (ΦᵀΦ + λI)⁻¹ per checkpoint, then its cached self-influence
+SELF_INFLUENCE = "self_influence"  # the other methods' cached self-influence
+INDEXES = "indexes"  # approximate FAISS indexes (exact search builds none)
+
+
+@dataclass
+class StageTimer:
+    """Wall-clock seconds per build stage, summed over its repeats, in the order stages first ran.
+
+    ``lap(name)`` charges the time since the previous lap to ``name``, so interleaved stages (read a batch,
+    featurize it, write the chunk) are timed without nesting. Passed in by the caller (``influence build --json``
+    prints it): the build keeps no timing state of its own.
+    """
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    _last: float = field(default_factory=time.perf_counter, init=False, repr=False)
+
+    def reset(self) -> None:
+        """Start the next lap now (time before it is charged to no stage)."""
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
 
 
 def _spec_string(spec: object) -> str | None:
@@ -101,12 +134,17 @@ def build(
     preprocessing: Preprocessing | None = None,
     classes: Sequence[str] | None = None,
     model_args: dict[str, Any] | None = None,
+    rerank: int = RERANK,
+    timer: StageTimer | None = None,
 ) -> Path:
     """Build (or resume, or extend with new checkpoints) the store at ``out``; returns its path.
 
     ``preprocessing`` turns every training image into a model input and is recorded, so queries repeat it.
     ``classes`` names the model's outputs in order (default: the data's own names, else "0".."K-1"); an image
     folder's sub-folders are mapped to them by name. ``model_args`` are the model factory's keyword arguments.
+    ``rerank`` is an approximate index's shortlist, re-ranked exactly from the store (0: none). ``timer``, when
+    given, receives the seconds spent per stage (model and data load, data reads, per-example gradients with their
+    projection, writes, TRAK solve, self-influence, indexes).
     """
     methods = list(dict.fromkeys(methods))
     for m in methods:
@@ -120,8 +158,12 @@ def build(
         raise BadSpecError(f"--lr-weights must be positive and finite, got {lr_weights}")
     if batch_size < 1:
         raise BadSpecError(f"--batch-size must be positive, got {batch_size}")
+    if isinstance(rerank, bool) or not isinstance(rerank, int) or rerank < 0:
+        raise BadSpecError(f"--rerank must be a non-negative integer, got {rerank!r}")
     if dtype not in FEATURE_DTYPES:
         raise BadSpecError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}, got {dtype}")
+    clock = timer if timer is not None else StageTimer()
+    clock.reset()
     trak = TrakSpec(float(trak_lambda))
     task = task or ClassificationTask()
     device = torch.device(device)
@@ -169,6 +211,7 @@ def build(
     for c in checkpoints:  # a missing, unreadable or mismatched checkpoint fails before the store is created,
         load_checkpoint(net, c)  # so the corrected command does not meet a half-made store of another model
     _check_resume(Path(out), spec, manifest, records)
+    clock.lap(LOAD)
 
     with FeatureStore.open_for_write(out, manifest) as store:
         store.ensure_labels()
@@ -193,37 +236,52 @@ def build(
                     stored = store.checkpoints[int(ckpt[1:])]
                     load_checkpoint(net, stored["path"], expected_sha256=stored["sha256"]).to(device)
                     current = ckpt
+                    clock.lap(LOAD)
                 start, stop = store.chunk_rows(int(chunk))
                 parts: list[dict[str, np.ndarray]] = []
                 labels = []
                 for b in range(start, stop, batch_size):
                     x, y = batch_of(dataset, b, min(stop, b + batch_size))
                     _check_batch(x, y, x0.shape[1:], num_classes, b)
+                    clock.lap(READ)
                     parts.append(featurize_batch(net, task, names, proj, x.to(device), y.to(device)))
                     labels.append(y.numpy())
                     bar.update(len(y))
+                    clock.lap(GRADIENTS)
                 cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
                 feats = cols.pop("features")
                 if dtype == "float16" and not np.isfinite(feats.astype(np.float16)).all():
                     raise NonFiniteError("gradient features overflow float16 (|value| > 65504); rebuild with --dtype float32 and a new --out")
                 store.write_chunk(ckpt, int(chunk), feats, np.concatenate(labels), **cols)
+                clock.lap(WRITES)
         finally:
             bar.close()
+        clock.lap(WRITES)  # store setup before the loop, and closing the bar
 
         # TRAK's inverses, cached self-influence, approximate indexes: seconds to minutes, so a bar of its own
         with tqdm(total=2 * len(methods), desc="index", unit="step", disable=None if progress else True, file=None) as bar:
             for m in methods:
                 get_method(m).prepare(store, trak)
                 bar.update()
+                clock.lap(TRAK_SOLVE if m == "trak" else SELF_INFLUENCE)
 
             indexes = dict(store.attrs.get("indexes", {}))
             for m in methods:
-                if not (m in indexes and indexes[m].get("factory") == index_factory):
-                    indexes[m] = build_method_index(store, m, index_factory, seed=seed)
+                if not (m in indexes and _same_index(indexes[m], index_factory, rerank)):
+                    indexes[m] = build_method_index(store, m, index_factory, seed=seed, rerank=rerank)
                     store.set_attrs(indexes=indexes)
                 bar.update()
+                clock.lap(INDEXES)
         store.mark_complete()
+        clock.lap(WRITES)
         return Path(out)
+
+
+def _same_index(record: dict[str, Any], factory: str, rerank: int) -> bool:
+    """A stored index can be kept: same factory and (approximate ones) the same re-rank shortlist."""
+    if record.get("factory") != factory:
+        return False
+    return factory == EXACT or record.get("spec", {}).get("rerank") == rerank
 
 
 PATHS_FILE = "train_paths.json"
@@ -288,7 +346,9 @@ def _check_checkpoints(out: Path, known: list[dict[str, Any]], records: list[dic
         )
 
 
-def build_method_index(store: FeatureStore, method: str, factory: str = "Flat", seed: int = 0) -> dict[str, Any]:
+def build_method_index(
+    store: FeatureStore, method: str, factory: str = "Flat", seed: int = 0, rerank: int = RERANK,
+) -> dict[str, Any]:
     """Stream a method's train vectors into a FAISS index, save it atomically, return its record.
 
     The exact default ("Flat") builds nothing: queries scan the store's own rows (``index.search.ExactScan``),
@@ -307,7 +367,7 @@ def build_method_index(store: FeatureStore, method: str, factory: str = "Flat", 
             parts.append(scorer.train_vectors(s, e)[rows])
     sample = np.concatenate(parts)
     index = build_index((scorer.train_vectors(s, e) for s, e in store.iter_chunks()), dim=scorer.dim,
-                        factory=factory, train_sample=sample, rerank=RERANK,
+                        factory=factory, train_sample=sample, rerank=rerank,
                         nprobe=NPROBE if "IVF" in factory else None, efSearch=EF_SEARCH if "HNSW" in factory else None)
     record = save_index(index, store.index_dir / f"{method}.index")
     record["factory"] = factory

@@ -22,6 +22,8 @@ def test_report_keeps_the_host_backend(tmp_path):
         from influence.report import write_report
         shortcut = {"class": 7, "box": [1, 1, 3, 3], "train_ids": [4, 9], "score": 0.9}
         write_report(sys.argv[1], [], flags={"shortcuts": [shortcut]}, shortcut_images={0: torch.rand(2, 1, 8, 8)})
+        from influence.attribution._render import save_overlay  # what `influence attribute` draws with
+        save_overlay(torch.rand(1, 8, 8), torch.randn(1, 8, 8), sys.argv[1] + "/overlay.png")
         print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
         """
     )
@@ -32,4 +34,5 @@ def test_report_keeps_the_host_backend(tmp_path):
     assert out.stdout.split() == ["svg", "False"]
     assert (tmp_path / "shortcut_00.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<img src='shortcut_00.png'" in (tmp_path / "index.html").read_text()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["explanations.json", "index.html", "shortcut_00.png"]
+    assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["explanations.json", "index.html", "overlay.png", "shortcut_00.png"]

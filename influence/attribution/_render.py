@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from index.atomic import atomic_write
 from influence.errors import BadDataError
 
 
@@ -20,10 +21,7 @@ def _check_pair(image: torch.Tensor, attribution: torch.Tensor) -> None:
 def save_overlay(image: torch.Tensor, attribution: torch.Tensor, path: str | Path, signed: bool | None = None) -> Path:
     """Save the image beside the map overlaid on it. ``signed=None`` decides from the map's values:
     signed maps use 'bwr' centred at 0, non-negative ones 'inferno'."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # a plain Figure: no pyplot, no change to the host program's backend
 
     _check_pair(image, attribution)
     img = image.detach().float().cpu()
@@ -38,7 +36,8 @@ def save_overlay(image: torch.Tensor, attribution: torch.Tensor, path: str | Pat
         style = {"cmap": "inferno", "vmin": 0.0, "vmax": float(heat.max()) or 1.0}
     shown = img[0] if img.shape[0] == 1 else img.permute(1, 2, 0)
     cmap = "gray" if img.shape[0] == 1 else None
-    fig, axes = plt.subplots(1, 2, figsize=(6, 3))
+    fig = Figure(figsize=(6, 3))
+    axes = fig.subplots(1, 2)
     axes[0].imshow(shown, cmap=cmap)
     axes[0].set_title("input")
     axes[1].imshow(shown, cmap=cmap)
@@ -48,8 +47,8 @@ def save_overlay(image: torch.Tensor, attribution: torch.Tensor, path: str | Pat
         ax.axis("off")
     fig.colorbar(mappable, ax=axes[1], fraction=0.046)
     out = Path(path)
-    fig.savefig(out, bbox_inches="tight", dpi=100)
-    plt.close(fig)
+    with atomic_write(out) as f:  # a whole file or none, like every other file the toolkit writes
+        fig.savefig(f, format=out.suffix.lstrip(".").lower() or "png", bbox_inches="tight", dpi=100)
     return out
 
 
