@@ -142,7 +142,8 @@ def test_readme_python_section_uses_only_exported_names():
     assert used and not used - result_fields, f"README names QueryResult fields {sorted(used - result_fields)}"
 
     keywords = set(re.findall(r"\b(\w+)=", section))
-    accepted = {p for fn in (influence.build, influence.Influence.open, influence.Influence.query, influence.Influence.scores)
+    accepted = {p for fn in (influence.build, influence.Influence.open, influence.Influence.query, influence.Influence.scores,
+                                influence.Recipe, influence.exact_scores)
                 for p in inspect.signature(fn).parameters}
     assert keywords and not keywords - accepted, f"README passes unknown keywords {sorted(keywords - accepted)}"
 
