@@ -1,23 +1,7 @@
-"""The exact-mode study behind scripts/eval_exact.py: Exact mode (metagradients) against TRAK / TracIn / Grad-Cos: same-seed small-drop LDS, half-subset LDS, removal.
-
-One recipe (``Recipe(model="digits-mlp", epochs=10)``: SGD, momentum 0.9, weight decay
-5e-4, lr 0.05 decayed linearly per epoch, batch 64, seed 0, as ``train_classifier(epochs=10)``)
-is trained once with 10 checkpoints. Exact-mode scores come from replaying that run
-(``influence.exact.metagradient``); the baselines are ``influence.build`` +
-``Influence.scores`` on the same run's checkpoints (the final one alone, and all ten).
-Ground truth: ``--retrains`` retrains of the same recipe with a random 1–5% of the
-training set weighted 0 (same seed, same data order, same batches). LDS = mean over
-test points of Spearman(−Σ_{i∈S} score_i, actual margin change); see influence/evaluation/exact_lds.py.
-
-    python scripts/eval_exact.py --retrains 100 --test-points 60      # cached in runs/exact_cache/<variant>/
-    python scripts/eval_exact.py --dtype float64 --no-baselines       # an ablation: exact mode only
-    python scripts/eval_exact.py --model digits-cnn                    # BatchNorm CNN; fashion-mlp: 5,000 Fashion-MNIST
-    python scripts/eval_exact.py --half-subset 100                     # half-subset LDS of the cached scores
-    python scripts/eval_exact.py --removal --model fashion-mlp         # drop top-k proponents of misclassifications
-    python scripts/eval_exact.py --scaling 2,5,10,20                   # cost and peak memory against T
-    python scripts/eval_exact.py --report                              # rewrite the docs section only
-
-Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` (``apt-get install -y dataset-fashion-mnist``).
+"""The exact-mode study behind scripts/eval_exact.py (its docstring lists the runs): exact mode
+(``influence.exact.metagradient``) against TRAK / TracIn / Grad-Cos from ``influence.build`` + ``Influence.scores``
+on the same recipe's checkpoints, judged by the same-seed small-drop LDS (``influence.evaluation.exact_lds``), the
+half-subset LDS and removal; plus cost and peak memory against the number of steps T.
 """
 
 from __future__ import annotations
