@@ -6,7 +6,6 @@ half-subset LDS and removal; plus cost and peak memory against the number of ste
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
