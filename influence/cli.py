@@ -503,7 +503,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     for e in found:
         r = e.result
         true = f", true {r.label_name}" if r.label_name is not None else ""
-        print(f"{_head(r, args.image or 'image')}: predicted {r.predicted_name}{true}; explaining class {r.target_name} (p={r.probability:.3f})")
+        how = "; influencers exact (replayed training)" if r.exact else ""
+        print(f"{_head(r, args.image or 'image')}: predicted {r.predicted_name}{true}; explaining class {r.target_name} (p={r.probability:.3f}){how}")
         sim = ("~", e.similar) if e.similar_method else ("~", [])
         for side, items in (("+", r.proponents), ("-", r.opponents), sim):
             for p in items:

@@ -419,7 +419,7 @@ def _recipe_model_name(recipe: Recipe) -> str:
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
