@@ -34,6 +34,7 @@ from influence.loading import load_checkpoint, load_image, load_model, parse_mod
 from influence.index_check import DEFAULT_KS, check_indexes
 from influence.pipeline import StageTimer, build
 from influence.query import Influence, Influencer, QueryResult, TestData, describe_store
+from influence.recipe import Recipe
 from influence.repair import ACTIONS, MASK_SCOPES
 from influence.scoring import METHOD_NAMES
 from influence.tfa import DEFAULT_TFA, TFA_METHODS
@@ -218,6 +219,9 @@ def _parser() -> _Parser:
     e.add_argument("--tfa", default=_default(explain, "tfa"), choices=tfas, help=f"map on training images (default {DEFAULT_TFA}, the measured best)")
     e.add_argument("--out", default=None, help="folder for an HTML report with PNG figures")
     e.add_argument("--flags", default=None, help="`influence flag --json` output: the report's summary shows its mislabels and shortcuts")
+    e.add_argument("--exact", action="store_true",
+                   help="proponents and opponents from exact mode: replay --recipe's training (about 3-4 training runs; slow)")
+    e.add_argument("--recipe", default=None, help="RECIPE.json saved beside the checkpoints by Recipe.train (needed by --exact)")
     e.add_argument("--json", action="store_true")
 
     f = sub.add_parser("flag", help="likely mislabels, net-harmful training examples and patch shortcuts")
@@ -466,6 +470,11 @@ def _size(text: str) -> tuple[int, int]:
 def _cmd_explain(args: argparse.Namespace) -> int:
     from influence.report import write_report  # matplotlib: loaded only when a report is asked for
 
+    if args.exact and not args.recipe:
+        raise BadSpecError("--exact needs --recipe RECIPE.json (the recipe.json that Recipe.train saved beside the checkpoints)")
+    if args.recipe and not args.exact:
+        raise BadSpecError(f"--recipe {args.recipe} is used only with --exact; add --exact or drop --recipe")
+    recipe = Recipe.load(args.recipe) if args.exact else None
     session = Influence.open(args.store)
     data = _queries(args, session)
     x, labels, ids, paths = data.x, _labels(data), data.ids or None, data.paths
@@ -477,7 +486,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         paths = None if paths is None else [paths[i] for i in wrong]
     flags = _read_flags(args.flags, session) if args.flags else None
     found = explain(session, x, targets=_targets(args.target, labels, len(x), session), labels=labels, test_ids=ids, k=args.k,
-                    method=args.method, attribution=args.attribution, tfa=args.tfa, progress=not args.json)
+                    method=args.method, attribution=args.attribution, tfa=args.tfa, progress=not args.json,
+                    exact_recipe=recipe)
     if paths is not None:  # explain() queries without paths; the results are ours to annotate
         for e, path in zip(found, paths):
             e.result.test_path = path
@@ -493,7 +503,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     for e in found:
         r = e.result
         true = f", true {r.label_name}" if r.label_name is not None else ""
-        print(f"{_head(r, args.image or 'image')}: predicted {r.predicted_name}{true}; explaining class {r.target_name} (p={r.probability:.3f})")
+        how = "; influencers exact (replayed training)" if r.exact else ""
+        print(f"{_head(r, args.image or 'image')}: predicted {r.predicted_name}{true}; explaining class {r.target_name} (p={r.probability:.3f}){how}")
         sim = ("~", e.similar) if e.similar_method else ("~", [])
         for side, items in (("+", r.proponents), ("-", r.opponents), sim):
             for p in items:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -58,8 +58,12 @@ def metagradient(
     *,
     checkpoint_every: int | None = None,
     device: str | torch.device = "cpu",
+    on_step: Callable[[], None] | None = None,
 ) -> Replay:
-    """Exact-mode scores for a batch of test points (the reverse pass is vmapped over them)."""
+    """Exact-mode scores for a batch of test points (the reverse pass is vmapped over them).
+
+    ``on_step``: called after each forward step and each reverse step (2·T calls in all), e.g. to advance a bar.
+    """
     if checkpoint_every is not None and (
             isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 1):
         raise BadSpecError(f"checkpoint_every must be a positive int (or None for √T), got {checkpoint_every!r}")
@@ -87,6 +91,8 @@ def metagradient(
         state = run.step(state, t)
         if (t + 1) % K == 0 and t + 1 < T:
             saved[t + 1] = state
+        if on_step is not None:
+            on_step()
     states_saved = len(saved) + 1
     peak = states_saved
     step_evals = T
@@ -119,6 +125,8 @@ def metagradient(
             _, pullback = torch.func.vjp(lambda s_, w_, t=t: run.step_with(s_, w_, t), s, run.weights[idx])  # type: ignore[misc]
             cot, cot_w = torch.func.vmap(pullback)(cot)
             scores.index_add_(0, idx.to(run.device), cot_w.T)
+            if on_step is not None:
+                on_step()
     return Replay(
         scores=scores.detach().cpu().numpy(), margins=margins.detach().cpu().numpy(), steps=T, checkpoint_every=K,
         states_saved=states_saved, peak_states=peak, step_evals=step_evals,

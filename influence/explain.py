@@ -7,7 +7,7 @@ on them), plus warnings on the influencers such as "likely mislabelled".
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -17,6 +17,7 @@ from tqdm import tqdm
 from influence._inputs import as_batch
 from influence.errors import BadSpecError
 from influence.query import Influence, Influencer, QueryResult
+from influence.recipe import Recipe
 
 DEFAULT_ATTRIBUTION = "integrated_gradients"
 MISLABEL_QUANTILE = 0.9
@@ -80,6 +81,7 @@ def explain(
     session: Influence, inputs: torch.Tensor, *, targets: Sequence[int] | None = None, labels: Sequence[int] | None = None,
     test_ids: Sequence[int] | None = None, k: int = 5, method: str = "auto",
     attribution: str = DEFAULT_ATTRIBUTION, tfa: str | None = None, progress: bool = True,
+    exact_recipe: Recipe | None = None,
 ) -> list[Explanation]:
     """Explain each input: top-``k`` proponents and opponents with TFA maps, a pixel map, and flags.
 
@@ -90,6 +92,8 @@ def explain(
     images where TracIn cannot (their loss is near zero): 745 patched images among 795 for 159 patched failures,
     against 0 for TracIn and TRAK. A store without one of the two methods falls back to what it has.
     Any other ``method`` lists proponents and opponents by that method only.
+    ``exact_recipe``: the recipe that trained the store's checkpoints; proponents and opponents then come from
+    exact mode (:meth:`Influence.exact_scores`, replayed training) instead of the store, marked ``exact``.
     ``progress``: a bar over the inputs on stderr, shown only when stderr is a terminal.
     """
     from influence.attribution import run_attribute
@@ -101,6 +105,8 @@ def explain(
     x = as_batch(inputs, session.input_shape, single=True).float()
     main, alt = auto_methods(session) if method == "auto" else (method, None)
     results = session.query(x, targets, k=k, method=main, labels=labels, test_ids=test_ids)
+    if exact_recipe is not None:
+        results = exact_results(session, x, results, k, exact_recipe, progress=progress)
     similar = ([r.proponents for r in session.query(x, [r.target for r in results], k=k, method=alt)] if alt
                else [[] for _ in results])
     model = session.model_at(-1)  # this call's own copy of the final checkpoint: nothing else touches it
@@ -124,6 +130,31 @@ def explain(
             result=r, image=xi.cpu(), pixel_map=pixel_map.detach().cpu(),
             tfa_maps=tfa_maps, train_images=train_images,
             flags=influencer_flags(session, ids), attribution=attribution, tfa=tfa, similar=sim, similar_method=alt or "",
+        ))
+    return out
+
+
+def exact_results(
+    session: Influence, x: torch.Tensor, results: list[QueryResult], k: int, recipe: Recipe, *, progress: bool = True,
+) -> list[QueryResult]:
+    """``results`` with proponents (top-``k`` exact scores for the target) and opponents (bottom-``k`` for the
+    opponents' target) from one replay of ``recipe``; the classes asked about stay those of the fast query."""
+    differ = [r for r, q in enumerate(results) if q.opponents_target != q.target]
+    cols = torch.cat([x, x[differ]]) if differ else x
+    col_targets = [q.target for q in results] + [results[r].opponents_target for r in differ]
+    scores = session.exact_scores(cols, col_targets, recipe=recipe, progress=progress)
+    opp_col = {r: len(results) + j for j, r in enumerate(differ)}
+    labels = session.training_labels()
+    k = min(k, scores.shape[0])
+    out = []
+    for r, q in enumerate(results):
+        pro, opp = scores[:, r], scores[:, opp_col.get(r, r)]
+        top = np.argsort(-pro, kind="stable")[:k]
+        bottom = np.argsort(opp, kind="stable")[:k]
+        out.append(replace(
+            q, method="exact", exact=True, search_ms=0.0,
+            proponents=[session._influencer(int(i), float(pro[i]), labels) for i in top],
+            opponents=[session._influencer(int(i), float(opp[i]), labels) for i in bottom],
         ))
     return out
 

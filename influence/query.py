@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from influence.features import ProjectorSpec, Task, make_projector
 from influence.features.encoder import Checkpoint, QueryEncoder
 from influence.features.specs import resolve_task
 from influence.loading import load_checkpoint, load_data, load_model, model_fingerprint
+from influence.recipe import Recipe
 from influence.scoring import ScoringMethod, get_method
 
 
@@ -71,6 +73,7 @@ class QueryResult:
     opponents_target_name: str = ""
     label_name: str | None = None
     test_path: str | None = None
+    exact: bool = False  # scores from replaying training (Influence.exact_scores), not from the store's features
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -347,6 +350,47 @@ class Influence:
                 bar.update(e - s)
         return out
 
+    def exact_scores(
+        self, inputs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None = None, *, recipe: Recipe,
+        progress: bool = True,
+    ) -> np.ndarray:
+        """Exact-mode scores d margin_target / d w_i, (n_train, n_test) float32, by replaying ``recipe``'s training.
+
+        The recipe is trained on the store's own training rows (its data spec, in store order), so the answer is
+        the true derivative for the run that made the checkpoints when ``recipe`` describes that run. It costs
+        about 3–4 training runs for the whole batch; the estimate is printed to stderr before starting.
+        ``targets`` default to the predicted classes. ``progress``: a bar over the replayed steps on stderr, shown
+        only when stderr is a terminal.
+        """
+        from influence.exact import metagradient
+        from influence.recipe import prepare
+
+        fingerprint = model_fingerprint(recipe.build_model().to(torch.float32))
+        if fingerprint != self.store.attrs["model_fingerprint"]:
+            raise BadSpecError(
+                f"recipe model {_recipe_model_name(recipe)!r} (fingerprint {fingerprint}) is not the store's model "
+                f"{self.model_spec!r} (fingerprint {self.store.attrs['model_fingerprint']}); give the recipe that trained this store's checkpoints"
+            )
+        x = self._as_batch(inputs)
+        t = self._targets(self.predict(x), targets)
+        self.training_examples([])  # loads the store's training data once and checks its length
+        data = self._train_data
+        _, run = prepare(recipe, data, None, self.device)
+        steps = len(run.steps)
+        timed = min(steps, 3)
+        state = run.initial_state()
+        start = time.perf_counter()
+        for s in range(timed):
+            state = run.step(state, s)
+        per_step = (time.perf_counter() - start) / max(1, timed)
+        del state, run
+        # forward pass + recomputation + second-order vjp (about two steps' work) per step
+        print(f"exact: replaying {steps} training steps for {len(x)} test point(s) on {len(data)} examples; "
+              f"expected about {_duration(4 * steps * per_step)}", file=sys.stderr)
+        with tqdm(total=2 * steps, desc="exact (replay)", unit="step", disable=None if progress else True) as bar:
+            replay = metagradient(recipe, data, x, t, device=self.device, on_step=lambda: bar.update(1))
+        return replay.scores.astype(np.float32)
+
     def self_influence(self, method: str = "tracin", *, progress: bool = True) -> np.ndarray:
         """S(i, i) of every training example, (N,) float32: the store's cache, or one pass over it for older stores."""
         if method not in self._self_influence:
@@ -367,6 +411,15 @@ class Influence:
             return torch.empty(0, *self.input_shape), torch.empty(0, dtype=torch.long)
         subset = index_subset(dataset, [int(i) for i in ids])
         return batch_of(subset, 0, len(subset))
+
+
+def _recipe_model_name(recipe: Recipe) -> str:
+    m = recipe.model
+    return m if isinstance(m, str) else f"{getattr(m, '__module__', '?')}:{getattr(m, '__qualname__', repr(m))}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.2g} s" if seconds < 10 else f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -54,6 +54,10 @@ def _overlay(ax: Any, image: torch.Tensor, m: torch.Tensor | None, title: str, b
     ax.axis("off")
 
 
+EXACT_MARK = "exact (replayed training)"
+"""How the report labels influencers from exact mode (Influence.exact_scores) rather than the store's features."""
+
+
 def _save(fig: Figure, path: Path) -> None:
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=150, bbox_inches="tight")
@@ -62,8 +66,9 @@ def _save(fig: Figure, path: Path) -> None:
 def explanation_figure(e: Explanation, path: Path) -> None:
     """Test image with its pixel map, then proponents, opponents and (method "auto") Grad-Cos-similar rows with TFA overlays."""
     r = e.result
-    rows = [(f"proponents of {_name(r.target_name, r.target)}\n({r.method})", r.proponents),
-            (f"opponents of {_name(r.opponents_target_name, r.opponents_target)}\n({r.method})", r.opponents)]
+    how = EXACT_MARK if r.exact else r.method
+    rows = [(f"proponents of {_name(r.target_name, r.target)}\n({how})", r.proponents),
+            (f"opponents of {_name(r.opponents_target_name, r.opponents_target)}\n({how})", r.opponents)]
     if e.similar_method:
         rows.append((f"similar, for {_name(r.target_name, r.target)}\n({e.similar_method})", e.similar))
     k = max(max(len(items) for _, items in rows), 1)
@@ -163,6 +168,7 @@ def write_report(
         head = f"Test {r.test_id}" if r.test_id is not None else f"Image {n}"
         head += f" ({r.test_path})" if r.test_path else ""
         true = f", true label {_name(r.label_name, r.label)}" if r.label is not None else ""
+        true += f"; influencers {EXACT_MARK}" if r.exact else ""
         parts.append(f"<h2 id='explain-{n}'>{html.escape(head)}: predicted {html.escape(_name(r.predicted_name, r.predicted))} (p={r.probability:.2f})"
                      f"{html.escape(true)}</h2><img src='{name}' alt='{html.escape(head)}'>")
         parts.append(_influencer_table(e))
