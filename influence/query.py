@@ -33,6 +33,7 @@ from influence.features import ProjectorSpec, Task, make_projector
 from influence.features.encoder import Checkpoint, QueryEncoder
 from influence.features.specs import resolve_task
 from influence.loading import load_checkpoint, load_data, load_model, model_fingerprint
+from influence.models import BUILTIN_MODELS
 from influence.scoring import ScoringMethod, get_method
 
 
@@ -116,14 +117,24 @@ class Influence:
     @classmethod
     def open(
         cls, path: str | os.PathLike[str], model: str | nn.Module | None = None, device: str | torch.device = "cpu", *,
-        task: Task | None = None,
+        task: Task | None = None, trust_store: bool = False,
     ) -> "Influence":
-        """Open a complete store; a store built with a custom ``Task`` needs an instance of it as ``task``."""
+        """Open a complete store; a store built with a custom ``Task`` needs an instance of it as ``task``.
+
+        A store is data, never code: the model spec it records is imported only when it names a built-in model or
+        the caller opts in with ``trust_store=True`` (as ``trust_remote_code`` in Hugging Face); otherwise pass the
+        model yourself as ``model=`` (a spec or a module). The recorded factory arguments are reused either way.
+        """
         store = FeatureStore.open(path)
         attrs = store.attrs
         spec = model if model is not None else attrs.get("model_spec")
         if spec is None:
             raise BadSpecError(f"store {path} was built from an in-memory model; pass model= to open it")
+        if model is None and not trust_store and spec not in BUILTIN_MODELS:
+            raise BadSpecError(
+                f"store {path} records model spec {spec!r}, which is code and is not imported unless you ask: name the "
+                f"model yourself (--model SPEC, model=) or, if you trust this store, add --trust-store (trust_store=True)"
+            )
         net = load_model(spec, attrs.get("model_args")).to(device).eval()
         if model_fingerprint(net) != attrs["model_fingerprint"]:
             raise StoreMismatchError(
