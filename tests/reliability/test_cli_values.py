@@ -90,3 +90,44 @@ def test_other_os_errors_stay_bugs(store, tmp_path, monkeypatch):
     monkeypatch.setattr(np, "save", broken)
     with pytest.raises(OSError, match="simulated I/O"):
         main(["self-influence", str(store), "--trust-store", "--method", "tracin", "--out", str(tmp_path / "s.npy")])
+
+
+def test_full_disk_during_build_then_same_command_resumes(digits, tmp_path, monkeypatch, capsys):
+    """A build stopped by ENOSPC mid-store is exit 2, one line naming the store; the same command then completes it."""
+    import torch
+
+    from index.store import FeatureStore
+    from influence.models import DigitsMLP
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "mlp.pt"
+    torch.save(DigitsMLP(hidden=8).state_dict(), ckpt)
+    out = tmp_path / "store"
+    argv = ["build", "--model", "digits-mlp", "--model-arg", "hidden=8", "--data", str(digits.train_npz),
+            "--checkpoint", str(ckpt), "--out", str(out), "--proj-dim", "32", "--method", "tracin",
+            "--batch-size", "32", "--chunk-rows", "64"]
+    write_chunk = FeatureStore.write_chunk
+    calls = []
+
+    def fills_up(self, *args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_chunk(self, *args, **kwargs)
+
+    monkeypatch.setattr(FeatureStore, "write_chunk", fills_up)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[-1], err
+    assert str(out) in err[0] and "free some space" in err[0]
+    monkeypatch.setattr(FeatureStore, "write_chunk", write_chunk)
+    assert main(argv) == 0
+    capsys.readouterr()
+    capsys.readouterr()
+    whole = tmp_path / "whole"
+    assert main([a if a != str(out) else str(whole) for a in argv]) == 0  # the same build, never interrupted
+    resumed, fresh = FeatureStore.open(out), FeatureStore.open(whole)
+    assert resumed.checkpoint_ids == fresh.checkpoint_ids
+    for ckpt_id in fresh.checkpoint_ids:
+        np.testing.assert_array_equal(resumed.read_features(ckpt_id), fresh.read_features(ckpt_id))
+    np.testing.assert_array_equal(resumed.labels(), fresh.labels())
