@@ -35,7 +35,7 @@ from influence.data import Preprocessing
 from influence.loading import load_checkpoint, load_image, load_model, parse_model_args, read_image
 from influence.index_check import DEFAULT_KS, check_indexes
 from influence.pipeline import StageTimer, build
-from influence.query import Influence, Influencer, QueryResult, TestData, describe_store
+from influence.query import Influence, Influencer, QueryResult, TestData, data_spec_runs_code, describe_store
 from influence.repair import ACTIONS, MASK_SCOPES
 from influence.scoring import METHOD_NAMES
 from influence.tfa import DEFAULT_TFA, TFA_METHODS
@@ -384,6 +384,9 @@ def _cmd_index_check(args: argparse.Namespace) -> int:
     spec = args.data if args.data is not None else session.store.attrs.get("data_spec")
     if spec is None:
         raise BadSpecError(f"store {args.store} records no data spec (built from in-memory data); pass --data")
+    if args.data is None and data_spec_runs_code(spec) and not args.trust_store:
+        raise BadSpecError(f"store {args.store} records data spec {spec!r}, which is code and is not imported unless you "
+                           f"ask: pass --data SPEC, or --trust-store if you trust this store")
     results = check_indexes(session, session.test_data(spec), queries=args.queries, methods=args.method, seed=args.seed)
     doc = {"store": str(args.store), "data": str(spec), "ks": list(DEFAULT_KS), "indexes": [r.to_json() for r in results]}
     text = "\n".join(r.line() for r in results) or "every index of this store is exact (Flat): nothing to check"

@@ -65,6 +65,8 @@ def test_recorded_code_spec_is_refused_without_running(hostile, digits, capsys):
     assert not mark.exists()
     with pytest.raises(BadSpecError, match="trust_store=True"):
         influence.Influence.open(store)
+    assert main(["info", str(store), "--json"]) == 0  # describing a store never needs its model
+    assert spec in capsys.readouterr().out
     assert not mark.exists()
 
 
@@ -109,3 +111,44 @@ def test_every_store_command_refuses(hostile, digits, tmp_path, capsys, command)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and spec in err[0] and "--trust-store" in err[0], err
     assert not mark.exists()
+
+
+HOSTILE_DATA = '''
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from influence.data import ArrayDataset
+
+MARK = Path(__file__).with_suffix(".ran")
+
+
+def make():
+    MARK.touch()
+    d = np.load({npz!r})
+    return ArrayDataset(torch.from_numpy(d["x"]), torch.from_numpy(d["y"]))
+'''
+
+
+def test_recorded_code_data_spec_is_refused_without_running(digits, tmp_path, capsys):
+    """The training-data spec is code too when it is ``module:function``: training images need --trust-store."""
+    code = tmp_path / "hostile_data.py"
+    code.write_text(HOSTILE_DATA.format(npz=str(digits.train_npz)))
+    mark = code.with_suffix(".ran")
+    torch.manual_seed(0)
+    ckpt = tmp_path / "mlp.pt"
+    torch.save(DigitsMLP(hidden=HIDDEN).state_dict(), ckpt)
+    store = tmp_path / "store"
+    influence.build("digits-mlp", f"{code}:make", [ckpt], store, proj_dim=32, methods=("tracin",), batch_size=32,
+                    rows_per_chunk=64, model_args={"hidden": HIDDEN}, progress=False)
+    mark.unlink()
+    session = influence.Influence.open(store)  # built-in model: opens; queries need no training images
+    with pytest.raises(BadSpecError, match="trust_store=True"):
+        session.training_examples([0, 1])
+    assert main(["index-check", str(store)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{code}:make" in err[0] and "--trust-store" in err[0], err
+    assert not mark.exists()
+    x, y = influence.Influence.open(store, trust_store=True).training_examples([0, 1])
+    assert mark.exists() and torch.equal(y, digits.y[:2])
