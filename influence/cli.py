@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import errno
 import json
+import math
 import os
 import sys
 import time
@@ -33,7 +35,7 @@ from influence.data import Preprocessing
 from influence.loading import load_checkpoint, load_image, load_model, parse_model_args, read_image
 from influence.index_check import DEFAULT_KS, check_indexes
 from influence.pipeline import StageTimer, build
-from influence.query import Influence, Influencer, QueryResult, TestData, describe_store
+from influence.query import Influence, Influencer, QueryResult, TestData, data_spec_runs_code, describe_store
 from influence.recipe import Recipe
 from influence.repair import ACTIONS, MASK_SCOPES
 from influence.scoring import METHOD_NAMES
@@ -71,16 +73,67 @@ class _UsageError(Exception):
 
 def _ids(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        ids = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--ids must be comma-separated integers, got {text!r}") from None
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"--ids must be comma-separated indexes >= 0, got {text!r}")
+    return ids
 
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(t) for t in text.split(",") if t.strip()]
+        values = [float(t) for t in text.split(",") if t.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers, got {text!r}")
+    return values
+
+
+# argparse ``type=`` functions: a bad number is refused while parsing (exit 2, one line), before any work starts.
+def _positive_int(text: str) -> int:
+    """A size or count: rows, batch, dimension, k, top; 0 or negative would silently mean nothing or crash later."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return v
+
+
+def _non_negative_int(text: str) -> int:
+    """A seed or an optional count where 0 means none."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    """A ridge λ: NaN, infinity or a negative value build a store whose every TRAK answer is meaningless."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
+def _fraction(text: str) -> float:
+    """A share of the training set, in (0, 1]."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0 < v <= 1:  # also refuses NaN
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return v
 
 
 def _methods(text: str) -> list[str]:
@@ -112,6 +165,21 @@ def _preprocessing_args(p: argparse.ArgumentParser, *, build: bool) -> None:
         p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="convert images to 1 or 3 channels (default: the store's)")
 
 
+def _store_args(p: argparse.ArgumentParser) -> None:
+    """How a command that opens a store gets its model: a store is data, so its recorded spec runs only when asked."""
+    p.add_argument("--model", default=None, metavar="SPEC",
+                   help="the store's model as a MODEL SPEC (default: the recorded spec, which must be built-in unless "
+                        "--trust-store); the recorded --model-arg values are reused")
+    p.add_argument("--trust-store", action="store_true",
+                   help="import the model spec recorded in the store (runs its code: only for stores you trust)")
+
+
+def _open(args: argparse.Namespace, device: str | None = None) -> Influence:
+    """The store named by ``args.store``, opened with the model the user chose (see ``_store_args``)."""
+    kw: dict[str, Any] = {} if device is None else {"device": device}
+    return Influence.open(args.store, model=args.model, trust_store=args.trust_store, **kw)
+
+
 def _preprocessing(args: argparse.Namespace) -> Preprocessing:
     return Preprocessing(mean=None if args.mean is None else tuple(args.mean), std=None if args.std is None else tuple(args.std),
                          size=args.size, channels=args.channels)
@@ -125,8 +193,8 @@ def _parser() -> _Parser:
 
     d = sub.add_parser("demo", help="train the digits demo (label noise + patch shortcut), build, and explain its errors")
     d.add_argument("--out", default=_default(run_demo, "out"), help="output folder (default: %(default)s)")
-    d.add_argument("--seed", type=int, default=_default(run_demo, "seed"))
-    d.add_argument("--k", type=int, default=_default(run_demo, "k"), help="influencers to print per misclassified image")
+    d.add_argument("--seed", type=_non_negative_int, default=_default(run_demo, "seed"))
+    d.add_argument("--k", type=_positive_int, default=_default(run_demo, "k"), help="influencers to print per misclassified image")
     d.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
     b = sub.add_parser("build", help="extract per-example gradient features into a store and build its FAISS indexes")
@@ -135,20 +203,20 @@ def _parser() -> _Parser:
     b.add_argument("--checkpoint", action="append", required=True, help="a state dict (.pt or .safetensors); repeat for TracInCP")
     b.add_argument("--out", required=True, help="store folder (re-run the same command to resume; add checkpoints to extend)")
     b.add_argument("--projector", choices=_choices("projector"), default=_default(build, "projector"))
-    b.add_argument("--proj-dim", type=int, default=_default(build, "proj_dim"), help="projected dimension k per checkpoint (default %(default)s)")
+    b.add_argument("--proj-dim", type=_positive_int, default=_default(build, "proj_dim"), help="projected dimension k per checkpoint (default %(default)s)")
     b.add_argument("--params", default=_default(build, "params"), help="all | last:N | comma-separated parameter or module names")
     b.add_argument("--lr-weights", type=_floats, default=_default(build, "lr_weights"), help="learning rate per checkpoint (default 1 each)")
-    b.add_argument("--batch-size", type=int, default=_default(build, "batch_size"))
+    b.add_argument("--batch-size", type=_positive_int, default=_default(build, "batch_size"))
     b.add_argument("--method", type=_methods, default=list(_default(build, "methods")),
                    help=f"methods to index (default: all of {','.join(methods)})")
     b.add_argument("--index", default=_default(build, "index_factory"), help="FAISS index factory string (default %(default)s: exact)")
-    b.add_argument("--rerank", type=int, default=_default(build, "rerank"),
+    b.add_argument("--rerank", type=_non_negative_int, default=_default(build, "rerank"),
                    help="approximate --index only: shortlist re-ranked exactly from the store (default %(default)s; 0: none)")
-    b.add_argument("--seed", type=int, default=_default(build, "seed"), help="projection seed")
+    b.add_argument("--seed", type=_non_negative_int, default=_default(build, "seed"), help="projection seed")
     b.add_argument("--dtype", choices=_choices("dtype"), default=_default(build, "dtype"), help="feature storage type")
-    b.add_argument("--trak-lambda", type=float, default=_default(build, "trak_lambda"),
+    b.add_argument("--trak-lambda", type=_non_negative_float, default=_default(build, "trak_lambda"),
                    help="TRAK ridge λ relative to trace(ΦᵀΦ)/k (default %(default)s, measured best)")
-    b.add_argument("--chunk-rows", type=int, default=_default(build, "rows_per_chunk"),
+    b.add_argument("--chunk-rows", type=_positive_int, default=_default(build, "rows_per_chunk"),
                    help="rows per store chunk (rounded to a multiple of the batch size)")
     b.add_argument("--device", default=_default(build, "device"))
     b.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -161,11 +229,12 @@ def _parser() -> _Parser:
 
     c = sub.add_parser("index-check", help="recall@10/@50 of a store's approximate indexes against exact search")
     c.add_argument("store")
+    _store_args(c)
     c.add_argument("--data", default=None,
                    help="DATA SPEC of query images, held-out test data preferably (default: the store's training data)")
-    c.add_argument("--queries", type=int, default=200, help="examples sampled from --data as queries (default %(default)s)")
+    c.add_argument("--queries", type=_positive_int, default=200, help="examples sampled from --data as queries (default %(default)s)")
     c.add_argument("--method", type=_methods, default=None, help="methods to check (default: all the store has)")
-    c.add_argument("--seed", type=int, default=0, help="sampling seed")
+    c.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed")
     c.add_argument("--device", default=_default(Influence.open, "device"))
     c.add_argument("--json", action="store_true")
 
@@ -173,6 +242,7 @@ def _parser() -> _Parser:
                                 ("score", "the full (n_train, n_test) score matrix", Influence.scores)):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("store")
+        _store_args(q)
         src = q.add_mutually_exclusive_group(required=(name == "query"))
         src.add_argument("--image", help="an image file (png, jpg, ...) or .npy array")
         src.add_argument("--data", help="DATA SPEC of test examples")
@@ -183,13 +253,14 @@ def _parser() -> _Parser:
         q.add_argument("--device", default=_default(Influence.open, "device"))
         _preprocessing_args(q, build=False)
         if name == "query":
-            q.add_argument("--k", type=int, default=_default(api, "k"))
+            q.add_argument("--k", type=_positive_int, default=_default(api, "k"))
             q.add_argument("--json", action="store_true")
         else:
             q.add_argument("--out", required=True, help="where to write the .npy matrix")
 
     s = sub.add_parser("self-influence", help="per-training-example self-influence (the mislabel detector's score)")
     s.add_argument("store")
+    _store_args(s)
     s.add_argument("--method", choices=methods, default=None,
                    help="default: the one `influence flag` ranks mislabels by (trak when the store has it, else tracin)")
     s.add_argument("--out", required=True)
@@ -204,11 +275,12 @@ def _parser() -> _Parser:
 
     e = sub.add_parser("explain", help="prediction, pixel map, influencers with training-image maps and flags; HTML report with --out")
     e.add_argument("store")
+    _store_args(e)
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--image", help="an image file (png, jpg, ...) or .npy array")
     src.add_argument("--data", help="DATA SPEC of test examples")
     e.add_argument("--ids", type=_ids, default=None, help="comma-separated example ids in --data (default: the misclassified ones)")
-    e.add_argument("--k", type=int, default=_default(explain, "k"))
+    e.add_argument("--k", type=_positive_int, default=_default(explain, "k"))
     e.add_argument("--method", choices=["auto", *methods], default=_default(explain, "method"),
                    help="auto (default): proponents and opponents by TracIn, plus the Grad-Cos proponents (finds shortcuts)")
     e.add_argument("--target", default=None, help="class to explain: a class name or index, 'label' or 'predicted' (default)")
@@ -226,9 +298,10 @@ def _parser() -> _Parser:
 
     f = sub.add_parser("flag", help="likely mislabels, net-harmful training examples and patch shortcuts")
     f.add_argument("store")
+    _store_args(f)
     f.add_argument("--test", default=None, help="DATA SPEC of test images (their failures drive harmful and shortcut)")
     f.add_argument("--kind", choices=[*_choices("flag-kind"), "all"], default="all")
-    f.add_argument("--top", type=int, default=_default(run_flags, "top"))
+    f.add_argument("--top", type=_positive_int, default=_default(run_flags, "top"))
     f.add_argument("--method", choices=methods, default=_default(run_flags, "method"),
                    help="override the measured defaults: trak for mislabel, tracin for harmful, gradcos for shortcut")
     f.add_argument("--tfa", default=_default(run_flags, "tfa"), choices=tfas, help=f"map on training images for shortcut search (default {DEFAULT_TFA})")
@@ -237,16 +310,17 @@ def _parser() -> _Parser:
 
     r = sub.add_parser("repair", help="act on flags: cleaned data for your training (STORE --flags F --out DIR), or the demo's retrain loop")
     r.add_argument("store", nargs="?", default=None, help="a store: write cleaned training data for it (omit for the demo loop)")
+    _store_args(r)
     r.add_argument("--flags", default=None, help="with STORE: `influence flag --json` output to act on")
     r.add_argument("--out", default=None, help=f"with STORE: output folder; without: a finished `influence demo` folder (default {_default(run_repair, 'demo_dir')})")
     r.add_argument("--action", choices=_choices("repair-action"), default=_default(run_repair, "action"), help="what to do with flagged mislabels")
-    r.add_argument("--fraction", type=float, default=_default(run_repair, "mislabel_fraction"),
+    r.add_argument("--fraction", type=_fraction, default=_default(run_repair, "mislabel_fraction"),
                    help="share of training examples flagged as mislabels (default %(default)s)")
     r.add_argument("--mask-scope", choices=_choices("mask-scope"), default=_default(run_repair, "mask_scope"),
                    help="mask the shortcut box on the flagged images only, or on every image of its class (default %(default)s)")
     r.add_argument("--method", choices=methods, default=_default(run_repair, "method"),
                    help="self-influence used to flag mislabels (default: as `influence flag`, trak when the store has it, else tracin)")
-    r.add_argument("--seed", type=int, default=_default(run_repair, "seed"))
+    r.add_argument("--seed", type=_non_negative_int, default=_default(run_repair, "seed"))
     r.add_argument("--json", action="store_true")
 
     a = sub.add_parser("attribute", help="pixel attribution map on one image")
@@ -256,7 +330,7 @@ def _parser() -> _Parser:
     a.add_argument("--image", required=True)
     a.add_argument("--method", default=_default(run_attribute, "method"),
                    help=f"{' | '.join(_choices('attribution'))}, or var:BASE (default %(default)s)")
-    a.add_argument("--target", type=int, default=None)
+    a.add_argument("--target", type=_non_negative_int, default=None)
     a.add_argument("--size", type=_size, default=None, help="resize the image to H,W (default: keep its size)")
     a.add_argument("--out", required=True, help="PNG overlay to write (a .npy of the raw map is written beside it)")
     a.add_argument("--json", action="store_true")
@@ -310,10 +384,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_check(args: argparse.Namespace) -> int:
-    session = Influence.open(args.store, device=args.device)
+    session = _open(args, args.device)
     spec = args.data if args.data is not None else session.store.attrs.get("data_spec")
     if spec is None:
         raise BadSpecError(f"store {args.store} records no data spec (built from in-memory data); pass --data")
+    if args.data is None and data_spec_runs_code(spec) and not args.trust_store:
+        raise BadSpecError(f"store {args.store} records data spec {spec!r}, which is code and is not imported unless you "
+                           f"ask: pass --data SPEC, or --trust-store if you trust this store")
     results = check_indexes(session, session.test_data(spec), queries=args.queries, methods=args.method, seed=args.seed)
     doc = {"store": str(args.store), "data": str(spec), "ks": list(DEFAULT_KS), "indexes": [r.to_json() for r in results]}
     text = "\n".join(r.line() for r in results) or "every index of this store is exact (Flat): nothing to check"
@@ -360,7 +437,7 @@ def _head(r: QueryResult, fallback: str) -> str:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    session = Influence.open(args.store, device=args.device)
+    session = _open(args, args.device)
     data = _queries(args, session)
     labels = _labels(data)
     ids = data.ids or None
@@ -379,7 +456,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    session = Influence.open(args.store, device=args.device)
+    session = _open(args, args.device)
     if not args.image and not args.data:
         raise InfluenceError("give --data SPEC (with optional --ids) or --image FILE")
     data = _queries(args, session)
@@ -390,7 +467,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_self_influence(args: argparse.Namespace) -> int:
-    session = Influence.open(args.store)
+    session = _open(args)
     method = args.method or mislabel_method(session)  # the mislabel ranking's default, as in `flag`
     values = session.self_influence(method)
     _save_npy(args.out, values)
@@ -462,9 +539,11 @@ def _input_channels(model: nn.Module) -> int | None:
 def _size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(t) for t in text.replace("x", ",").split(","))
-        return h, w
     except ValueError:
         raise argparse.ArgumentTypeError(f"--size must be H,W (e.g. 16,16), got {text!r}") from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"--size must be two whole numbers >= 1, got {text!r}")
+    return h, w
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
@@ -475,7 +554,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if args.recipe and not args.exact:
         raise BadSpecError(f"--recipe {args.recipe} is used only with --exact; add --exact or drop --recipe")
     recipe = Recipe.load(args.recipe) if args.exact else None
-    session = Influence.open(args.store)
+    session = _open(args)
     data = _queries(args, session)
     x, labels, ids, paths = data.x, _labels(data), data.ids or None, data.paths
     if args.data and args.ids is None and labels is not None and ids is not None:  # default: the failures
@@ -516,7 +595,7 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_flag(args: argparse.Namespace) -> int:
-    session = Influence.open(args.store)
+    session = _open(args)
     test = None
     if args.test:
         data = session.test_data(args.test, size=args.size, channels=args.channels)
@@ -570,7 +649,7 @@ def _cmd_repair(args: argparse.Namespace) -> int:
 
         if not args.flags or not args.out:
             raise BadSpecError("repair STORE needs --flags FLAGS.json (from `influence flag STORE --json`) and --out DIR")
-        session = Influence.open(args.store)
+        session = _open(args)
         done = repair_store(session, _read_flags(args.flags, session), args.out, action=args.action, mask_scope=args.mask_scope)
         if args.json:
             print(json.dumps(done))
@@ -594,8 +673,23 @@ COMMANDS = {
 }
 
 
+# A full disk or a file-size limit is the user's to fix, not a bug: every writer is atomic or resumable, so the same
+# command re-run afterwards finishes the job.
+_FULL = {errno.ENOSPC: ("no space left on device", "free some space"),
+         errno.EFBIG: ("file too large for the file-size limit", "raise the file-size limit (ulimit -f)")}
+
+
+def _full_message(e: OSError, args: argparse.Namespace | None) -> str:
+    """One line: what was being written (the file when the OS names it, else the command's output), why, what to do."""
+    reason, fix = _FULL[e.errno or errno.ENOSPC]
+    path = e.filename or (getattr(args, "out", None) or getattr(args, "store", None) if args is not None else None)
+    where = f" writing {path}" if path else ""
+    return f"{reason}{where} ({e.strerror or e}): {fix}, then re-run the same command"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (the console script exits with it)."""
+    args: argparse.Namespace | None = None
     try:
         args = _parser().parse_args(argv)
         return COMMANDS[args.command](args)
@@ -604,6 +698,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except InfluenceError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _FULL:
+            raise
+        print(f"error: {_full_message(e, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

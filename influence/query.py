@@ -33,7 +33,8 @@ from influence.errors import BadDataError, BadSpecError, StoreDamagedError, Stor
 from influence.features import ProjectorSpec, Task, make_projector
 from influence.features.encoder import Checkpoint, QueryEncoder
 from influence.features.specs import resolve_task
-from influence.loading import load_checkpoint, load_data, load_model, model_fingerprint
+from influence.loading import BUILTIN_DATA, load_checkpoint, load_data, load_model, model_fingerprint
+from influence.models import BUILTIN_MODELS
 from influence.recipe import Recipe
 from influence.scoring import ScoringMethod, get_method
 
@@ -89,6 +90,7 @@ class Influence:
 
     def __init__(self, store: FeatureStore, model: nn.Module, device: torch.device, task: Task | None = None) -> None:
         self.store, self.device = store, device
+        self.trust_store = False  # set by ``open``: whether a recorded ``module:function`` data spec may be imported
         store.keep_in_memory(KEEP_FEATURE_BYTES)
         attrs = store.attrs
         self.task = resolve_task(attrs.get("task"), task)
@@ -119,21 +121,33 @@ class Influence:
     @classmethod
     def open(
         cls, path: str | os.PathLike[str], model: str | nn.Module | None = None, device: str | torch.device = "cpu", *,
-        task: Task | None = None,
+        task: Task | None = None, trust_store: bool = False,
     ) -> "Influence":
-        """Open a complete store; a store built with a custom ``Task`` needs an instance of it as ``task``."""
+        """Open a complete store; a store built with a custom ``Task`` needs an instance of it as ``task``.
+
+        A store is data, never code: the model spec it records is imported only when it names a built-in model or
+        the caller opts in with ``trust_store=True`` (as ``trust_remote_code`` in Hugging Face); otherwise pass the
+        model yourself as ``model=`` (a spec or a module). The recorded factory arguments are reused either way.
+        """
         store = FeatureStore.open(path)
         attrs = store.attrs
         spec = model if model is not None else attrs.get("model_spec")
         if spec is None:
             raise BadSpecError(f"store {path} was built from an in-memory model; pass model= to open it")
+        if model is None and not trust_store and spec not in BUILTIN_MODELS:
+            raise BadSpecError(
+                f"store {path} records model spec {spec!r}, which is code and is not imported unless you ask: name the "
+                f"model yourself (--model SPEC, model=) or, if you trust this store, add --trust-store (trust_store=True)"
+            )
         net = load_model(spec, attrs.get("model_args")).to(device).eval()
         if model_fingerprint(net) != attrs["model_fingerprint"]:
             raise StoreMismatchError(
                 f"model {type(net).__name__} does not match the store's model (fingerprint {model_fingerprint(net)} != "
                 f"{attrs['model_fingerprint']}); query with the model the store was built with"
             )
-        return cls(store, net, torch.device(device), task=task)
+        session = cls(store, net, torch.device(device), task=task)
+        session.trust_store = trust_store
+        return session
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -403,6 +417,11 @@ class Influence:
             spec = self.store.attrs.get("data_spec")
             if spec is None:
                 raise BadSpecError("this store was built from an in-memory dataset; training images are not available")
+            if data_spec_runs_code(spec) and not self.trust_store:
+                raise BadSpecError(
+                    f"store {self.store.root} records data spec {spec!r}, which is code and is not imported unless you "
+                    f"ask: if you trust this store, add --trust-store (trust_store=True)"
+                )
             self._train_data = load_data(spec, self.preprocessing, classes=self.class_names, shape=self.input_shape)
         dataset = self._train_data
         if len(dataset) != self.store.n:
@@ -456,6 +475,12 @@ def load_queries(spec: str | Dataset[Any], ids: Sequence[int] | None = None) -> 
     For a store's test data prefer :meth:`Influence.test_data`: it applies the store's preprocessing and class names.
     """
     return _select(load_data(spec), ids)
+
+
+def data_spec_runs_code(spec: object) -> bool:
+    """Whether loading a DATA SPEC imports code (``module:function``), rather than reading files or a built-in set."""
+    return (isinstance(spec, str) and spec not in BUILTIN_DATA and not spec.endswith(".npz") and ":" in spec
+            and not os.path.exists(spec))
 
 
 def _select(dataset: Any, ids: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -101,7 +101,7 @@ def store(digits, cnn_ckpts, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def session(store) -> influence.Influence:
-    return influence.Influence.open(store)
+    return influence.Influence.open(store, trust_store=True)
 
 
 @pytest.fixture
@@ -114,3 +114,13 @@ def copy_store(store, tmp_path):
         return dst
 
     return make
+
+
+# Commands that open a store. The test stores record this folder's tiny_models.py as their model spec, which is
+# code: the tests opt in for each call, as a user would for a store they built themselves.
+STORE_COMMANDS = {"query", "score", "self-influence", "explain", "flag", "repair", "index-check"}
+
+
+def trusted(argv: list[str]) -> list[str]:
+    """``argv`` with ``--trust-store`` added when its command opens a store."""
+    return [*argv, "--trust-store"] if argv and argv[0] in STORE_COMMANDS else argv

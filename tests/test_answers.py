@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from conftest import trusted
 from influence.cli import main
 
 BOX = [2, 3, 6, 7]
 
 
 def run(capsys, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
+    code = main(trusted([str(a) for a in args]))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -155,7 +156,7 @@ def test_repair_folder_store_writes_a_file_list_and_masked_pngs(mixed_store, use
 
     from influence.query import Influence
 
-    s = Influence.open(mixed_store)
+    s = Influence.open(mixed_store, trust_store=True)
     paths = [s.train_path(i) for i in range(s.n_train)]
     flags = tmp_path / "flags.json"
     flags.write_text(json.dumps({"mislabel": [{"train_id": 0, "score": 1.0, "label": 0}],

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CNN_SPEC, N_TRAIN, PROJ_DIM
+from conftest import CNN_SPEC, N_TRAIN, PROJ_DIM, trusted
 from index.store import LOCK_NAME
 from influence.cli import main
 
 
 def run(capsys, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
+    code = main(trusted([str(a) for a in args]))
     out, err = capsys.readouterr()
     return code, out, err
 

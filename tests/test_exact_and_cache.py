@@ -40,7 +40,7 @@ def _old_flat_records(path) -> dict[str, dict]:
 
 
 def test_new_store_holds_no_float32_copy_and_scans_exactly(store):
-    session = influence.Influence.open(store)
+    session = influence.Influence.open(store, trust_store=True)
     assert not list(store.glob("faiss/*.index"))
     for m in METHODS:
         assert isinstance(session.index(m), ExactScan)
@@ -48,7 +48,7 @@ def test_new_store_holds_no_float32_copy_and_scans_exactly(store):
 
 
 def test_session_keeps_the_float16_rows_once_within_its_budget(store, digits, monkeypatch):
-    session = influence.Influence.open(store)
+    session = influence.Influence.open(store, trust_store=True)
     first = session.query(digits.x_test[:3], k=4, method="gradcos")
     kept = session.store._kept
     assert {c for c, _, _ in kept} == {"c0", "c1", "c2"} and all(a.dtype == np.float16 for a in kept.values())
@@ -80,7 +80,7 @@ def test_exact_scan_answers_like_the_faiss_flat_of_older_stores(copy_store, digi
     """A store built before (FAISS Flat files on disk) still opens and answers; the scan gives the Flat's answers."""
     path = copy_store()
     records = _old_flat_records(path)
-    old = influence.Influence.open(path)
+    old = influence.Influence.open(path, trust_store=True)
     flat = load_index(path / records[method]["path"], records[method])
     assert isinstance(flat, SearchIndex)
     x, y = digits.x_test, digits.y_test
@@ -128,7 +128,7 @@ def test_build_caches_self_influence_and_sessions_read_it(store, method, monkeyp
         raise AssertionError("recomputed although the store holds a valid cache")
 
     monkeypatch.setattr(type(get_method(method)(FeatureStore.open(store))), "_self_influence", recompute)
-    got = influence.Influence.open(store).self_influence(method)
+    got = influence.Influence.open(store, trust_store=True).self_influence(method)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=2e-4)
 
@@ -153,16 +153,16 @@ def test_cache_edited_in_place_is_refused_never_served(copy_store):
     arr = zarr.open_array(str(path / g.attrs["matrices"]["self_influence/trak"]), mode="r+")
     arr[:] = -1.0  # values no computation gives: the store's digests catch them
     with pytest.raises(StoreDamagedError):
-        influence.Influence.open(path).self_influence("trak")
+        influence.Influence.open(path, trust_store=True).self_influence("trak")
 
 
 def test_cache_follows_trak_lambda(digits, cnn_ckpts, copy_store):
     """A rebuild with another λ recomputes the cached self-influence with the new inverse."""
     path = copy_store()
-    before = influence.Influence.open(path).self_influence("trak")
+    before = influence.Influence.open(path, trust_store=True).self_influence("trak")
     influence.build(CNN_SPEC, str(digits.train_npz), cnn_ckpts.paths, path, proj_dim=PROJ_DIM, lr_weights=cnn_ckpts.lrs,
                     batch_size=BATCH, rows_per_chunk=CHUNK, trak_lambda=100.0, progress=False)
-    after = influence.Influence.open(path).self_influence("trak")
+    after = influence.Influence.open(path, trust_store=True).self_influence("trak")
     assert not np.allclose(before, after, rtol=1e-2)
     np.testing.assert_allclose(after, _oracle_self_influence(path, "trak"), rtol=2e-4)
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CNN_SPEC
+from conftest import CNN_SPEC, trusted
 from influence.cli import main
 from influence.explain import explain
 from influence.flag import run_flags
 
 
 def _run(capsys, argv):
-    code = main([str(a) for a in argv])
+    code = main(trusted([str(a) for a in argv]))
     out, err = capsys.readouterr()
     return code, out, err
 

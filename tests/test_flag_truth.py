@@ -61,7 +61,7 @@ def _build(x: torch.Tensor, y: torch.Tensor, root: Path, epochs: int) -> tuple[i
     np.savez(root / "train.npz", x=x.numpy(), y=y.numpy())
     influence.build(CNN_SPEC, str(root / "train.npz"), [p for p, _ in saved], root / "store", projector="sparse",
                     proj_dim=PROJ_DIM, lr_weights=[lr for _, lr in saved], batch_size=BATCH, progress=False)
-    return influence.Influence.open(root / "store"), saved[-1][0]
+    return influence.Influence.open(root / "store", trust_store=True), saved[-1][0]
 
 
 # ----------------------------------------------------------------------------- mislabels

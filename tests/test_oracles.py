@@ -88,7 +88,7 @@ def exact_store(digits, cnn_ckpts, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exact(exact_store) -> influence.Influence:
-    return influence.Influence.open(exact_store)
+    return influence.Influence.open(exact_store, trust_store=True)
 
 
 @pytest.fixture(scope="module")

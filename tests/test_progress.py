@@ -11,6 +11,7 @@ import sys
 import pytest
 import zarr
 
+from conftest import trusted
 from influence.cli import main
 
 
@@ -24,7 +25,7 @@ def _run(monkeypatch: pytest.MonkeyPatch, argv: list[str], tty: bool) -> tuple[i
     out = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
     with contextlib.redirect_stdout(out):
-        code = main(argv)
+        code = main(trusted(argv))
     monkeypatch.undo()
     return code, out.getvalue(), err.getvalue()
 

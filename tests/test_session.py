@@ -96,12 +96,12 @@ def test_any_order_of_calls_gives_the_same_answers(store, digits, monkeypatch):
     monkeypatch.setattr(influence.shortcut, "detect_shortcuts", recording)
     names = ["query", "explain", "shortcuts", "scores", "self", "tfa", "predict", "other_checkpoint"]
     orders = [names, names[::-1]] + [random.Random(seed).sample(names, len(names)) for seed in range(2)]
-    runs = [_run_ops(influence.Influence.open(store), digits, order, seen) for order in orders]
+    runs = [_run_ops(influence.Influence.open(store, trust_store=True), digits, order, seen) for order in orders]
     for order, run in zip(orders[1:], runs[1:]):
         for name in names:
             _assert_same(runs[0][name], run[name], f"{name} (order {order})")
     # a same-session repeat after everything else agrees too
-    session = influence.Influence.open(store)
+    session = influence.Influence.open(store, trust_store=True)
     _run_ops(session, digits, names, seen)
     _assert_same(runs[0], _run_ops(session, digits, names[::-1], seen), "repeat")
 
@@ -145,7 +145,7 @@ def test_every_method_keeps_the_scoring_contract(name, copy_store, digits):
     self-influence (up to the float16 storage of the training rows).
     """
     path = copy_store()
-    session = influence.Influence.open(path)
+    session = influence.Influence.open(path, trust_store=True)
     method = get_method(name)
     before = _files(path)
     method.prepare(session.store, TrakSpec())  # already prepared by the build: nothing to redo
@@ -194,7 +194,7 @@ def test_a_rerun_with_other_build_arguments_is_refused(flag, value, needle, copy
     assert out == "" and len(lines) == 1, err
     assert "was built with" in lines[0] and needle in lines[0] and flag in lines[0] and "new --out" in lines[0], lines[0]
     assert (store / "zarr.json").read_bytes() == before  # refused before anything was written
-    assert influence.Influence.open(store).checkpoint_count == 3
+    assert influence.Influence.open(store, trust_store=True).checkpoint_count == 3
 
 
 class DoubledTask(ClassificationTask):
@@ -212,10 +212,10 @@ def test_custom_task_is_stored_by_import_path_and_must_be_passed(digits, cnn_ckp
     stored = zarr.open_group(str(out), mode="r").attrs["task"]
     assert stored.endswith(":DoubledTask") and stored != "classification"
     with pytest.raises(BadSpecError, match=f"custom task {stored}.*task=DoubledTask()"):
-        influence.Influence.open(out)
+        influence.Influence.open(out, trust_store=True)
     with pytest.raises(StoreMismatchError, match="does not match the store's task"):
-        influence.Influence.open(out, task=ClassificationTask())
-    custom = influence.Influence.open(out, task=DoubledTask())
+        influence.Influence.open(out, task=ClassificationTask(), trust_store=True)
+    custom = influence.Influence.open(out, task=DoubledTask(), trust_store=True)
     assert isinstance(custom.task, DoubledTask)
     # dℓ/dm doubles on both sides, so TracIn scores are 4× the built-in task's: the query side used the task passed
     x, y = digits.x_test[:3], digits.y_test[:3]
@@ -230,7 +230,7 @@ def test_a_store_naming_unknown_code_is_never_imported(copy_store):
     group.attrs["task"] = "no_such_module_abc:Evil"
     group.attrs["integrity"] = integrity.write_manifest(store, dict(group.attrs))  # sealed: as if built that way
     with pytest.raises(BadSpecError, match="no_such_module_abc:Evil"):
-        influence.Influence.open(store)
+        influence.Influence.open(store, trust_store=True)
 
 
 # ----------------------------------------------------------------------------- typed flags

@@ -19,7 +19,7 @@ from torch.utils.data import TensorDataset
 
 import influence
 import tiny_models
-from conftest import BATCH, CHUNK, CNN_SPEC, MLP_SPEC, N_TRAIN, PROJ_DIM, REPO, SLOW_SPEC
+from conftest import BATCH, CHUNK, CNN_SPEC, MLP_SPEC, N_TRAIN, PROJ_DIM, REPO, SLOW_SPEC, trusted
 from influence.cli import main
 from influence.errors import StoreIncompleteError, StoreMismatchError
 
@@ -57,7 +57,7 @@ def test_tracin_equals_captum_tracincp(exact_store, digits, cnn_ckpts):
                       sample_wise_grads_per_batch=False)  # all layers (layers=None)
     want = oracle.influence((digits.x_test, digits.y_test)).numpy().T  # (n_train, n_test)
 
-    got = influence.Influence.open(exact_store).scores(digits.x_test, digits.y_test, method="tracin")
+    got = influence.Influence.open(exact_store, trust_store=True).scores(digits.x_test, digits.y_test, method="tracin")
     assert got.shape == (N_TRAIN, len(digits.x_test))
     np.testing.assert_allclose(got, want, atol=SCORE_ATOL * np.abs(want).max(), rtol=1e-4)
     # the learning-rate weights matter: unweighted scores would not match
@@ -135,12 +135,12 @@ def test_killed_build_resumes_byte_identical(digits, cnn_ckpts, tmp_path, capsys
 
     # a building store is never served
     with pytest.raises(StoreIncompleteError, match="store incomplete"):
-        influence.Influence.open(killed)
-    code = main(["query", str(killed), "--data", str(digits.test_npz), "--ids", "0", "--json"])
+        influence.Influence.open(killed, trust_store=True)
+    code = main(trusted(["query", str(killed), "--data", str(digits.test_npz), "--ids", "0", "--json"]))
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert "incomplete" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert main(["info", str(killed), "--json"]) == 0
+    assert main(trusted(["info", str(killed), "--json"])) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "building"
 
     kept = killed / "features" / "c0" / "c" / "0" / "0"
@@ -175,11 +175,11 @@ def test_store_marked_building_is_refused(copy_store, digits, capsys):
     g.attrs["status"] = "building"
     del g.attrs["integrity"]  # a first build: no earlier complete state to serve meanwhile
     with pytest.raises(StoreIncompleteError, match=r"store incomplete: 9/9 chunks written, status building"):
-        influence.Influence.open(store)
+        influence.Influence.open(store, trust_store=True)
     for cmd in (["query", str(store), "--data", str(digits.test_npz), "--ids", "1"],
                 ["score", str(store), "--data", str(digits.test_npz), "--out", str(store.parent / "s.npy")],
                 ["self-influence", str(store), "--out", str(store.parent / "si.npy")]):
-        assert main(cmd) == 2
+        assert main(trusted(cmd)) == 2
         out, err = capsys.readouterr()
         assert "incomplete" in err and len(err.strip().splitlines()) == 1, err
     assert not (store.parent / "s.npy").exists()
@@ -255,7 +255,7 @@ def test_extra_checkpoint_extends_a_complete_store(copy_store, digits, cnn_ckpts
     assert [c["id"] for c in info["checkpoints"]] == ["c0", "c1", "c2", "c3"]
     assert info["checkpoints"][3]["lr_weight"] == 0.005
 
-    session = influence.Influence.open(store)
+    session = influence.Influence.open(store, trust_store=True)
     assert session.checkpoint_count == 4
     assert session.index("tracin").spec.dim == 4 * PROJ_DIM
     new = zarr.open_group(str(store), mode="r")
@@ -277,7 +277,7 @@ def test_changed_checkpoint_file_is_refused(digits, cnn_ckpts, tmp_path, capsys)
     state = torch.load(moved[1], weights_only=True)
     torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()}, moved[1])
     with pytest.raises(influence.BadCheckpointError, match="has changed since the store was built"):
-        influence.Influence.open(tmp_path / "s2")
+        influence.Influence.open(tmp_path / "s2", trust_store=True)
 
 
 def test_approximate_index_reranked_from_store_matches_exact(digits, cnn_ckpts, tmp_path):
@@ -290,7 +290,7 @@ def test_approximate_index_reranked_from_store_matches_exact(digits, cnn_ckpts, 
         out = tmp_path / factory.replace(",", "_")
         influence.build(CNN_SPEC, str(digits.train_npz), cnn_ckpts.paths, out, proj_dim=64, lr_weights=cnn_ckpts.lrs,
                         methods=["tracin"], index_factory=factory, progress=False)
-        [r] = influence.Influence.open(out).query(digits.x_test[:1], k=5)
+        [r] = influence.Influence.open(out, trust_store=True).query(digits.x_test[:1], k=5)
         results[factory] = ([p.train_id for p in r.proponents], [p.score for p in r.proponents])
     assert results["Flat"][0] == results["IVF4,Flat"][0]
     np.testing.assert_allclose(results["Flat"][1], results["IVF4,Flat"][1], rtol=1e-4)
@@ -304,12 +304,12 @@ def test_changing_trak_lambda_recomputes_the_inverse_and_index(digits, cnn_ckpts
     from influence.scoring import TRAK
 
     path = copy_store()
-    first = influence.Influence.open(path)
+    first = influence.Influence.open(path, trust_store=True)
     before = first.scores(digits.x_test[:2], method="trak")
     lam_before = {c: TRAK.damping(first.store, c)["lambda"] for c in first.store.checkpoint_ids}
     influence.build(CNN_SPEC, str(digits.train_npz), cnn_ckpts.paths, path, proj_dim=PROJ_DIM, lr_weights=cnn_ckpts.lrs,
                     batch_size=BATCH, rows_per_chunk=CHUNK, trak_lambda=100.0, progress=False)
-    session = influence.Influence.open(path)
+    session = influence.Influence.open(path, trust_store=True)
     after = session.scores(digits.x_test[:2], method="trak")
     assert not np.allclose(before, after)
     for c, lam in lam_before.items():  # λ is stored once, beside its inverse, and scales with lambda_rel

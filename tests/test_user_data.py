@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import trusted
 from influence.cli import main
 from influence.errors import BadCheckpointError, BadSpecError
 from influence.loading import load_checkpoint, load_model, parse_model_args
@@ -57,7 +58,7 @@ def make_model(width: int = 4, num_classes: int = 3) -> nn.Module:
 
 
 def run(capsys, *args: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
+    code = main(trusted([str(a) for a in args]))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -180,7 +181,7 @@ def test_store_records_names_paths_and_preprocessing(mixed_store, capsys):
     assert info["paths"] == 18 and info["input_shape"] == [3, SIZE, SIZE]
     from influence.query import Influence
 
-    s = Influence.open(mixed_store)
+    s = Influence.open(mixed_store, trust_store=True)
     assert s.class_names == CLASSES and s.class_name(1) == "three"
     assert s.train_path(0) == "one/img_00.png" and s.train_path(6) == "three/img_00.png" and s.train_path(17) == "two/img_05.png"
     assert s.training_labels()[6] == 1  # a "three" is label 1 in sorted order
@@ -410,7 +411,7 @@ def test_flag_documents_gain_names_and_paths(mixed_store):
     from influence.cli import _named_flags
     from influence.query import Influence
 
-    doc = _named_flags(Influence.open(mixed_store), {
+    doc = _named_flags(Influence.open(mixed_store, trust_store=True), {
         "harmful": [{"train_id": 12, "label": 2, "score": 1.0}],
         "shortcuts": [{"class": 1, "box": [0, 0, 2, 2], "train_ids": [6, 7], "score": 0.5}],
     })

@@ -159,7 +159,7 @@ def run(n_retrains: int, n_test: int, query_batch: int, proj_dim: int, dtype: st
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         build(MODELS[model], train, paths, out, projector="sparse", proj_dim=proj_dim, lr_weights=weights, progress=False)
-        session = Influence.open(out)
+        session = Influence.open(out, model=MODELS[model])  # the study names its own model
         got = {method: session.scores(x, y, method=method) for method in ("tracin", "gradcos", "trak")}
         scores.update({f"{m} ({name})": v for m, v in got.items()})
         np.savez(cached, **got)  # type: ignore[arg-type]
@@ -236,7 +236,7 @@ def removal(model: str, n_images: int, ks: tuple[int, ...], proj_dim: int, query
         lrs = [recipe.lr_at(int(p.stem.split("_")[1]) - 1) for p in ckpts]
         shutil.rmtree(cache / "store.zarr", ignore_errors=True)
         build(MODELS[model], train, ckpts, cache / "store.zarr", projector="sparse", proj_dim=proj_dim, lr_weights=lrs, progress=False)
-        trak = np.asarray(Influence.open(cache / "store.zarr").scores(x, y_wrong, method="trak"))
+        trak = np.asarray(Influence.open(cache / "store.zarr", model=MODELS[model]).scores(x, y_wrong, method="trak"))
         rng = np.random.default_rng(DROP_SEED)
         ranked = {"exact": np.argsort(-exact, axis=0).T[:, :max(ks)], "trak": np.argsort(-trak, axis=0).T[:, :max(ks)],
                   "random": np.stack([rng.choice(len(train), max(ks), replace=False) for _ in ids])}
@@ -297,7 +297,7 @@ def half_subset(model: str, n_models: int, n_test: int, stop_at: float | None = 
     for name in ("ckpt1", "ckpt10"):
         cached = cache / f"baselines_{name}_{n_test}.npz"
         if not cached.is_file():
-            session = Influence.open(cache / f"store_{name}.zarr")
+            session = Influence.open(cache / f"store_{name}.zarr", model=MODELS[model])
             np.savez(cached, **{m: session.scores(x, y, method=m) for m in ("tracin", "gradcos", "trak")})  # type: ignore[arg-type]
         scores.update({f"{m} ({name})": v for m, v in np.load(cached).items()})
     dropped = drop_masks(len(train), n_models, 0.5, 0.5, seed=DROP_SEED + 1)  # True = left out: each model sees half

@@ -13,7 +13,7 @@ import pytest
 import zarr
 
 import influence
-from conftest import BATCH, CHUNK, CNN_SPEC, PROJ_DIM
+from conftest import BATCH, CHUNK, CNN_SPEC, PROJ_DIM, trusted
 from index.errors import InfluenceError, StoreDamagedError
 from index.store import FeatureStore
 from influence.cli import main
@@ -42,7 +42,7 @@ def _read_everything(path: Path) -> None:
 
 
 def _refused(capsys, argv: list, *needles: str) -> str:
-    code = main([str(a) for a in argv])
+    code = main(trusted([str(a) for a in argv]))
     out, err = capsys.readouterr()
     assert code == 2, (code, err)
     assert out == "" and "Traceback" not in err
@@ -84,19 +84,19 @@ def test_cli_query_and_score_refuse_a_deleted_chunk(store, copy_store, digits, t
     needs the missing file, and otherwise must give exactly the intact store's answer."""
     method = "trak" if rel.startswith("prob") else "tracin"
     query = ["query", None, "--data", digits.test_npz, "--ids", "0,1,2", "--method", method, "--json"]
-    assert main([str(a) for a in [query[0], store, *query[2:]]]) == 0
+    assert main(trusted([str(a) for a in [query[0], store, *query[2:]]])) == 0
     intact = _answers(capsys.readouterr().out)
     root = copy_store()
     (root / rel).unlink()
-    code = main([str(a) for a in [query[0], root, *query[2:]]])
+    code = main(trusted([str(a) for a in [query[0], root, *query[2:]]]))
     out, err = capsys.readouterr()
     if code == 2:
         assert out == "" and len(err.strip().splitlines()) == 1 and rel in err and "damaged" in err, err
     else:
         assert code == 0 and _answers(out) == intact, (code, err)
     if rel.startswith("labels"):  # scores never read labels: the intact answer
-        assert main(["score", str(root), "--data", str(digits.test_npz), "--method", method, "--out", str(tmp_path / "s.npy")]) == 0
-        assert main(["score", str(store), "--data", str(digits.test_npz), "--method", method, "--out", str(tmp_path / "t.npy")]) == 0
+        assert main(trusted(["score", str(root), "--data", str(digits.test_npz), "--method", method, "--out", str(tmp_path / "s.npy")])) == 0
+        assert main(trusted(["score", str(store), "--data", str(digits.test_npz), "--method", method, "--out", str(tmp_path / "t.npy")])) == 0
         np.testing.assert_array_equal(np.load(tmp_path / "s.npy"), np.load(tmp_path / "t.npy"))
     else:
         _refused(capsys, ["score", root, "--data", digits.test_npz, "--method", method, "--out", tmp_path / "s.npy"], rel)
@@ -140,7 +140,7 @@ def test_edited_answer_changing_attributes_are_refused(copy_store, digits, capsy
     root = copy_store()
     _edit_attrs(root, EDITS[name])
     with pytest.raises(StoreDamagedError, match="damaged"):
-        influence.Influence.open(root)
+        influence.Influence.open(root, trust_store=True)
     _refused(capsys, ["query", root, "--data", digits.test_npz, "--ids", "0"], str(root))
 
 
@@ -206,13 +206,13 @@ def test_every_single_bit_flip_in_root_metadata(copy_store):
 def test_sessions_opened_before_a_lambda_rebuild_keep_the_old_lambda_whole(copy_store, digits, cnn_ckpts):
     root = copy_store()
     x, y = digits.x_test[:4], digits.y_test[:4]
-    before = influence.Influence.open(root)
+    before = influence.Influence.open(root, trust_store=True)
     old = before.scores(x, y, method="trak")
     query_old = [[p.train_id for p in r.proponents] for r in before.query(x, y, method="trak")]
-    untouched = influence.Influence.open(root)  # opened before, first TRAK read after the rebuild
+    untouched = influence.Influence.open(root, trust_store=True)  # opened before, first TRAK read after the rebuild
     influence.build(CNN_SPEC, str(digits.train_npz), cnn_ckpts.paths, root, projector="sparse", proj_dim=PROJ_DIM,
                     lr_weights=cnn_ckpts.lrs, batch_size=BATCH, rows_per_chunk=CHUNK, trak_lambda=0.01, progress=False)
-    new = influence.Influence.open(root).scores(x, y, method="trak")
+    new = influence.Influence.open(root, trust_store=True).scores(x, y, method="trak")
     assert not np.allclose(new, old, rtol=1e-3), "the rebuild did not change TRAK scores: the test checks nothing"
     # the session that had read its matrices keeps answering with the old λ, whole
     np.testing.assert_array_equal(before.scores(x, y, method="trak"), old)
@@ -222,7 +222,7 @@ def test_sessions_opened_before_a_lambda_rebuild_keep_the_old_lambda_whole(copy_
 
 
 def _verify(capsys, root: Path) -> tuple[int, list[str], str]:
-    code = main(["verify", str(root)])
+    code = main(trusted(["verify", str(root)]))
     out, err = capsys.readouterr()
     return code, out.strip().splitlines(), err
 
@@ -271,7 +271,7 @@ def test_every_deleted_chunk_through_the_cli(store, copy_store, digits, tmp_path
     def run(root: Path, argv: list) -> tuple[int, str, str]:
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = main([str(a) for a in [argv[0], root, *argv[1:]]])
+            code = main(trusted([str(a) for a in [argv[0], root, *argv[1:]]]))
         return code, out.getvalue(), err.getvalue()
 
     commands = []
@@ -310,7 +310,7 @@ def test_a_store_being_extended_serves_its_last_complete_state(store, copy_store
     """A writer part-way through adding a checkpoint (status building, a new record, indexes cleared): readers
     opening now get the three-checkpoint store whole, with exactly its answers, not "incomplete"."""
     x, y = digits.x_test[:5], digits.y_test[:5]
-    intact = influence.Influence.open(store)
+    intact = influence.Influence.open(store, trust_store=True)
     want_scores = intact.scores(x, y, method="trak")
     want_query = [r.to_json() | {"search_ms": 0} for r in intact.query(x, y, method="tracin")]
     root = copy_store()
@@ -322,15 +322,15 @@ def test_a_store_being_extended_serves_its_last_complete_state(store, copy_store
         ckpt = writer.add_checkpoint({"path": str(cnn_ckpts.paths[0]), "sha256": "0" * 64, "size": 1, "lr_weight": 1.0})
         writer.set_attrs(indexes={})
         writer.write_chunk(ckpt, 0, np.ones((CHUNK, writer.k), np.float32), labels[:CHUNK])  # labels rewritten as they are
-        session = influence.Influence.open(root)
+        session = influence.Influence.open(root, trust_store=True)
         assert session.checkpoint_count == 3 and session.store.status == "complete"
         np.testing.assert_array_equal(session.scores(x, y, method="trak"), want_scores)
         assert [r.to_json() | {"search_ms": 0} for r in session.query(x, y, method="tracin")] == want_query
-        assert main(["info", str(root), "--json"]) == 0
+        assert main(trusted(["info", str(root), "--json"])) == 0
         assert json.loads(capsys.readouterr().out)["status"] == "building"  # `info` tells the truth
         # what a writer changes in place is refused, never mixed in, even at the same size with a valid crc32c
         writer.write_chunk(ckpt, 1, np.ones((CHUNK, writer.k), np.float32), labels[CHUNK:2 * CHUNK][::-1].copy())
         with pytest.raises(StoreDamagedError, match="labels/c/1"):
-            influence.Influence.open(root).training_labels()
+            influence.Influence.open(root, trust_store=True).training_labels()
         # the session opened before had read its labels already: it keeps answering from the old state, whole
         assert [r.to_json() | {"search_ms": 0} for r in session.query(x, y, method="tracin")] == want_query
