@@ -51,7 +51,7 @@ def direct(recipe: Recipe, data, x, target: int) -> np.ndarray:
 
 def test_session_exact_scores_equal_direct_call(built, capsys):
     root, recipe, data, xt, _ = built
-    session = influence.Influence.open(root / "store")
+    session = influence.Influence.open(root / "store", trust_store=True)  # the test's own model file
     targets = [3, 7]
     got = session.exact_scores(xt[:2], targets, recipe=recipe, progress=False)
     assert got.shape == (N, 2) and got.dtype == np.float32
@@ -64,7 +64,7 @@ def test_session_exact_scores_equal_direct_call(built, capsys):
 
 def test_recipe_of_another_model_is_refused(built):
     root, recipe, _, xt, _ = built
-    session = influence.Influence.open(root / "store")
+    session = influence.Influence.open(root / "store", trust_store=True)  # the test's own model file
     other = Recipe(TINY_CNN, lr=0.1, epochs=2, batch_size=10, seed=3)
     with pytest.raises(BadSpecError, match="not the store's model"):
         session.exact_scores(xt[:1], [0], recipe=other, progress=False)
@@ -73,7 +73,7 @@ def test_recipe_of_another_model_is_refused(built):
 def test_explain_exact_json_and_report(built, capsys):
     root, recipe, data, xt, _ = built
     out = root / "report"
-    code = main(["explain", str(root / "store"), "--data", str(root / "test.npz"), "--ids", "0,1,2", "--k", str(K),
+    code = main(["explain", "--trust-store", str(root / "store"), "--data", str(root / "test.npz"), "--ids", "0,1,2", "--k", str(K),
                  "--exact", "--recipe", str(root / "ckpt" / "recipe.json"), "--json", "--out", str(out)])
     assert code == 0
     doc = json.loads(capsys.readouterr().out)
@@ -92,7 +92,7 @@ def test_explain_exact_json_and_report(built, capsys):
 def test_fast_explain_is_not_marked_exact(built, capsys):
     root, *_ = built
     out = root / "fast_report"
-    assert main(["explain", str(root / "store"), "--data", str(root / "test.npz"), "--ids", "0", "--k", str(K),
+    assert main(["explain", "--trust-store", str(root / "store"), "--data", str(root / "test.npz"), "--ids", "0", "--k", str(K),
                  "--json", "--out", str(out)]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["explanations"][0]["exact"] is False and doc["explanations"][0]["method"] != "exact"
@@ -101,7 +101,7 @@ def test_fast_explain_is_not_marked_exact(built, capsys):
 
 def test_exact_without_recipe_is_a_usage_error(built, capsys):
     root, *_ = built
-    code = main(["explain", str(root / "store"), "--data", str(root / "test.npz"), "--ids", "0", "--exact"])
+    code = main(["explain", "--trust-store", str(root / "store"), "--data", str(root / "test.npz"), "--ids", "0", "--exact"])
     err = capsys.readouterr().err
     assert code == 2 and "--recipe" in err and len(err.strip().splitlines()) == 1
 
@@ -109,7 +109,7 @@ def test_exact_without_recipe_is_a_usage_error(built, capsys):
 def test_cli_refuses_recipe_of_another_model(built, tmp_path, capsys):
     root, *_ = built
     path = Recipe(TINY_CNN, epochs=1, batch_size=10).save(tmp_path / "recipe.json")
-    code = main(["explain", str(root / "store"), "--data", str(root / "test.npz"), "--ids", "0", "--exact",
+    code = main(["explain", "--trust-store", str(root / "store"), "--data", str(root / "test.npz"), "--ids", "0", "--exact",
                  "--recipe", str(path)])
     err = capsys.readouterr().err
     assert code == 2 and "not the store's model" in err and len(err.strip().splitlines()) == 1
