@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -92,48 +92,30 @@ def _floats(text: str) -> list[float]:
 
 
 # argparse ``type=`` functions: a bad number is refused while parsing (exit 2, one line), before any work starts.
-def _positive_int(text: str) -> int:
-    """A size or count: rows, batch, dimension, k, top; 0 or negative would silently mean nothing or crash later."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return v
+_Num = TypeVar("_Num", int, float)
 
 
-def _non_negative_int(text: str) -> int:
-    """A seed or an optional count where 0 means none."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return v
+def _number(cast: Callable[[str], _Num], ok: Callable[[_Num], bool], expected: str) -> Callable[[str], _Num]:
+    """A ``type=`` that parses with ``cast`` and refuses values outside ``ok`` (NaN fails every comparison)."""
+
+    def parse(text: str) -> _Num:
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    """A ridge λ: NaN, infinity or a negative value build a store whose every TRAK answer is meaningless."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}") from None
-    if not math.isfinite(v) or v < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
-
-
-def _fraction(text: str) -> float:
-    """A share of the training set, in (0, 1]."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
-    if not 0 < v <= 1:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
-    return v
+# sizes and counts (rows, batch, dimension, k, top): 0 or negative would silently mean nothing or crash later
+_positive_int = _number(int, lambda v: v >= 1, "a whole number >= 1")
+_non_negative_int = _number(int, lambda v: v >= 0, "a whole number >= 0")  # a seed, or a count where 0 means none
+# a ridge λ: NaN, infinity or a negative value build a store whose every TRAK answer is meaningless
+_non_negative_float = _number(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")  # a share of the training set
 
 
 def _methods(text: str) -> list[str]:
