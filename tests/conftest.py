@@ -6,7 +6,9 @@ tests that change a store work on a copy (:func:`copy_store`).
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,21 @@ MODELS_FILE = TESTS / "tiny_models.py"
 CNN_SPEC = f"{MODELS_FILE}:tiny_cnn"
 MLP_SPEC = f"{MODELS_FILE}:tiny_mlp"
 SLOW_SPEC = f"{MODELS_FILE}:slow_cnn"
+
+
+def slow_build_cmd(data: Path, ckpts: list[Path], out: Path, proj_dim: int = 64) -> list[str]:
+    """``influence build`` in a subprocess on the slowed CNN (tracin only, 32-row chunks): for kill/lock tests."""
+    cmd = [sys.executable, "-m", "influence", "build", "--model", SLOW_SPEC, "--data", str(data), "--out", str(out),
+           "--chunk-rows", "32", "--batch-size", "16", "--proj-dim", str(proj_dim), "--method", "tracin"]
+    for c in ckpts:
+        cmd += ["--checkpoint", str(c)]
+    return cmd
+
+
+def slow_build_env(delay: float) -> dict[str, str]:
+    """The environment of a ``slow_build_cmd`` subprocess: ``delay`` seconds per batch, one thread, this checkout."""
+    return os.environ | {"INFLUENCE_TEST_DELAY": str(delay), "OMP_NUM_THREADS": "1",
+                         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 # One thread: the machine is shared and small; oversubscribed OpenMP threads make tiny convolutions 50× slower.
 torch.set_num_threads(1)

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 import influence
 import tiny_models
-from conftest import BATCH, CHUNK, CNN_SPEC, MLP_SPEC, N_TRAIN, PROJ_DIM, REPO, SLOW_SPEC, trusted
+from conftest import BATCH, CHUNK, CNN_SPEC, MLP_SPEC, N_TRAIN, PROJ_DIM, SLOW_SPEC, slow_build_cmd, slow_build_env, trusted
 from influence.cli import main
 from influence.errors import StoreIncompleteError, StoreMismatchError
 
@@ -92,19 +91,6 @@ def test_query_top_k_equals_brute_force(session, digits, method):
 
 # ----------------------------------------------------------------------------- kill and resume
 
-def _build_cmd(data: Path, ckpts: list[Path], out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "influence", "build", "--model", SLOW_SPEC, "--data", str(data), "--out", str(out),
-           "--chunk-rows", "32", "--batch-size", "16", "--proj-dim", "64", "--method", "tracin"]
-    for c in ckpts:
-        cmd += ["--checkpoint", str(c)]
-    return cmd
-
-
-def _env(delay: float) -> dict[str, str]:
-    return os.environ | {"INFLUENCE_TEST_DELAY": str(delay), "OMP_NUM_THREADS": "1",
-                         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-
-
 def test_killed_build_resumes_byte_identical(digits, cnn_ckpts, tmp_path, capsys):
     n = 256  # 8 chunks of 32 rows per checkpoint
     data = tmp_path / "train256.npz"
@@ -113,7 +99,7 @@ def test_killed_build_resumes_byte_identical(digits, cnn_ckpts, tmp_path, capsys
     ckpts = cnn_ckpts.paths[:2]
     killed, clean = tmp_path / "killed", tmp_path / "clean"
 
-    proc = subprocess.Popen(_build_cmd(data, ckpts, killed), env=_env(0.05), cwd=tmp_path,
+    proc = subprocess.Popen(slow_build_cmd(data, ckpts, killed), env=slow_build_env(0.05), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first_flag = killed / "done" / "c0" / "c" / "0"  # written only after a whole chunk is
     deadline = time.monotonic() + 120
@@ -147,7 +133,7 @@ def test_killed_build_resumes_byte_identical(digits, cnn_ckpts, tmp_path, capsys
     kept_inode = kept.stat().st_ino  # zarr replaces a chunk file on every write: same inode = not rewritten
 
     # same command again: resumes (the OS released the dead writer's lock) and finishes
-    rerun = subprocess.run(_build_cmd(data, ckpts, killed), env=_env(0.0), cwd=tmp_path, capture_output=True, text=True)
+    rerun = subprocess.run(slow_build_cmd(data, ckpts, killed), env=slow_build_env(0.0), cwd=tmp_path, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert _status(killed) == "complete"
     assert not stale.exists()

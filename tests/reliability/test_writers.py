@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,22 +15,13 @@ import pytest
 import zarr
 
 import influence
-from conftest import BATCH, CHUNK, CNN_SPEC, PROJ_DIM, REPO, SLOW_SPEC
+from conftest import BATCH, CHUNK, CNN_SPEC, PROJ_DIM, slow_build_cmd, slow_build_env
 from index.store import LOCK_NAME, FeatureStore
 from influence.cli import main
 
 
 def _cmd(digits, ckpts, out: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "influence", "build", "--model", SLOW_SPEC, "--data", str(digits.train_npz),
-           "--out", str(out), "--chunk-rows", "32", "--batch-size", "16", "--proj-dim", "32", "--method", "tracin"]
-    for c in ckpts:
-        cmd += ["--checkpoint", str(c)]
-    return cmd
-
-
-def _env(delay: float) -> dict[str, str]:
-    return os.environ | {"INFLUENCE_TEST_DELAY": str(delay), "OMP_NUM_THREADS": "1",
-                         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    return slow_build_cmd(digits.train_npz, ckpts, out, proj_dim=32)
 
 
 def _status(out: Path) -> object:
@@ -64,7 +54,7 @@ def test_lock_is_checked_before_the_model_is_loaded(tmp_path, digits, cnn_ckpts,
 
 def test_second_build_on_a_new_store_is_refused_and_a_killed_holder_frees_it(tmp_path, digits, cnn_ckpts, capsys):
     out = tmp_path / "new"
-    first = subprocess.Popen(_cmd(digits, cnn_ckpts.paths[:1], out), env=_env(0.05), cwd=tmp_path,
+    first = subprocess.Popen(_cmd(digits, cnn_ckpts.paths[:1], out), env=slow_build_env(0.05), cwd=tmp_path,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for(out / "done" / "c0" / "zarr.json", first)  # the group and its arrays exist: creation is over
@@ -78,20 +68,20 @@ def test_second_build_on_a_new_store_is_refused_and_a_killed_holder_frees_it(tmp
         first.wait()
         first.stderr.close()
     # the OS dropped the dead holder's lock: the same command runs at once and resumes
-    rerun = subprocess.run(_cmd(digits, cnn_ckpts.paths[:1], out), env=_env(0.0), cwd=tmp_path, capture_output=True, text=True)
+    rerun = subprocess.run(_cmd(digits, cnn_ckpts.paths[:1], out), env=slow_build_env(0.0), cwd=tmp_path, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert _status(out) == "complete"
 
 
 def test_build_killed_as_the_store_appears_resumes(tmp_path, digits, cnn_ckpts):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(digits, cnn_ckpts.paths[:1], out), env=_env(0.05), cwd=tmp_path,
+    proc = subprocess.Popen(_cmd(digits, cnn_ckpts.paths[:1], out), env=slow_build_env(0.05), cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _wait_for(out / "zarr.json", proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    rerun = subprocess.run(_cmd(digits, cnn_ckpts.paths[:1], out), env=_env(0.0), cwd=tmp_path, capture_output=True, text=True)
+    rerun = subprocess.run(_cmd(digits, cnn_ckpts.paths[:1], out), env=slow_build_env(0.0), cwd=tmp_path, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert _status(out) == "complete"
     FeatureStore.open(out)
