@@ -24,6 +24,13 @@ def _cmd(digits, ckpts, out: Path) -> list[str]:
     return slow_build_cmd(digits.train_npz, ckpts, out, proj_dim=32)
 
 
+def _rerun_completes(digits, ckpts, out: Path, cwd: Path) -> None:
+    """The same command, run again at full speed, finishes the store."""
+    rerun = subprocess.run(_cmd(digits, ckpts.paths[:1], out), env=slow_build_env(0.0), cwd=cwd, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert _status(out) == "complete"
+
+
 def _status(out: Path) -> object:
     return json.loads((out / "zarr.json").read_text())["attributes"].get("status")
 
@@ -68,9 +75,7 @@ def test_second_build_on_a_new_store_is_refused_and_a_killed_holder_frees_it(tmp
         first.wait()
         first.stderr.close()
     # the OS dropped the dead holder's lock: the same command runs at once and resumes
-    rerun = subprocess.run(_cmd(digits, cnn_ckpts.paths[:1], out), env=slow_build_env(0.0), cwd=tmp_path, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr
-    assert _status(out) == "complete"
+    _rerun_completes(digits, cnn_ckpts, out, tmp_path)
 
 
 def test_build_killed_as_the_store_appears_resumes(tmp_path, digits, cnn_ckpts):
@@ -81,9 +86,7 @@ def test_build_killed_as_the_store_appears_resumes(tmp_path, digits, cnn_ckpts):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stderr.close()
-    rerun = subprocess.run(_cmd(digits, cnn_ckpts.paths[:1], out), env=slow_build_env(0.0), cwd=tmp_path, capture_output=True, text=True)
-    assert rerun.returncode == 0, rerun.stderr
-    assert _status(out) == "complete"
+    _rerun_completes(digits, cnn_ckpts, out, tmp_path)
     FeatureStore.open(out)
 
 
