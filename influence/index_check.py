@@ -8,7 +8,7 @@ opponents with −q. The exact reference scans the store's own rows, so no secon
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -79,17 +79,6 @@ def compare(
     return pro, opp, max(score_error(got_pro, ref_pro), score_error(got_opp, ref_opp))
 
 
-def exact_scan(session: "Influence", method: str) -> ExactScan:
-    """Exact search over the store's rows with ``method``'s scores (what a Flat build serves)."""
-    scorer, store = session.scorer(method), session.store
-
-    def blocks(q: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-        for s, e in store.iter_chunks():
-            yield s, scorer.train_scores(q, s, e)
-
-    return ExactScan(blocks, scorer.dim, store.n)
-
-
 def sample_queries(session: "Influence", data: "TestData", n: int, method: str, seed: int = 0) -> np.ndarray:
     """Query vectors of ``n`` seeded examples of ``data``, for their predicted class (``influence query``'s default)."""
     if n < 1:
@@ -117,6 +106,6 @@ def check_indexes(
         if not isinstance(index, SearchIndex) or records.get(m, {}).get("factory") == EXACT:
             continue
         q = sample_queries(session, data, queries, m, seed)
-        pro, opp, err = compare(index, exact_scan(session, m), q, ks)
+        pro, opp, err = compare(index, session.exact_scan(m), q, ks)
         out.append(IndexRecall(m, index.spec.factory, index.spec.rerank, len(q), pro, opp, err))
     return out

@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -262,22 +262,23 @@ class Influence:
             if rec.get("factory") == EXACT:
                 # Exact search scans the store's own float16 rows; a store built before this also holds a FAISS
                 # Flat copy (float32, per method), which gives the same answers and is left unused.
-                self._indexes[method] = ExactScan(self._train_scores(method), self.scorer(method).dim, self.store.n)
+                self._indexes[method] = self.exact_scan(method)
                 return self._indexes[method]
             # One FAISS thread: a query is a handful of vectors, and on a busy 2-core machine a second OpenMP
             # thread waiting to be scheduled made single queries ~4× slower (docs/BENCHMARKS.md, index table).
             self._indexes[method] = load_index(self.store.root / rec["path"], rec, vectors=self.scorer(method).train_rows, threads=1)
         return self._indexes[method]
 
-    def _train_scores(self, method: str) -> Callable[[np.ndarray], Iterator[tuple[int, np.ndarray]]]:
-        """``method``'s scores ⟨v_i, q⟩ one store chunk at a time, from the stored rows (what an exact scan ranks)."""
+    def exact_scan(self, method: str) -> ExactScan:
+        """Exact search with ``method``'s scores ⟨v_i, q⟩, one store chunk at a time from the stored rows (what a
+        Flat build serves, and the reference an approximate index is checked against)."""
         scorer = self.scorer(method)
 
         def blocks(q: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
             for s, e in self.store.iter_chunks():
                 yield s, scorer.train_scores(q, s, e)
 
-        return blocks
+        return ExactScan(blocks, scorer.dim, self.store.n)
 
     def _as_batch(self, inputs: Any) -> torch.Tensor:
         return as_batch(inputs, self.input_shape, single=True).to(self.device, torch.float32)

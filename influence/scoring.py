@@ -100,9 +100,19 @@ class ScoringMethod:
         the stored rows, times the per-row scales (what an exact search scans)."""
         rows, k = slice(start, stop), self.store.k
         out = np.zeros((len(q), stop - start), dtype=np.float32)
+        sq_norms = np.zeros(stop - start, dtype=np.float32) if self._needs_norms(start, stop) else None
         for j, c in enumerate(self.ckpts):
-            out += (q[:, j * k : (j + 1) * k] @ self.store.read_features(c, start, stop).T) * self._row_scale(c, rows)
+            phi, scale = self.store.read_features(c, start, stop), self._row_scale(c, rows)
+            out += (q[:, j * k : (j + 1) * k] @ phi.T) * scale
+            if sq_norms is not None:  # |v_i|² from the rows just read, not a second pass over the store
+                sq_norms += scale**2 * np.einsum("ij,ij->i", phi, phi)
+        if sq_norms is not None:
+            self._columns[("norm", f"{start}:{stop}")] = np.maximum(np.sqrt(sq_norms), EPS)
         return self._finish_scores(out, start, stop)
+
+    def _needs_norms(self, start: int, stop: int) -> bool:
+        """Whether ``train_scores`` should also record |v_i| for these rows (methods that normalise: Grad-Cos)."""
+        return False
 
     def train_rows(self, ids: np.ndarray) -> np.ndarray:
         """Train vectors of arbitrary rows: exact re-ranking of an approximate index's shortlist."""
@@ -178,12 +188,11 @@ class GradCos(TracIn, name="gradcos"):
         unit: np.ndarray = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)  # numpy's stubs: Any
         return unit
 
+    def _needs_norms(self, start: int, stop: int) -> bool:
+        return ("norm", f"{start}:{stop}") not in self._columns  # |v_i| before normalising, once per chunk: N floats
+
     def _finish_scores(self, scores: np.ndarray, start: int, stop: int) -> np.ndarray:
-        key = ("norm", f"{start}:{stop}")
-        if key not in self._columns:  # |v_i| before normalising, once per chunk: N floats in all
-            raw = np.concatenate([self._transform(c, self.store.read_features(c, start, stop), slice(start, stop)) for c in self.ckpts], axis=1)
-            self._columns[key] = np.maximum(np.linalg.norm(raw, axis=1), EPS)
-        cosines: np.ndarray = scores / self._columns[key]
+        cosines: np.ndarray = scores / self._columns[("norm", f"{start}:{stop}")]
         return cosines
 
     def query_vectors(self, feats: dict[str, np.ndarray], weights: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> np.ndarray:
