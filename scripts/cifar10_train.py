@@ -1,7 +1,9 @@
 """CIFAR-10 models and retrained ground truth, in a user's own plain-torch training loop (torch + numpy + pillow only).
 
-It is deliberately independent of the influence package: it is what a user runs before pointing ``influence build``
-at the checkpoints it saves. It reads the image folder written by ``scripts/cifar10_data.py`` (one sub-folder per
+Its training loop is plain torch; from the package it takes only the model layout (``influence.models``, torch
+alone) and the benchmark plan (``influence.evaluation.cifar10``, numpy and pillow), so it runs on a machine with torch
+but none of the package's other dependencies (``PYTHONPATH=.`` from the repository root). It is what a user runs
+before pointing ``influence build`` at the checkpoints it saves. It reads the image folder written by ``scripts/cifar10_data.py`` (one sub-folder per
 class, classes and files sorted by name: the same index ``influence build --data FOLDER`` uses) and trains, on as
 many worker processes as asked (all on one GPU when there is one), in this priority order:
 
@@ -39,45 +41,11 @@ from torch.nn import functional as F
 
 from influence.evaluation.cifar10 import (  # the shared plan (numpy and pillow only)
     CIFAR2, CLASSES, FLIP_RATES, FOLDS, PATCHES, SHORTCUT_SEEDS, SUBSET_PER_CLASS, apply_patch, flip_labels, read_folder,
-    shortcut_plan,
-    subset_ids,
+    shortcut_plan, subset_ids,
 )
+from influence.models import ResNet9  # the built-in layout, so `--model resnet9[-narrow]` loads the checkpoints
 
 
-# --- the models: the same module layout as influence.models (state-dict keys match the built-in names) -------------
-def _conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
-
-
-class _Residual(nn.Module):
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.block = nn.Sequential(_conv_bn(channels, channels), _conv_bn(channels, channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.block(x)
-
-
-class ResNet9(nn.Module):
-    """ResNet-9 (DAWNBench layout) with widths w, 2w, 4w, 8w: w = 64 is ``resnet9``, w = 16 ``resnet9-narrow``."""
-
-    def __init__(self, width: int = 64, num_classes: int = 10) -> None:
-        super().__init__()
-        w = width
-        self.net = nn.Sequential(
-            _conv_bn(3, w), _conv_bn(w, 2 * w, pool=True), _Residual(2 * w), _conv_bn(2 * w, 4 * w, pool=True),
-            _conv_bn(4 * w, 8 * w, pool=True), _Residual(8 * w), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
-            nn.Linear(8 * w, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-# --- data ----------------------------------------------------------------------------------------------------------
 # --- one training run ----------------------------------------------------------------------------------------------
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random 4-px reflect-padded crops and horizontal flips, per example, on the tensor's device."""
@@ -98,7 +66,7 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, epochs: int, seed: in
     """SGD (Nesterov, one-cycle linear schedule, wd 5e-4) on uint8 images; returns the model and kept checkpoints."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = ResNet9(width).to(x.device).to(memory_format=torch.channels_last)
+    model = ResNet9(width=width).to(x.device).to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
                           fused=x.device.type == "cuda")
     n = len(x)
