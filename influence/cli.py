@@ -30,7 +30,7 @@ from influence.demo.run import run_demo
 from influence.errors import BadSpecError, InfluenceError
 from influence.explain import explain
 from influence.features.projectors import ProjectorKind
-from influence.flag import KINDS, mislabel_method, run_flags
+from influence.flag import KINDS, mislabel_method, name_flags, run_flags
 from influence.data import Preprocessing
 from influence.loading import load_checkpoint, load_image, load_model, parse_model_args, read_image
 from influence.index_check import DEFAULT_KS, check_indexes
@@ -586,8 +586,8 @@ def _cmd_flag(args: argparse.Namespace) -> int:
     if test is None and args.kind == "all":
         kinds = ["mislabel"]
         print("flag: running the mislabel check only; harmful and shortcut need test images: pass --test SPEC", file=sys.stderr)
-    doc = _named_flags(session, run_flags(session, test, kinds=kinds, top=args.top, method=args.method, tfa=args.tfa,
-                                              progress=not args.json))
+    doc = name_flags(session, run_flags(session, test, kinds=kinds, top=args.top, method=args.method, tfa=args.tfa,
+                                        progress=not args.json))
     if args.json:
         print(json.dumps(doc))
         return 0
@@ -603,17 +603,6 @@ def _cmd_flag(args: argparse.Namespace) -> int:
     return 0
 
 
-def _named_flags(session: Influence, doc: dict[str, Any]) -> dict[str, Any]:
-    """Each flagged example gains ``label_name`` and ``path``, each shortcut ``class_name`` (existing keys kept)."""
-    for kind in ("mislabel", "harmful"):
-        for f in doc.get(kind, []):
-            f["label_name"], f["path"] = session.class_name(int(f["label"])), session.train_path(int(f["train_id"]))
-    for s in doc.get("shortcuts", []):
-        s["class_name"] = session.class_name(int(s["class"]))
-        s["paths"] = [session.train_path(int(i)) for i in s["train_ids"]]
-    return doc
-
-
 def _read_flags(path: str, session: Influence) -> dict[str, Any]:
     """An `influence flag --json` file, with names and paths added where it lacks them."""
     try:
@@ -622,7 +611,7 @@ def _read_flags(path: str, session: Influence) -> dict[str, Any]:
         raise BadSpecError(f"cannot read flags {path!r} ({e}); write them with `influence flag STORE --json > flags.json`") from None
     if not isinstance(doc, dict):
         raise BadSpecError(f"flags {path!r} hold a {type(doc).__name__}, not the JSON object `influence flag --json` writes")
-    return _named_flags(session, doc)
+    return name_flags(session, doc)
 
 
 def _cmd_repair(args: argparse.Namespace) -> int:

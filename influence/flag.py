@@ -151,6 +151,18 @@ def run_flags(
     return out
 
 
+def name_flags(session: Influence, doc: dict[str, Any]) -> dict[str, Any]:
+    """Each flagged example of a ``run_flags`` document (or a flags file) gains ``label_name`` and ``path``, each
+    shortcut ``class_name`` and ``paths``, in place; existing keys kept (what ``influence flag --json`` prints)."""
+    for kind in ("mislabel", "harmful"):
+        for f in doc.get(kind, []):
+            f["label_name"], f["path"] = session.class_name(int(f["label"])), session.train_path(int(f["train_id"]))
+    for s in doc.get("shortcuts", []):
+        s["class_name"] = session.class_name(int(s["class"]))
+        s["paths"] = [session.train_path(int(i)) for i in s["train_ids"]]
+    return doc
+
+
 def mislabel_method(session: Influence) -> str:
     """The self-influence method for mislabel ranking: TRAK when the store has it, else TracIn.
 

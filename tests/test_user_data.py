@@ -408,10 +408,10 @@ def test_model_args(user, tmp_path, capsys):
 
 
 def test_flag_documents_gain_names_and_paths(mixed_store):
-    from influence.cli import _named_flags
+    from influence.flag import name_flags
     from influence.query import Influence
 
-    doc = _named_flags(Influence.open(mixed_store, trust_store=True), {
+    doc = name_flags(Influence.open(mixed_store, trust_store=True), {
         "harmful": [{"train_id": 12, "label": 2, "score": 1.0}],
         "shortcuts": [{"class": 1, "box": [0, 0, 2, 2], "train_ids": [6, 7], "score": 0.5}],
     })
