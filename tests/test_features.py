@@ -196,6 +196,42 @@ def test_factorized_is_exact_at_full_layer_dims(jl_setup):
     assert make_projector(ProjectorSpec("factorized", full - 1, 0), model, names).dim < full
 
 
+def test_factorized_projection_is_p_out_g_p_in_transposed():
+    """A projected layer feature is P_out G P_inᵀ of the exact per-example gradient G (bias as G's last column).
+
+    Exercises the convolution that projects input patches without unfolding them: strides, padding, dilation, a
+    conv without bias, and a Linear head, against gradients from vmap (no hooks, no closed form).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, stride=2, padding=2, dilation=2, bias=False),
+        nn.ReLU(), nn.Conv2d(6, 5, (2, 3), stride=(1, 2)), nn.Flatten(), nn.LazyLinear(4),
+    )
+    x = torch.rand(5, 3, 12, 12, dtype=torch.float64)
+    model(x.float())
+    model = model.double().eval()
+    y = torch.randint(0, 4, (5,))
+    names = select_parameters(model, "all")
+    proj = make_projector(ProjectorSpec("factorized", 40, 3), model, names)
+    assert all(p_in is not None for _, p_in in proj.proj[:3])  # every conv takes the projected-patch path
+    feats = proj.featurize(model, TASK, names, x, y)
+    exact = per_example_grads(model, TASK, names, x, y)
+    sizes = {n: p.numel() for n, p in model.named_parameters()}
+    offset, blocks = 0, []
+    for (mname, mod, has_bias), (p_out, p_in) in zip(proj.layers, proj.proj):
+        g = exact[:, offset: offset + sizes[f"{mname}.weight"]].reshape(len(x), mod.weight.shape[0], -1)
+        offset += sizes[f"{mname}.weight"]
+        if has_bias:
+            g = torch.cat([g, exact[:, offset: offset + sizes[f"{mname}.bias"], None]], dim=2)
+            offset += sizes[f"{mname}.bias"]
+        if p_out is not None:
+            g = p_out.double() @ g
+        if p_in is not None:
+            g = g @ p_in.double().T
+        blocks.append(g.reshape(len(x), -1))
+    torch.testing.assert_close(feats, torch.cat(blocks, dim=1), atol=1e-10, rtol=1e-8)
+
+
 def test_none_projector_is_the_exact_gradient(jl_setup):
     model, names, _, x, y, exact, _ = jl_setup
     proj = make_projector(ProjectorSpec("none", 0, 0), model, names)
