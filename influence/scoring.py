@@ -249,7 +249,13 @@ class TRAK(ScoringMethod, name="trak"):
         return self._inv[ckpt]
 
     def _row_scale(self, ckpt: str, rows: slice | np.ndarray) -> np.ndarray:
-        return 1.0 - self._column("prob", ckpt)[rows]
+        return self._q(ckpt)[rows]
+
+    def _q(self, ckpt: str) -> np.ndarray:
+        """TRAK's Q = 1 − p per row, read as −dℓ/dm = σ(−m): ``1 − prob`` rounds to 0 for well-fit rows in float32."""
+        if ("q", ckpt) not in self._columns:
+            self._columns[("q", ckpt)] = -self._column("loss_weight", ckpt)
+        return self._columns[("q", ckpt)]
 
     def query_vectors(self, feats: dict[str, np.ndarray], weights: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> np.ndarray:
         n = len(self.ckpts)
@@ -266,7 +272,7 @@ class TRAK(ScoringMethod, name="trak"):
                 inv = self.inverse(c)
                 for start, stop in self.store.iter_chunks():
                     phi = self.store.read_features(c, start, stop)
-                    q = 1.0 - self._column("prob", c)[start:stop]
+                    q = self._q(c)[start:stop]
                     # φᵢᵀ M φᵢ for a whole chunk as one matrix product (BLAS), not a per-row einsum contraction
                     out[start:stop] += ((phi @ inv) * phi).sum(1) * q / len(self.ckpts)
                     bar.update(stop - start)

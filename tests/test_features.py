@@ -86,6 +86,20 @@ def test_loss_gradient_is_loss_weight_times_output_gradient(model_name):
     torch.testing.assert_close(g_loss, w[:, None] * g_out, atol=ATOL, rtol=RTOL)
 
 
+def test_loss_weight_does_not_round_to_zero_for_a_well_fit_example():
+    """dℓ/dm = −σ(−m) stays non-zero where float32 softmax gives p = 1 (a memorised shortcut image)."""
+    task = ClassificationTask()
+    logits = torch.tensor([[40.0, 0.0, -3.0], [2.0, 1.0, 0.0]])
+    y = torch.tensor([0, 0])
+    assert task.probability(logits, y)[0].item() == 1.0  # the float32 rounding the weight must not inherit
+    weights = task.loss_weight(logits, y).double()
+    margin = task.output(logits, y).double()
+    assert torch.allclose(weights, -torch.sigmoid(-margin), rtol=1e-5)
+    assert weights[0].item() < 0.0 and math.isclose(weights[0].item(), -math.exp(-margin[0].item()), rel_tol=1e-4)
+    # where it does not round, it is the textbook −(1 − p)
+    assert math.isclose(weights[1].item(), -(1 - torch.softmax(logits[1].double(), 0)[0].item()), rel_tol=1e-5)
+
+
 def test_batchnorm_case_is_not_trivial():
     """Guard for the oracle test: the running statistics differ from batch statistics, so mixing modes would show."""
     model = _eval_model(MODELS["cnn-batchnorm"])

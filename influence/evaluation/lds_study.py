@@ -270,7 +270,7 @@ class LdsStudy:
                 session = Influence.open(out)
                 st = session.store
                 phi = [st.read_features(c).astype(np.float64) for c in st.checkpoint_ids]
-                q = [1.0 - st.column("prob", c).astype(np.float64) for c in st.checkpoint_ids]
+                q = [-st.column("loss_weight", c).astype(np.float64) for c in st.checkpoint_ids]
                 pt = []
                 for i in range(len(st.checkpoint_ids)):
                     net = session.model_at(i)

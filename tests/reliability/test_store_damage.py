@@ -78,11 +78,11 @@ def _answers(stdout: str) -> list:
     return [{k: v for k, v in r.items() if k != "search_ms"} for r in doc["results"]]
 
 
-@pytest.mark.parametrize("rel", ["features/c0/c/1/0", "labels/c/2", "loss_weight/c2/c/0", "prob/c1/c/0"])
-def test_cli_query_and_score_refuse_a_deleted_chunk(store, copy_store, digits, tmp_path, capsys, rel):
+@pytest.mark.parametrize("rel,method", [("features/c0/c/1/0", "tracin"), ("labels/c/2", "tracin"),
+                                        ("loss_weight/c2/c/0", "tracin"), ("loss_weight/c1/c/0", "trak")])
+def test_cli_query_and_score_refuse_a_deleted_chunk(store, copy_store, digits, tmp_path, capsys, rel, method):
     """``score`` reads every chunk: refused. ``query`` searches the (verified) FAISS index: it is refused when it
     needs the missing file, and otherwise must give exactly the intact store's answer."""
-    method = "trak" if rel.startswith("prob") else "tracin"
     query = ["query", None, "--data", digits.test_npz, "--ids", "0,1,2", "--method", method, "--json"]
     assert main(trusted([str(a) for a in [query[0], store, *query[2:]]])) == 0
     intact = _answers(capsys.readouterr().out)
