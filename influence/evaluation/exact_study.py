@@ -40,6 +40,20 @@ def gelu_mlp() -> torch.nn.Module:
     return net
 
 
+def smooth_cnn() -> torch.nn.Module:
+    """The digits CNN with GELU for ReLU and average for max pooling: the smooth ("metasmooth") variant, for the ablation."""
+    from influence.models import DigitsCNN
+
+    net = DigitsCNN()
+    for seq in (net.features, net.head):
+        for i, layer in enumerate(seq):
+            if isinstance(layer, torch.nn.ReLU):
+                seq[i] = torch.nn.GELU()
+            elif isinstance(layer, torch.nn.MaxPool2d):
+                seq[i] = torch.nn.AvgPool2d(2)
+    return net
+
+
 def fashion_mlp() -> torch.nn.Module:
     """The digits MLP's shape on 28×28 Fashion-MNIST: 784 → 128 → 128 → 10, ReLU."""
     from influence.models import DigitsMLP
@@ -48,6 +62,7 @@ def fashion_mlp() -> torch.nn.Module:
 
 
 MODELS = {"digits-mlp": "digits-mlp", "gelu-mlp": f"{Path(__file__).resolve()}:gelu_mlp", "digits-cnn": "digits-cnn",
+          "smooth-cnn": f"{Path(__file__).resolve()}:smooth_cnn",
           "fashion-mlp": f"{Path(__file__).resolve()}:fashion_mlp"}
 FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist (gzipped idx files)
 FASHION_TRAIN = 5000
