@@ -338,6 +338,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         from influence.query import describe_store
 
         timer = StageTimer()
+        timer.seconds["library_import"] = time.perf_counter() - t0  # torch, zarr and the pipeline, loaded after the lock
         path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
                      params=args.params, lr_weights=args.lr_weights, batch_size=args.batch_size, methods=args.method,
                      index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows,
