@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench_cifar10_build import _train_epoch_seconds
 from influence.evaluation.docs import write_section
+from influence.loading import load_model
 from influence.models import ResNet9
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -64,6 +64,24 @@ def _cli(args: list[str], cwd: Path) -> tuple[float, str]:
     if done.returncode != 0:
         sys.exit(f"`influence {' '.join(args)}` failed ({done.returncode}): {done.stderr[-2000:]}")
     return wall, done.stdout
+
+
+def _train_epoch_seconds(x: torch.Tensor, y: torch.Tensor, batch: int, reps: int) -> list[float]:
+    """Seconds of each of ``reps`` training epochs of ResNet-9 over (x, y) (forward + backward + SGD step), after one
+    warm-up epoch: the optimizer of scripts/bench_cifar10_build.py."""
+    torch.manual_seed(0)
+    model = ResNet9().train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    times = []
+    for _ in range(reps + 1):
+        start = time.perf_counter()
+        for b in range(0, len(x), batch):
+            loss = F.cross_entropy(model(x[b:b + batch]), y[b:b + batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - start)
+    return times[1:]
 
 
 def _shown(args: list[str], work: Path) -> str:
@@ -134,15 +152,12 @@ def _fashion(n_train: int, n_test: int, work: Path) -> tuple[Path, Path]:
 
 def _train_mlps(train: Path, models: int, epochs: int, work: Path) -> list[Path]:
     """``models`` MLPs trained independently (seeds 0..models-1), as TRAK's ensemble: the checkpoints a user has."""
-    sys.path.insert(0, str(work))
-    from mlp import factory  # type: ignore[import-not-found]
-
     with np.load(train) as f:
         x, y = torch.as_tensor(f["x"]).float().div(255).flatten(1), torch.as_tensor(f["y"])
     paths = []
     for seed in range(models):
         torch.manual_seed(seed)
-        model = factory()
+        model = load_model(f"{work / 'mlp.py'}:factory")  # the user's file, through the loader the CLI uses
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         for _ in range(epochs):
             order = torch.randperm(len(x))
