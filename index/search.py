@@ -16,13 +16,15 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-import faiss
 import numpy as np
 
 from index.atomic import atomic_write
 from index.errors import BadDataError, BadSpecError, IndexFileError, NonFiniteError, StoreDamagedError
+
+if TYPE_CHECKING:  # FAISS loads when an approximate index is built, saved or loaded: exact search never needs it
+    import faiss
 
 VectorReader = Callable[[np.ndarray], np.ndarray]
 """Maps sorted unique int64 ids to their float32 rows, e.g. a read from the zarr store."""
@@ -89,6 +91,8 @@ def _faiss_threads(n: int | None) -> Iterator[None]:
     The setting is process-wide, so concurrent searches from several Python threads
     should share one value.
     """
+    import faiss
+
     if n is None:
         yield
         return
@@ -298,6 +302,8 @@ def _check_k(k: int) -> int:
 
 
 def _set_search_params(index: faiss.Index, nprobe: int | None, efSearch: int | None) -> None:
+    import faiss
+
     ps = faiss.ParameterSpace()
     for name, value in (("nprobe", nprobe), ("efSearch", efSearch)):
         if value is None:
@@ -326,6 +332,8 @@ def build_index(
     ``factory`` is a FAISS factory string ("Flat" is exact; "IVF1024,Flat", "HNSW32",
     "SQ8", "IVF1024,PQ64" are approximate and need ``train_sample`` if they train).
     """
+    import faiss
+
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim <= 0:
         raise BadSpecError(f"dim must be a positive integer; got {dim!r}")
     if isinstance(rerank, bool) or not isinstance(rerank, (int, np.integer)) or rerank < 0:
@@ -368,6 +376,8 @@ def _skip_polysemous_training(index: faiss.Index) -> None:
     never uses, and it made training IVF64,PQ64 on 10k x 512 take minutes instead of
     seconds here. Distances and results are the same without it.
     """
+    import faiss
+
     parts = [faiss.downcast_index(index)]
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
@@ -403,6 +413,8 @@ def save_index(index: SearchIndex, path: str | Path) -> dict[str, Any]:
     The record (path, size, sha256, spec) is what ``load_index`` checks the file against.
     Bytes are hashed as FAISS writes them, so no second copy of the index is held.
     """
+    import faiss
+
     path = Path(path)
     digest = hashlib.sha256()
     size = 0
@@ -440,6 +452,8 @@ def load_index(
     the file size, so a damaged file gives IndexFileError, not a crash or a
     runaway allocation.
     """
+    import faiss
+
     path = Path(path)
     if not isinstance(expected, dict) or "size" not in expected or "sha256" not in expected:
         raise IndexFileError(f"no valid record for index file {path}: {expected!r}")

@@ -4,7 +4,7 @@ zarr writes each chunk file atomically but knows nothing of a build as a
 whole, so the store adds:
 status first (``building`` before any data, ``complete`` last); chunk, then
 its ``done`` flag, and readers trust flags, never array shapes; a crc32c codec
-on feature arrays; one writer at a time through an OS lock; and a sweep of
+on feature arrays; one writer at a time through an OS lock (``index.lock``); and a sweep of
 stale temp files (zarr's ``*.partial``, ``index.atomic``'s ``.*.tmp``) on resume.
 
 Completion writes a digest manifest (``index.integrity``): every data file's size and
@@ -18,11 +18,10 @@ the last complete state (served while a writer works) never see them change.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import secrets
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator, SupportsInt
@@ -32,19 +31,28 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from index import integrity
-from index.errors import BadSpecError, StoreDamagedError, StoreIncompleteError, StoreLockedError, StoreMismatchError
+from index.errors import BadSpecError, StoreDamagedError, StoreIncompleteError, StoreMismatchError
+from index.lock import LOCK_NAME as LOCK_NAME  # re-exported: the lock lives in index.lock (stdlib only)
+from index.lock import _check_out_dir, _WriterLock
+from index.lock import writer_lock as writer_lock
 
 FORMAT_VERSION = 1
-LOCK_NAME = ".influence.lock"
 FEATURE_DTYPES = ("float16", "float32")  # what feature arrays may be stored as (float16 is the default)
 
 
-def _as_float32(rows: Any) -> np.ndarray:
+_FAISS_DECODE_MIN = 1 << 24
+"""Stored values (rows × k × checkpoints) from which FAISS's fp16 decoder repays its import (tens of ms) on a scan."""
+
+
+def _as_float32(rows: Any, store_values: int = _FAISS_DECODE_MIN) -> np.ndarray:
     """Stored rows as float32. float16 goes through FAISS's vectorised fp16 decoder: the same values as numpy's
-    cast, several times faster (every scan of the store converts all of its rows)."""
+    cast, several times faster (every scan of the store converts all of its rows). A small store (``store_values``
+    below ``_FAISS_DECODE_MIN``) uses numpy's cast unless FAISS is loaded already: a query then never imports FAISS."""
     a = np.asarray(rows)
     if a.dtype != np.float16 or a.ndim != 2 or a.size == 0:
         return np.array(a, dtype=np.float32)  # a copy: callers never share rows a store keeps in memory
+    if store_values < _FAISS_DECODE_MIN and "faiss" not in sys.modules:
+        return a.astype(np.float32)
     import faiss  # loaded on first use, like index.search: opening a store does not need it
 
     codes = np.ascontiguousarray(a).view(np.uint8)
@@ -55,93 +63,6 @@ def _as_float32(rows: Any) -> np.ndarray:
 class StoreStatus(str, Enum):
     BUILDING = "building"
     COMPLETE = "complete"
-
-
-_HELD: dict[str, list[int]] = {}
-"""Lock files this process holds, as path -> [fd, depth]. ``flock`` belongs to one open file, so a
-second take in the same process (the CLI locks before ``build`` opens the store) must reuse it."""
-
-
-class _WriterLock:
-    """``fcntl.flock`` on ``<store>/.influence.lock``: released by the OS the moment the holder dies.
-
-    The store group is created without ``mode="w"`` (which deletes the folder), so creating the
-    store never removes the lock file that guards it.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.path = root / LOCK_NAME
-        self.key = str(self.path.resolve())
-        if self.key in _HELD:
-            _HELD[self.key][1] += 1
-            return
-        for _ in range(100):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                raise StoreLockedError(
-                    f"store {root} is locked by pid {holder} (another build is writing it); wait for it to finish"
-                ) from None
-            try:
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the file was removed by a holder cleaning up between our open and flock: retry
-        else:
-            raise StoreLockedError(f"store {root}: could not take the writer lock {self.path}; try again")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        _HELD[self.key] = [fd, 1]
-
-    def release(self, remove: bool = False) -> None:
-        """Drop one hold; the last one unlocks (``remove``: and deletes the lock file first, still locked)."""
-        held = _HELD.get(self.key)
-        if held is None:
-            return
-        held[1] -= 1
-        if held[1] == 0:
-            del _HELD[self.key]
-            if remove:
-                self.path.unlink(missing_ok=True)
-            fcntl.flock(held[0], fcntl.LOCK_UN)
-            os.close(held[0])
-
-
-def _check_out_dir(root: Path) -> None:
-    """``--out`` must be absent, an empty folder, or an influence store (checked before any file is made)."""
-    if root.exists() and not root.is_dir():
-        raise BadSpecError(f"--out {root} exists and is not a directory; choose a new path")
-    if root.is_dir() and not (root / "zarr.json").is_file():
-        if any(p.name != LOCK_NAME for p in root.iterdir()):
-            raise BadSpecError(f"--out {root} is a non-empty directory that is not an influence store; choose a new path")
-
-
-@contextlib.contextmanager
-def writer_lock(path: str | os.PathLike[str]) -> Iterator[None]:
-    """Hold the store's writer lock for the block (creating the folder if needed); refuses a held one at once.
-
-    The CLI takes it right after parsing arguments, before loading the model and data, so a second
-    writer is refused in its first second rather than after start-up.
-    """
-    root = Path(path)
-    _check_out_dir(root)
-    created = not root.exists()
-    root.mkdir(parents=True, exist_ok=True)
-    lock = _WriterLock(root)
-    try:
-        yield
-    finally:
-        # A run refused before it created the store leaves no folder behind (others re-check the inode).
-        empty = created and not (root / "zarr.json").exists() and all(p.name == LOCK_NAME for p in root.iterdir())
-        lock.release(remove=empty)
-        if empty:
-            with contextlib.suppress(OSError):
-                root.rmdir()
 
 
 class FeatureStore:
@@ -310,6 +231,11 @@ class FeatureStore:
         raise StoreDamagedError(f"store {self.root} has checkpoints={records!r} in its manifest, not a list of records; rebuild it")
 
     @property
+    def _values(self) -> int:
+        """Feature values the store holds (rows × k × checkpoints): how much a full scan decodes."""
+        return self.n * self.k * len(self.checkpoints)
+
+    @property
     def checkpoint_ids(self) -> list[str]:
         return [c["id"] for c in self.checkpoints]
 
@@ -408,14 +334,15 @@ class FeatureStore:
             if self._kept_bytes + raw.nbytes <= self._keep_bytes:
                 self._kept[key] = raw
                 self._kept_bytes += raw.nbytes
-        return _as_float32(raw)
+        return _as_float32(raw, self._values)
 
     def read_rows(self, ckpt: str, ids: np.ndarray) -> np.ndarray:
         """Features of arbitrary rows (for exact re-ranking of an approximate shortlist)."""
         ids = np.asarray(ids, dtype=np.int64)
         if ids.size and (ids.min() < 0 or ids.max() >= self.n):
             raise StoreIncompleteError(f"row ids out of range [0, {self.n}) requested from store {self.root}")
-        return _as_float32(np.asarray(self._read(f"features/{ckpt}", ids, lambda a: a.get_orthogonal_selection((ids, slice(None))))))
+        return _as_float32(np.asarray(self._read(f"features/{ckpt}", ids, lambda a: a.get_orthogonal_selection((ids, slice(None))))),
+                           self._values)
 
     def column(self, name: str, ckpt: str | None = None, start: int = 0, stop: int | None = None) -> np.ndarray:
         key = name if ckpt is None else f"{name}/{ckpt}"

@@ -7,7 +7,6 @@ Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 internal
 from __future__ import annotations
 
 import argparse
-import inspect
 import errno
 import json
 import math
@@ -17,47 +16,26 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
-import numpy as np
-import torch
-
-from index.atomic import atomic_write
-from index.store import FEATURE_DTYPES, writer_lock
-from index.verify import verify_store
-from influence.attribution import METHODS as ATTRIBUTION_METHODS
-from influence.attribution import run_attribute
-from influence.demo.retrain import run_repair
-from influence.demo.run import run_demo
+from influence import _cli_defaults
 from influence.errors import BadSpecError, InfluenceError
-from influence.explain import explain
-from influence.features.projectors import ProjectorKind
-from influence.flag import KINDS, mislabel_method, name_flags, run_flags
-from influence.data import Preprocessing
-from influence.loading import load_checkpoint, load_image, load_model, parse_model_args, read_image
-from influence.index_check import DEFAULT_KS, check_indexes
-from influence.pipeline import StageTimer, build
-from influence.query import Influence, Influencer, QueryResult, TestData, data_spec_runs_code, describe_store
-from influence.recipe import Recipe
-from influence.repair import ACTIONS, MASK_SCOPES
-from influence.scoring import METHOD_NAMES
-from influence.tfa import DEFAULT_TFA, TFA_METHODS
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the commands import what they use when they run: parsing, --help and usage errors load no torch
+    import numpy as np
     from torch import nn
+
+    from influence.data import Preprocessing
+    from influence.query import Influence, Influencer, QueryResult, TestData
 
 
 def _choices(family: str) -> list[str]:
-    """CLI choices, read from where each family is defined: the one place to adapt when a registry changes."""
-    families: dict[str, Any] = {
-        "scoring": METHOD_NAMES, "attribution": sorted(ATTRIBUTION_METHODS), "tfa": sorted(TFA_METHODS),
-        "flag-kind": KINDS, "projector": [k.value for k in ProjectorKind], "dtype": FEATURE_DTYPES,
-        "repair-action": ACTIONS, "mask-scope": MASK_SCOPES,
-    }
-    return list(families[family])
+    """CLI choices: copies of the registries' names (``influence._cli_defaults``, tested equal to them)."""
+    return _cli_defaults.choices(family)
 
 
-def _default(fn: Callable[..., Any], name: str) -> Any:
-    """The default of ``fn``'s parameter ``name``: the CLI takes the API's own, so the two cannot drift apart."""
-    return inspect.signature(fn).parameters[name].default
+def _default(api: str, name: str) -> Any:
+    """The default of API function ``api``'s parameter ``name``: a copy tested equal to its signature's, so the two
+    cannot drift apart (``influence._cli_defaults``)."""
+    return _cli_defaults.default(api, name)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,11 +136,15 @@ def _store_args(p: argparse.ArgumentParser) -> None:
 
 def _open(args: argparse.Namespace, device: str | None = None) -> Influence:
     """The store named by ``args.store``, opened with the model the user chose (see ``_store_args``)."""
+    from influence.query import Influence
+
     kw: dict[str, Any] = {} if device is None else {"device": device}
     return Influence.open(args.store, model=args.model, trust_store=args.trust_store, **kw)
 
 
 def _preprocessing(args: argparse.Namespace) -> Preprocessing:
+    from influence.data import Preprocessing
+
     return Preprocessing(mean=None if args.mean is None else tuple(args.mean), std=None if args.std is None else tuple(args.std),
                          size=args.size, channels=args.channels)
 
@@ -174,9 +156,9 @@ def _parser() -> _Parser:
     sub.required = True
 
     d = sub.add_parser("demo", help="train the digits demo (label noise + patch shortcut), build, and explain its errors")
-    d.add_argument("--out", default=_default(run_demo, "out"), help="output folder (default: %(default)s)")
-    d.add_argument("--seed", type=_non_negative_int, default=_default(run_demo, "seed"))
-    d.add_argument("--k", type=_positive_int, default=_default(run_demo, "k"), help="influencers to print per misclassified image")
+    d.add_argument("--out", default=_default("run_demo", "out"), help="output folder (default: %(default)s)")
+    d.add_argument("--seed", type=_non_negative_int, default=_default("run_demo", "seed"))
+    d.add_argument("--k", type=_positive_int, default=_default("run_demo", "k"), help="influencers to print per misclassified image")
     d.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
     b = sub.add_parser("build", help="extract per-example gradient features into a store and build its FAISS indexes")
@@ -184,23 +166,23 @@ def _parser() -> _Parser:
     b.add_argument("--data", required=True, help="built-in name, image folder, .npz with x and y, or module:function")
     b.add_argument("--checkpoint", action="append", required=True, help="a state dict (.pt or .safetensors); repeat for TracInCP")
     b.add_argument("--out", required=True, help="store folder (re-run the same command to resume; add checkpoints to extend)")
-    b.add_argument("--projector", choices=_choices("projector"), default=_default(build, "projector"))
-    b.add_argument("--proj-dim", type=_positive_int, default=_default(build, "proj_dim"), help="projected dimension k per checkpoint (default %(default)s)")
-    b.add_argument("--params", default=_default(build, "params"), help="all | last:N | comma-separated parameter or module names")
-    b.add_argument("--lr-weights", type=_floats, default=_default(build, "lr_weights"), help="learning rate per checkpoint (default 1 each)")
-    b.add_argument("--batch-size", type=_positive_int, default=_default(build, "batch_size"))
-    b.add_argument("--method", type=_methods, default=list(_default(build, "methods")),
+    b.add_argument("--projector", choices=_choices("projector"), default=_default("build", "projector"))
+    b.add_argument("--proj-dim", type=_positive_int, default=_default("build", "proj_dim"), help="projected dimension k per checkpoint (default %(default)s)")
+    b.add_argument("--params", default=_default("build", "params"), help="all | last:N | comma-separated parameter or module names")
+    b.add_argument("--lr-weights", type=_floats, default=_default("build", "lr_weights"), help="learning rate per checkpoint (default 1 each)")
+    b.add_argument("--batch-size", type=_positive_int, default=_default("build", "batch_size"))
+    b.add_argument("--method", type=_methods, default=list(_default("build", "methods")),
                    help=f"methods to index (default: all of {','.join(methods)})")
-    b.add_argument("--index", default=_default(build, "index_factory"), help="FAISS index factory string (default %(default)s: exact)")
-    b.add_argument("--rerank", type=_non_negative_int, default=_default(build, "rerank"),
+    b.add_argument("--index", default=_default("build", "index_factory"), help="FAISS index factory string (default %(default)s: exact)")
+    b.add_argument("--rerank", type=_non_negative_int, default=_default("build", "rerank"),
                    help="approximate --index only: shortlist re-ranked exactly from the store (default %(default)s; 0: none)")
-    b.add_argument("--seed", type=_non_negative_int, default=_default(build, "seed"), help="projection seed")
-    b.add_argument("--dtype", choices=_choices("dtype"), default=_default(build, "dtype"), help="feature storage type")
-    b.add_argument("--trak-lambda", type=_non_negative_float, default=_default(build, "trak_lambda"),
+    b.add_argument("--seed", type=_non_negative_int, default=_default("build", "seed"), help="projection seed")
+    b.add_argument("--dtype", choices=_choices("dtype"), default=_default("build", "dtype"), help="feature storage type")
+    b.add_argument("--trak-lambda", type=_non_negative_float, default=_default("build", "trak_lambda"),
                    help="TRAK ridge λ relative to trace(ΦᵀΦ)/k (default %(default)s, measured best)")
-    b.add_argument("--chunk-rows", type=_positive_int, default=_default(build, "rows_per_chunk"),
+    b.add_argument("--chunk-rows", type=_positive_int, default=_default("build", "rows_per_chunk"),
                    help="rows per store chunk (rounded to a multiple of the batch size)")
-    b.add_argument("--device", default=_default(build, "device"))
+    b.add_argument("--device", default=_default("build", "device"))
     b.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="keyword argument for the model factory (repeatable; values are Python literals or strings)")
     b.add_argument("--classes", type=_names, default=None,
@@ -217,11 +199,11 @@ def _parser() -> _Parser:
     c.add_argument("--queries", type=_positive_int, default=200, help="examples sampled from --data as queries (default %(default)s)")
     c.add_argument("--method", type=_methods, default=None, help="methods to check (default: all the store has)")
     c.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed")
-    c.add_argument("--device", default=_default(Influence.open, "device"))
+    c.add_argument("--device", default=_default("Influence.open", "device"))
     c.add_argument("--json", action="store_true")
 
-    for name, helptext, api in (("query", "top proponents and opponents of test images", Influence.query),
-                                ("score", "the full (n_train, n_test) score matrix", Influence.scores)):
+    for name, helptext, api in (("query", "top proponents and opponents of test images", "Influence.query"),
+                                ("score", "the full (n_train, n_test) score matrix", "Influence.scores")):
         q = sub.add_parser(name, help=helptext)
         q.add_argument("store")
         _store_args(q)
@@ -232,7 +214,7 @@ def _parser() -> _Parser:
         q.add_argument("--method", choices=methods, default=_default(api, "method"))
         q.add_argument("--target", default=None, help="class to explain: a class name or index, 'label' (true label) or 'predicted' (default)")
         q.add_argument("--label", default=None, help="true class of --image (name or index): opponents then answer what pulled it away")
-        q.add_argument("--device", default=_default(Influence.open, "device"))
+        q.add_argument("--device", default=_default("Influence.open", "device"))
         _preprocessing_args(q, build=False)
         if name == "query":
             q.add_argument("--k", type=_positive_int, default=_default(api, "k"))
@@ -262,15 +244,15 @@ def _parser() -> _Parser:
     src.add_argument("--image", help="an image file (png, jpg, ...) or .npy array")
     src.add_argument("--data", help="DATA SPEC of test examples")
     e.add_argument("--ids", type=_ids, default=None, help="comma-separated example ids in --data (default: the misclassified ones)")
-    e.add_argument("--k", type=_positive_int, default=_default(explain, "k"))
-    e.add_argument("--method", choices=["auto", *methods], default=_default(explain, "method"),
+    e.add_argument("--k", type=_positive_int, default=_default("explain", "k"))
+    e.add_argument("--method", choices=["auto", *methods], default=_default("explain", "method"),
                    help="auto (default): proponents and opponents by TracIn, plus the Grad-Cos proponents (finds shortcuts)")
     e.add_argument("--target", default=None, help="class to explain: a class name or index, 'label' or 'predicted' (default)")
     e.add_argument("--label", default=None, help="true class of --image (name or index)")
     _preprocessing_args(e, build=False)
-    e.add_argument("--attribution", default=_default(explain, "attribution"),
+    e.add_argument("--attribution", default=_default("explain", "attribution"),
                    help="pixel attribution method (see `influence attribute --help`; default %(default)s)")
-    e.add_argument("--tfa", default=_default(explain, "tfa"), choices=tfas, help=f"map on training images (default {DEFAULT_TFA}, the measured best)")
+    e.add_argument("--tfa", default=_default("explain", "tfa"), choices=tfas, help=f"map on training images (default {_cli_defaults.DEFAULT_TFA}, the measured best)")
     e.add_argument("--out", default=None, help="folder for an HTML report with PNG figures")
     e.add_argument("--flags", default=None, help="`influence flag --json` output: the report's summary shows its mislabels and shortcuts")
     e.add_argument("--exact", action="store_true",
@@ -283,10 +265,10 @@ def _parser() -> _Parser:
     _store_args(f)
     f.add_argument("--test", default=None, help="DATA SPEC of test images (their failures drive harmful and shortcut)")
     f.add_argument("--kind", choices=[*_choices("flag-kind"), "all"], default="all")
-    f.add_argument("--top", type=_positive_int, default=_default(run_flags, "top"))
-    f.add_argument("--method", choices=methods, default=_default(run_flags, "method"),
+    f.add_argument("--top", type=_positive_int, default=_default("run_flags", "top"))
+    f.add_argument("--method", choices=methods, default=_default("run_flags", "method"),
                    help="override the measured defaults: trak for mislabel, tracin for harmful, gradcos for shortcut")
-    f.add_argument("--tfa", default=_default(run_flags, "tfa"), choices=tfas, help=f"map on training images for shortcut search (default {DEFAULT_TFA})")
+    f.add_argument("--tfa", default=_default("run_flags", "tfa"), choices=tfas, help=f"map on training images for shortcut search (default {_cli_defaults.DEFAULT_TFA})")
     _preprocessing_args(f, build=False)
     f.add_argument("--json", action="store_true")
 
@@ -294,15 +276,15 @@ def _parser() -> _Parser:
     r.add_argument("store", nargs="?", default=None, help="a store: write cleaned training data for it (omit for the demo loop)")
     _store_args(r)
     r.add_argument("--flags", default=None, help="with STORE: `influence flag --json` output to act on")
-    r.add_argument("--out", default=None, help=f"with STORE: output folder; without: a finished `influence demo` folder (default {_default(run_repair, 'demo_dir')})")
-    r.add_argument("--action", choices=_choices("repair-action"), default=_default(run_repair, "action"), help="what to do with flagged mislabels")
-    r.add_argument("--fraction", type=_fraction, default=_default(run_repair, "mislabel_fraction"),
+    r.add_argument("--out", default=None, help=f"with STORE: output folder; without: a finished `influence demo` folder (default {_default('run_repair', 'demo_dir')})")
+    r.add_argument("--action", choices=_choices("repair-action"), default=_default("run_repair", "action"), help="what to do with flagged mislabels")
+    r.add_argument("--fraction", type=_fraction, default=_default("run_repair", "mislabel_fraction"),
                    help="share of training examples flagged as mislabels (default %(default)s)")
-    r.add_argument("--mask-scope", choices=_choices("mask-scope"), default=_default(run_repair, "mask_scope"),
+    r.add_argument("--mask-scope", choices=_choices("mask-scope"), default=_default("run_repair", "mask_scope"),
                    help="mask the shortcut box on the flagged images only, or on every image of its class (default %(default)s)")
-    r.add_argument("--method", choices=methods, default=_default(run_repair, "method"),
+    r.add_argument("--method", choices=methods, default=_default("run_repair", "method"),
                    help="self-influence used to flag mislabels (default: as `influence flag`, trak when the store has it, else tracin)")
-    r.add_argument("--seed", type=_non_negative_int, default=_default(run_repair, "seed"))
+    r.add_argument("--seed", type=_non_negative_int, default=_default("run_repair", "seed"))
     r.add_argument("--json", action="store_true")
 
     a = sub.add_parser("attribute", help="pixel attribution map on one image")
@@ -310,7 +292,7 @@ def _parser() -> _Parser:
     a.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the model factory (repeatable)")
     a.add_argument("--checkpoint", required=True)
     a.add_argument("--image", required=True)
-    a.add_argument("--method", default=_default(run_attribute, "method"),
+    a.add_argument("--method", default=_default("run_attribute", "method"),
                    help=f"{' | '.join(_choices('attribution'))}, or var:BASE (default %(default)s)")
     a.add_argument("--target", type=_non_negative_int, default=None)
     a.add_argument("--size", type=_size, default=None, help="resize the image to H,W (default: keep its size)")
@@ -326,6 +308,8 @@ def _emit(doc: Any, as_json: bool, text: str) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from influence.demo.run import run_demo
+
     summary = run_demo(args.out, seed=args.seed, k=args.k, log=sys.stderr, listing=sys.stderr if args.json else sys.stdout,
                        progress=not args.json)
     if args.json:
@@ -344,10 +328,17 @@ def _process_seconds() -> float | None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    from index.lock import writer_lock  # stdlib only: a second writer is refused before torch or zarr load
+
     startup = _process_seconds()
-    timer = StageTimer()
     t0 = time.perf_counter()
     with writer_lock(args.out):  # taken before the model and data load: a second writer is refused at once
+        from influence.loading import parse_model_args
+        from influence.pipeline import StageTimer, build
+        from influence.query import describe_store
+
+        timer = StageTimer()
+        timer.seconds["library_import"] = time.perf_counter() - t0  # torch, zarr and the pipeline, loaded after the lock
         path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
                      params=args.params, lr_weights=args.lr_weights, batch_size=args.batch_size, methods=args.method,
                      index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows,
@@ -366,6 +357,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_index_check(args: argparse.Namespace) -> int:
+    from influence.index_check import check_indexes
+    from influence.query import data_spec_runs_code
+
     session = _open(args, args.device)
     spec = args.data if args.data is not None else session.store.attrs.get("data_spec")
     if spec is None:
@@ -374,7 +368,7 @@ def _cmd_index_check(args: argparse.Namespace) -> int:
         raise BadSpecError(f"store {args.store} records data spec {spec!r}, which is code and is not imported unless you "
                            f"ask: pass --data SPEC, or --trust-store if you trust this store")
     results = check_indexes(session, session.test_data(spec), queries=args.queries, methods=args.method, seed=args.seed)
-    doc = {"store": str(args.store), "data": str(spec), "ks": list(DEFAULT_KS), "indexes": [r.to_json() for r in results]}
+    doc = {"store": str(args.store), "data": str(spec), "ks": list(_cli_defaults.DEFAULT_KS), "indexes": [r.to_json() for r in results]}
     text = "\n".join(r.line() for r in results) or "every index of this store is exact (Flat): nothing to check"
     _emit(doc, args.json, text)
     return 0
@@ -382,6 +376,11 @@ def _cmd_index_check(args: argparse.Namespace) -> int:
 
 def _queries(args: argparse.Namespace, session: Influence) -> TestData:
     """--image (with an optional --label) or --data/--ids, read with the store's preprocessing and class names."""
+    import torch
+
+    from influence.loading import load_image
+    from influence.query import TestData
+
     if args.image:
         pre = session.preprocessing.replace(size=args.size, channels=args.channels)
         x = load_image(args.image, pre, session.input_shape)[None]
@@ -449,6 +448,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_self_influence(args: argparse.Namespace) -> int:
+    from influence.flag import mislabel_method
+
     session = _open(args)
     method = args.method or mislabel_method(session)  # the mislabel ranking's default, as in `flag`
     values = session.self_influence(method)
@@ -459,6 +460,10 @@ def _cmd_self_influence(args: argparse.Namespace) -> int:
 
 def _save_npy(path: str, value: np.ndarray) -> None:
     """Write atomically so an interrupted run never leaves a truncated array under the final name."""
+    import numpy as np
+
+    from index.atomic import atomic_write
+
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(target) as f:
@@ -466,6 +471,8 @@ def _save_npy(path: str, value: np.ndarray) -> None:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from influence.query import describe_store
+
     info = describe_store(args.store)
     lines = [f"{k}: {json.dumps(v)}" for k, v in info.items()]
     _emit(info, args.json, "\n".join(lines))
@@ -473,6 +480,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
+    from index.verify import verify_store
+
     verdicts = verify_store(args.store)
     failed = [v for v in verdicts if not v.ok]
     if args.json:
@@ -487,7 +496,11 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
+    import torch
+
+    from influence.attribution import run_attribute
     from influence.attribution._render import save_overlay
+    from influence.loading import load_checkpoint, load_model, parse_model_args, read_image
 
     model = load_checkpoint(load_model(args.model, parse_model_args(args.model_arg)), args.checkpoint)
     image = read_image(args.image, channels=_input_channels(model), size=args.size)
@@ -529,7 +542,10 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    from influence.report import write_report  # matplotlib: loaded only when a report is asked for
+    import torch
+
+    from influence.explain import explain
+    from influence.recipe import Recipe
 
     if args.exact and not args.recipe:
         raise BadSpecError("--exact needs --recipe RECIPE.json (the recipe.json that Recipe.train saved beside the checkpoints)")
@@ -557,6 +573,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         shortcut_images = {j: session.training_examples(sc["train_ids"][:8])[0] for j, sc in enumerate((flags or {}).get("shortcuts", []))}
         mis = [int(f["train_id"]) for f in (flags or {}).get("mislabel", [])][:8]
         mislabel_images = dict(zip(mis, session.training_examples(mis)[0])) if mis else {}
+        from influence.report import write_report  # matplotlib: loaded only when a report is asked for
+
         report = str(write_report(args.out, found, flags=flags, shortcut_images=shortcut_images, mislabel_images=mislabel_images))
     if args.json:
         print(json.dumps({"method": args.method, "report": report, "explanations": [e.to_json() for e in found]}))
@@ -577,6 +595,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 
 def _cmd_flag(args: argparse.Namespace) -> int:
+    from influence.flag import name_flags, run_flags
+
     session = _open(args)
     test = None
     if args.test:
@@ -605,6 +625,8 @@ def _cmd_flag(args: argparse.Namespace) -> int:
 
 def _read_flags(path: str, session: Influence) -> dict[str, Any]:
     """An `influence flag --json` file, with names and paths added where it lacks them."""
+    from influence.flag import name_flags
+
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -629,7 +651,9 @@ def _cmd_repair(args: argparse.Namespace) -> int:
         return 0
     if args.flags:
         raise BadSpecError("--flags is for `repair STORE`; the demo loop (no STORE) reads the demo folder's flags.json")
-    report = run_repair(args.out or _default(run_repair, "demo_dir"), mislabel_fraction=args.fraction, action=args.action, seed=args.seed,
+    from influence.demo.retrain import run_repair
+
+    report = run_repair(args.out or _default("run_repair", "demo_dir"), mislabel_fraction=args.fraction, action=args.action, seed=args.seed,
                         mask_scope=args.mask_scope, method=args.method, log=sys.stderr, progress=not args.json)
     if args.json:
         print(json.dumps(report))

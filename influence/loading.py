@@ -349,8 +349,6 @@ def read_image(path: str | os.PathLike[str], channels: int | None = None, size: 
 
     Without ``channels`` the file keeps its own: 1 for grayscale, 3 for colour (alpha dropped).
     """
-    from PIL import Image
-
     path = Path(path)
     if not path.is_file():
         raise BadDataError(f"image {path} does not exist")
@@ -365,6 +363,8 @@ def read_image(path: str | os.PathLike[str], channels: int | None = None, size: 
         if t.ndim != 3:
             raise BadDataError(f"image {path}: array must be (C, H, W) or (H, W), got {tuple(t.shape)}")
     else:
+        from PIL import Image  # loaded for image files only: a .npy query never needs it
+
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

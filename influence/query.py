@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -35,8 +35,10 @@ from influence.features.encoder import Checkpoint, QueryEncoder
 from influence.features.specs import resolve_task
 from influence.loading import BUILTIN_DATA, load_checkpoint, load_data, load_model, model_fingerprint
 from influence.models import BUILTIN_MODELS
-from influence.recipe import Recipe
 from influence.scoring import ScoringMethod, get_method
+
+if TYPE_CHECKING:
+    from influence.recipe import Recipe  # exact mode only: imported by influence.exact when it runs
 
 
 KEEP_FEATURE_BYTES = 2 << 30
