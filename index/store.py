@@ -167,13 +167,34 @@ class FeatureStore:
         self._files: dict[str, list[Any]] | None = None  # the verified manifest of a complete store opened to read
         self._snapshot: dict[str, Any] | None = None  # the last complete attributes, served while a writer extends
         self._fresh: set[str] = set()  # generations this writer made: no complete state names them, so they may go
+        self._unpinned = 0  # files the served state names that could not be opened to pin them
         self._pinned: dict[str, int] = {}  # generation file (relative path) -> descriptor held, shared-locked, by a reader
         weakref.finalize(self, _close_all, self._pinned)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> "FeatureStore":
+        """Open to read: a complete store, or (while a writer works) its last complete state.
+
+        A writer may switch states between our read of zarr.json and our reads of the files it names (the
+        manifest, headers, generations): when a check fails or a named file is gone and zarr.json has been
+        replaced meanwhile, the open starts again from the new zarr.json.
+        """
         root = Path(path)
+        for attempt in range(_OPEN_TRIES):
+            seen = _identity(root / "zarr.json")
+            try:
+                store = cls._open_once(root, allow_incomplete)
+            except (StoreDamagedError, StoreIncompleteError):
+                if attempt + 1 < _OPEN_TRIES and _identity(root / "zarr.json") != seen:
+                    continue
+                raise
+            if not store._unpinned or attempt + 1 == _OPEN_TRIES or _identity(root / "zarr.json") == seen:
+                return store
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_once(cls, root: Path, allow_incomplete: bool) -> "FeatureStore":
         if not (root / "zarr.json").is_file():
             raise StoreIncompleteError(f"{root} is not an influence store (no zarr.json); build one with `influence build`")
         try:
@@ -201,10 +222,16 @@ class FeatureStore:
         paths += [f"{m}/zarr.json" for m in matrices.values() if isinstance(m, str)] if isinstance(matrices, dict) else []
         for rel in paths:
             if isinstance(rel, str) and ".." not in rel.split("/") and rel not in self._pinned:
-                with contextlib.suppress(OSError):  # a missing file is reported when it is read
+                try:  # a missing file is reported when it is read
                     fd = os.open(self.root / rel, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                    self._pinned[rel] = fd
-                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused only while a sweep is deleting it
+                except OSError:
+                    self._unpinned += 1
+                    continue
+                self._pinned[rel] = fd
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:  # refused only while a sweep is deleting it
+                    self._unpinned += 1
 
     def index_file(self, rel: str) -> int | None:
         """The descriptor opened on ``rel`` (a FAISS file of the served state) when the store was opened, if any."""
@@ -612,6 +639,18 @@ def _unless_pinned(path: Path, delete: Callable[[], object]) -> None:
         delete()
     finally:
         os.close(fd)
+
+
+_OPEN_TRIES = 5
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which zarr.json this is: every write replaces the file, so a new write gives a new inode or mtime."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _close_all(fds: dict[str, int]) -> None:

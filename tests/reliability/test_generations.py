@@ -144,3 +144,30 @@ def test_a_session_reads_its_matrices_after_later_rebuilds_swept_them_from_the_s
     for lam in (0.01, 0.1, 10.0, 0.01):
         _build(root, digits, cnn_ckpts, methods=["trak"], trak_lambda=lam)
     np.testing.assert_array_equal(session.scores(digits.x_test[:3], method="trak"), want)
+
+
+def test_open_starts_again_when_two_states_were_switched_in_while_it_read(copy_store, digits, cnn_ckpts, monkeypatch):
+    """The manifest a reader's zarr.json names is deleted by two completions between the two reads: the open
+    sees zarr.json replaced and reads the new state, rather than refusing a store that is complete."""
+    from index import integrity, store as store_module
+
+    root = copy_store()
+    real = integrity.check_open
+    calls = []
+
+    busy = []
+
+    def racing(path, attrs, snapshot=False):
+        if not busy:  # the reader's own checks (the builds below open the store too)
+            calls.append(attrs[integrity.ATTR]["manifest"])
+        if len(calls) == 1 and not busy:
+            busy.append(True)
+            for factory in ("SQ8", "SQ4"):
+                _build(root, digits, cnn_ckpts, methods=["tracin"], index_factory=factory, rerank=0)
+            busy.clear()
+        return real(path, attrs, snapshot)
+
+    monkeypatch.setattr(store_module.integrity, "check_open", racing)
+    opened = FeatureStore.open(root)
+    assert len(calls) == 2 and calls[0] != calls[1] and not (root / calls[0]).exists()
+    assert opened.attrs["indexes"]["tracin"]["factory"] == "SQ4"
