@@ -5,7 +5,8 @@ own ``zarr.json``, so a deleted chunk or a flipped bit in the attributes (a seed
 learning-rate weight, a class count) would change answers silently. At completion the
 store writes ``.influence-manifest.<token>.json``: the sha256 of a canonical form of the
 answer-changing attributes, and the size and sha256 of every data file (FAISS files are
-covered by their own size and sha256 in the ``indexes`` attribute). The root attributes
+covered by their own size and sha256 in the ``indexes`` attribute; generations of matrices that the
+attributes no longer name are left out, so they can be swept). The root attributes
 then name the manifest and its sha256 in the same ``zarr.json`` write that sets
 ``status: complete``, so readers never see one without the other.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,12 @@ ATTR = "integrity"
 MANIFEST_PREFIX = ".influence-manifest."
 _UNCOVERED = ("status", ATTR)  # the attributes the manifest cannot cover: the ones written with it
 _SKIP_DIRS = ("faiss",)  # FAISS files: checked against their own records in the `indexes` attribute
+_GENERATION = re.compile(r"\.[0-9a-f]{8}$")  # `trak/c0.1a2b3c4d`: a matrix generation (FeatureStore.write_matrix)
+
+
+def is_generation(array: str) -> bool:
+    """Whether the array at ``array`` is one generation of a matrix (named ``<key>.<token>``)."""
+    return bool(_GENERATION.search(array))
 
 
 def attrs_digest(attrs: dict[str, Any]) -> str:
@@ -57,8 +65,15 @@ def data_files(root: Path) -> Iterator[str]:
 
 
 def write_manifest(root: Path, attrs: dict[str, Any]) -> dict[str, str]:
-    """Hash every data file and write a new manifest atomically; return the record for the root attributes."""
-    files = {rel: [(root / rel).stat().st_size, sha256_of(root / rel)] for rel in data_files(root)}
+    """Hash every data file and write a new manifest atomically; return the record for the root attributes.
+
+    Matrix generations the attributes do not name (superseded, or orphans of a killed write) are not state:
+    they are left out, so a later writer may sweep them without damaging this state.
+    """
+    matrices = attrs.get("matrices", {})
+    named = set(matrices.values()) if isinstance(matrices, dict) else set()
+    files = {rel: [(root / rel).stat().st_size, sha256_of(root / rel)] for rel in data_files(root)
+             if not (is_generation(_array_of(rel)) and _array_of(rel) not in named)}
     covered = {k: v for k, v in attrs.items() if k not in _UNCOVERED}
     body = json.dumps({"format": 1, "attrs_sha256": attrs_digest(attrs), "attrs": covered, "files": files},
                       sort_keys=True).encode()

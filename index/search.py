@@ -444,13 +444,15 @@ def load_index(
     vectors: VectorReader | None = None,
     *,
     threads: int | None = None,
+    opened: int | None = None,
 ) -> SearchIndex:
     """Load an index file after checking it against its record from ``save_index``.
 
     The file is hashed and deserialized through one open descriptor (a concurrent
     replace cannot swap it in between), with FAISS's per-vector allocation capped near
     the file size, so a damaged file gives IndexFileError, not a crash or a
-    runaway allocation.
+    runaway allocation. ``opened``: a descriptor already open on ``path`` (read from its start; the
+    caller keeps it), e.g. one a store opened with the state it serves, which a later sweep cannot take away.
     """
     import faiss
 
@@ -460,10 +462,11 @@ def load_index(
     spec = IndexSpec.from_dict(expected.get("spec"))
     rebuild = f"rebuild with `influence build ... --index {spec.factory}`"
     try:
-        f = open(path, "rb")
+        f = open(path, "rb") if opened is None else os.fdopen(os.dup(opened), "rb")
     except OSError as e:
         raise IndexFileError(f"index file {path} cannot be opened ({e.strerror}); {rebuild}") from None
     with f:
+        f.seek(0)
         size = os.fstat(f.fileno()).st_size
         if size != expected["size"] or _sha256(f) != expected["sha256"]:
             raise IndexFileError(

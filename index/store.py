@@ -11,20 +11,24 @@ Completion writes a digest manifest (``index.integrity``): every data file's siz
 sha256, and a digest of the answer-changing attributes. A complete store is checked
 against it on open (metadata, array headers, done flags) and on every read (each chunk
 file read must exist with its recorded size; the crc32c codec checks its bytes), so a
-deleted chunk is an error, never zarr's fill value. Matrices (TRAK's inverses) are written as
-a new generation beside the live one and switched in by one attribute write, so readers of
-the last complete state (served while a writer works) never see them change.
+deleted chunk is an error, never zarr's fill value. Matrices (TRAK's inverses, caches) and FAISS
+index files are written as a new generation beside the live one and switched in by one attribute
+write, so readers of the last complete state (served while a writer works) never see them change.
+Generations no state a reader may hold names are swept when the next writer starts (under its lock).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import sys
+import shutil
+import weakref
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator, SupportsInt
+from typing import TYPE_CHECKING, Any, Callable, Iterator, SupportsInt
 
 import numpy as np
 import zarr
@@ -36,8 +40,13 @@ from index.lock import LOCK_NAME as LOCK_NAME  # re-exported: the lock lives in 
 from index.lock import _check_out_dir, _WriterLock
 from index.lock import writer_lock as writer_lock
 
+if TYPE_CHECKING:
+    from index.search import SearchIndex
+
 FORMAT_VERSION = 1
 FEATURE_DTYPES = ("float16", "float32")  # what feature arrays may be stored as (float16 is the default)
+INDEX_DIR = "faiss"
+_INDEX_FILE = re.compile(r"^(?P<method>[^/.]+)(\.[0-9a-f]{8})?\.index(\.json)?$")  # <method>[.<token>].index[.json]
 
 
 _FAISS_DECODE_MIN = 1 << 24
@@ -78,11 +87,35 @@ class FeatureStore:
         self._keep_bytes = self._kept_bytes = 0
         self._files: dict[str, list[Any]] | None = None  # the verified manifest of a complete store opened to read
         self._snapshot: dict[str, Any] | None = None  # the last complete attributes, served while a writer extends
+        self._fresh: set[str] = set()  # generations this writer made: no complete state names them, so they may go
+        self._unpinned = 0  # files the served state names that could not be opened to pin them
+        self._pinned: dict[str, int] = {}  # generation file (relative path) -> descriptor held, shared-locked, by a reader
+        weakref.finalize(self, _close_all, self._pinned)
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> "FeatureStore":
+        """Open to read: a complete store, or (while a writer works) its last complete state.
+
+        A writer may switch states between our read of zarr.json and our reads of the files it names (the
+        manifest, headers, generations): when a check fails or a named file is gone and zarr.json has been
+        replaced meanwhile, the open starts again from the new zarr.json.
+        """
         root = Path(path)
+        for attempt in range(_OPEN_TRIES):
+            seen = _identity(root / "zarr.json")
+            try:
+                store = cls._open_once(root, allow_incomplete)
+            except (StoreDamagedError, StoreIncompleteError):
+                if attempt + 1 < _OPEN_TRIES and _identity(root / "zarr.json") != seen:
+                    continue
+                raise
+            if not store._unpinned or attempt + 1 == _OPEN_TRIES or _identity(root / "zarr.json") == seen:
+                return store
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_once(cls, root: Path, allow_incomplete: bool) -> "FeatureStore":
         if not (root / "zarr.json").is_file():
             raise StoreIncompleteError(f"{root} is not an influence store (no zarr.json); build one with `influence build`")
         try:
@@ -97,7 +130,33 @@ class FeatureStore:
             store._files = integrity.check_open(root, attrs)["files"]
         elif not allow_incomplete:
             store._serve_last_complete(attrs)
+        if store._files is not None:
+            store._pin_generations()
         return store
+
+    def _pin_generations(self) -> None:
+        """Hold the generations the served state names for as long as this handle lives: a shared ``flock`` on
+        each FAISS file and each matrix generation's header, which a writer's sweep will not delete (it takes an
+        exclusive one first). The FAISS file is also loaded through this descriptor (``index_file``)."""
+        indexes, matrices = self._meta.get("indexes", {}), self._meta.get("matrices", {})
+        paths = [r.get("path") for r in indexes.values() if isinstance(r, dict)] if isinstance(indexes, dict) else []
+        paths += [f"{m}/zarr.json" for m in matrices.values() if isinstance(m, str)] if isinstance(matrices, dict) else []
+        for rel in paths:
+            if isinstance(rel, str) and ".." not in rel.split("/") and rel not in self._pinned:
+                try:  # a missing file is reported when it is read
+                    fd = os.open(self.root / rel, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
+                    self._unpinned += 1
+                    continue
+                self._pinned[rel] = fd
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except OSError:  # refused only while a sweep is deleting it
+                    self._unpinned += 1
+
+    def index_file(self, rel: str) -> int | None:
+        """The descriptor opened on ``rel`` (a FAISS file of the served state) when the store was opened, if any."""
+        return self._pinned.get(rel)
 
     def _serve_last_complete(self, attrs: dict[str, Any]) -> None:
         """A store being extended or rebuilt keeps serving its last complete state, when that is still intact.
@@ -129,18 +188,16 @@ class FeatureStore:
                 group = zarr.open_group(str(root), mode="r+")
                 store = cls(root, group, lock)
                 if "format_version" not in group.attrs and _only_group_header(root):
-                    group.attrs.update(head)  # a writer killed right after creating the group: adopt it
+                    store.set_attrs(**head)  # a writer killed right after creating the group: adopt it
                 store._check_compatible(manifest)
                 store._sweep_partials()
+                store._sweep_generations()
             else:
                 # One write creates the group with its format and status (never mode="w": it deletes the lock file).
                 group = zarr.create_group(str(root), attributes=head)
                 store = cls(root, group, lock)
-            # Status first: nothing else is written before the store says it is building.
-            store.group.attrs.update(head)
-            for key, value in manifest.items():
-                if key != "checkpoints":
-                    store.group.attrs[key] = value
+            # Status first: nothing else is written before the store says it is building (one zarr.json write).
+            store.set_attrs(**head, **{key: value for key, value in manifest.items() if key not in ("checkpoints", *head)})
             return store
         except BaseException:
             lock.release()
@@ -187,7 +244,9 @@ class FeatureStore:
         return dict(self._meta)
 
     def set_attrs(self, **values: Any) -> None:
-        self.group.attrs.update(values)
+        """Set several attributes in ONE zarr.json write (``attrs.update`` writes the file once per key), so a
+        reader never sees some of them new and others old (a new status with the old manifest)."""
+        self.group.update_attributes(values)
 
     @property
     def status(self) -> str:
@@ -200,7 +259,7 @@ class FeatureStore:
                 raise StoreIncompleteError(f"cannot mark complete: {self.progress()}")
         # The manifest first, then one zarr.json write switches status and manifest together.
         record = integrity.write_manifest(self.root, self.attrs)
-        self.group.attrs.update({"status": StoreStatus.COMPLETE.value, integrity.ATTR: record})
+        self.set_attrs(**{"status": StoreStatus.COMPLETE.value, integrity.ATTR: record})
         integrity.sweep_manifests(self.root, keep=record["manifest"])
 
     def _int_attr(self, key: str) -> int:
@@ -363,23 +422,21 @@ class FeatureStore:
         """Write a new generation of ``key`` with its ``attrs``, then switch to it in one zarr.json write.
 
         The live generation stays untouched, so readers of the last complete state (whose attributes still
-        name it) keep reading it whole; older generations and orphans of killed writes are deleted.
+        name it) keep reading it whole. Only a generation this writer made itself is deleted when replaced
+        (no complete state names it); the rest wait for the sweep at the next writer's start.
         """
         live = self.matrix_key(key) if key in self._meta.get("matrices", {}) else None
         actual = f"{key}.{secrets.token_hex(4)}"
+        self._fresh.add(actual)
         self.group.create_array(actual, shape=value.shape, chunks=value.shape, dtype=value.dtype,
-                                compressors=[Crc32cCodec()], overwrite=True)
+                                compressors=[Crc32cCodec()], attributes=attrs or {}, overwrite=True)
         self._array(actual)[...] = value
-        if attrs:
-            self._array(actual).attrs.update(attrs)
-        self.group.attrs["matrices"] = {**self._meta.get("matrices", {}), key: actual}
-        parent, _, name = key.rpartition("/")
-        holder = self.group[parent] if parent else self.group
-        if isinstance(holder, zarr.Group):
-            for old in list(holder.array_keys()):
-                full = f"{parent}/{old}" if parent else old
-                if full.startswith(f"{key}.") and full not in (actual, live):
-                    del holder[old]
+        self.set_attrs(matrices={**self._meta.get("matrices", {}), key: actual})
+        if live is not None and live != actual and live in self._fresh:
+            parent, _, name = live.rpartition("/")
+            holder = self.group[parent] if parent else self.group
+            if isinstance(holder, zarr.Group) and name in holder:
+                del holder[name]
 
     def matrix_attrs(self, key: str) -> dict[str, Any] | None:
         """The attributes written with matrix ``key`` (None when there is no such matrix)."""
@@ -391,6 +448,9 @@ class FeatureStore:
     def read_matrix(self, key: str) -> np.ndarray:
         actual = self.matrix_key(key)
         if actual not in self.group:
+            if self._files is not None and f"{actual}/zarr.json" in self._files:
+                raise StoreDamagedError(f"store {self.root}: {actual}, which this session's state names, was swept by "
+                                        "later rebuilds since the session opened the store; open the store again")
             raise StoreIncompleteError(f"store {self.root} has no {key}; rebuild with the method that needs it")
         return self._read(actual, full=True)
 
@@ -418,9 +478,113 @@ class FeatureStore:
 
     @property
     def index_dir(self) -> Path:
-        d = self.root / "faiss"
+        d = self.root / INDEX_DIR
         d.mkdir(exist_ok=True)
         return d
+
+    def write_index(self, method: str, index: "SearchIndex | None", record: dict[str, Any]) -> dict[str, Any]:
+        """Write ``method``'s FAISS index as a new generation, then switch its record in by one zarr.json write.
+
+        The file is ``faiss/<method>.<token>.index`` (with the spec beside it), never the live one's name, so a
+        reader of the last complete state keeps loading the file its record names, with its size and sha256.
+        ``index`` None records an exact search with no file. Returns the record (``path``, ``size``, ``sha256``,
+        ``spec`` from the file, plus ``record``'s own keys).
+        """
+        if not _INDEX_FILE.match(f"{method}.index"):
+            raise BadSpecError(f"method name {method!r} cannot name an index file")
+        if index is not None:
+            from index.search import save_index  # FAISS is loaded on first use: opening a store does not need it
+
+            rel = f"{INDEX_DIR}/{method}.{secrets.token_hex(4)}.index"
+            self._fresh.add(rel)
+            saved = save_index(index, self.index_dir / rel.split("/", 1)[1])
+            record = {**saved, **record, "path": rel}
+        indexes = self._meta.get("indexes", {})
+        old = indexes.get(method) if isinstance(indexes, dict) else None
+        self.set_attrs(indexes={**(indexes if isinstance(indexes, dict) else {}), method: record})
+        old_path = old.get("path") if isinstance(old, dict) else None
+        if isinstance(old_path, str) and old_path in self._fresh and old_path != record.get("path"):
+            for p in (self.root / old_path, self.root / f"{old_path}.json"):
+                p.unlink(missing_ok=True)
+        return record
+
+    def _named_generations(self) -> set[str] | None:
+        """Matrix generations and index files that a state a reader may hold names: the live attributes and the
+        attribute copies in the manifests kept (the last complete state and the one before). None if one cannot
+        be read: then nothing is deleted."""
+        states = [dict(self.group.attrs)]
+        for p in self.root.glob(f"{integrity.MANIFEST_PREFIX}*.json"):
+            try:
+                states.append(json.loads(p.read_bytes())["attrs"])
+            except (OSError, ValueError, KeyError, TypeError):
+                return None
+        named: set[str] = set()
+        for attrs in states:
+            if not isinstance(attrs, dict):
+                return None
+            matrices, indexes = attrs.get("matrices", {}), attrs.get("indexes", {})
+            if not isinstance(matrices, dict) or not isinstance(indexes, dict):
+                return None
+            named.update(v for v in matrices.values() if isinstance(v, str))
+            named.update(r["path"] for r in indexes.values() if isinstance(r, dict) and isinstance(r.get("path"), str))
+        return named
+
+    def _sweep_generations(self) -> None:
+        """Delete matrix generations and FAISS files no kept state names (a writer starting, under the lock).
+
+        Superseded generations wait here rather than at the switch, so readers opened on the state before keep
+        them through the next build; orphans of a killed writer (never switched in) go too.
+        """
+        named = self._named_generations()
+        if named is None:
+            return
+        for header in sorted(self.root.rglob("zarr.json")):
+            array = header.parent.relative_to(self.root).as_posix()
+            if integrity.is_generation(array) and array not in named:
+                _unless_pinned(header, lambda: shutil.rmtree(header.parent, ignore_errors=True))
+        d = self.root / INDEX_DIR
+        if d.is_dir():
+            for p in sorted(d.iterdir()):
+                rel = f"{INDEX_DIR}/{p.name.removesuffix('.json')}"
+                if p.is_file() and _INDEX_FILE.match(p.name) and rel not in named:
+                    _unless_pinned(self.root / rel, lambda: p.unlink(missing_ok=True))
+
+
+def _unless_pinned(path: Path, delete: Callable[[], object]) -> None:
+    """``delete()`` holding an exclusive ``flock`` on ``path``; skipped while a reader pins the file (shared lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        delete()  # nothing left to pin (a header-less orphan, or a spec file whose index is gone)
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return  # a session still reads this generation: left for a later sweep
+    try:
+        delete()
+    finally:
+        os.close(fd)
+
+
+_OPEN_TRIES = 5
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which zarr.json this is: every write replaces the file, so a new write gives a new inode or mtime."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def _close_all(fds: dict[str, int]) -> None:
+    for fd in fds.values():
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    fds.clear()
 
 
 def _only_group_header(root: Path) -> bool:

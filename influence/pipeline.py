@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from index.atomic import atomic_write
-from index.search import EXACT, IndexSpec, build_index, save_index
+from index.search import EXACT, IndexSpec, build_index
 from index.store import FEATURE_DTYPES, FeatureStore
 from influence.data import Preprocessing, batch_of, fingerprint_dataset
 from influence.errors import BadDataError, BadSpecError, InfluenceError, NonFiniteError, StoreMismatchError
@@ -268,8 +268,7 @@ def build(
             indexes = dict(store.attrs.get("indexes", {}))
             for m in methods:
                 if not (m in indexes and _same_index(indexes[m], index_factory, rerank)):
-                    indexes[m] = build_method_index(store, m, index_factory, seed=seed, rerank=rerank)
-                    store.set_attrs(indexes=indexes)
+                    build_method_index(store, m, index_factory, seed=seed, rerank=rerank)  # switched in as it is written
                 bar.update()
                 clock.lap(INDEXES)
         store.mark_complete()
@@ -349,14 +348,16 @@ def _check_checkpoints(out: Path, known: list[dict[str, Any]], records: list[dic
 def build_method_index(
     store: FeatureStore, method: str, factory: str = "Flat", seed: int = 0, rerank: int = RERANK,
 ) -> dict[str, Any]:
-    """Stream a method's train vectors into a FAISS index, save it atomically, return its record.
+    """Stream a method's train vectors into a FAISS index, write it as a new generation and switch its record in
+    (``FeatureStore.write_index``); return the record.
 
     The exact default ("Flat") builds nothing: queries scan the store's own rows (``index.search.ExactScan``),
     which gives the same top-k as a float32 ``IndexFlatIP`` copy without holding one per method.
     """
     scorer = get_method(method)(store)
     if factory == EXACT:
-        return {"factory": EXACT, "search": "store", "spec": IndexSpec(EXACT, "ip", scorer.dim, store.n).to_dict()}
+        exact = {"factory": EXACT, "search": "store", "spec": IndexSpec(EXACT, "ip", scorer.dim, store.n).to_dict()}
+        return store.write_index(method, None, exact)
     # a seeded uniform sample for training IVF/PQ, gathered chunk by chunk (memory: the sample)
     rng = np.random.default_rng(seed)
     ids = np.sort(rng.choice(store.n, size=min(store.n, TRAIN_SAMPLE), replace=False))
@@ -369,10 +370,7 @@ def build_method_index(
     index = build_index((scorer.train_vectors(s, e) for s, e in store.iter_chunks()), dim=scorer.dim,
                         factory=factory, train_sample=sample, rerank=rerank,
                         nprobe=NPROBE if "IVF" in factory else None, efSearch=EF_SEARCH if "HNSW" in factory else None)
-    record = save_index(index, store.index_dir / f"{method}.index")
-    record["factory"] = factory
-    record["path"] = f"faiss/{method}.index"
-    return record
+    return store.write_index(method, index, {"factory": factory})
 
 
 def _check_batch(x: torch.Tensor, y: torch.Tensor, shape: tuple[int, ...], num_classes: int, offset: int) -> None:

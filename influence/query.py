@@ -268,7 +268,8 @@ class Influence:
                 return self._indexes[method]
             # One FAISS thread: a query is a handful of vectors, and on a busy 2-core machine a second OpenMP
             # thread waiting to be scheduled made single queries ~4× slower (docs/BENCHMARKS.md, index table).
-            self._indexes[method] = load_index(self.store.root / rec["path"], rec, vectors=self.scorer(method).train_rows, threads=1)
+            self._indexes[method] = load_index(self.store.root / rec["path"], rec, vectors=self.scorer(method).train_rows,
+                                               threads=1, opened=self.store.index_file(rec["path"]))
         return self._indexes[method]
 
     def exact_scan(self, method: str) -> ExactScan:
