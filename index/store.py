@@ -32,7 +32,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from index import integrity
-from index.errors import BadSpecError, StoreDamagedError, StoreIncompleteError, StoreLockedError, StoreMismatchError
+from index.errors import BadSpecError, InfluenceError, StoreDamagedError, StoreIncompleteError, StoreLockedError, StoreMismatchError
 
 FORMAT_VERSION = 1
 LOCK_NAME = ".influence.lock"
@@ -112,12 +112,30 @@ class _WriterLock:
             os.close(held[0])
 
 
+def _is_temp(name: str) -> bool:
+    """A temp file a killed writer leaves: zarr's ``*.partial``, ``atomic_write``'s ``.*.tmp``."""
+    return name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _sweep_temp(root: Path) -> None:
+    """Remove the temp files a killed writer left under ``root`` (the caller holds the lock)."""
+    for pattern in ("*.partial", ".*.tmp"):
+        for p in root.rglob(pattern):
+            if p.is_file():
+                p.unlink(missing_ok=True)
+
+
 def _check_out_dir(root: Path) -> None:
-    """``--out`` must be absent, an empty folder, or an influence store (checked before any file is made)."""
+    """``--out`` must be absent, an empty folder, or an influence store (checked before any file is made).
+
+    A folder holding only our lock file and temp files is a first build killed before its group header
+    was renamed into place: it is resumed, not refused.
+    """
     if root.exists() and not root.is_dir():
         raise BadSpecError(f"--out {root} exists and is not a directory; choose a new path")
     if root.is_dir() and not (root / "zarr.json").is_file():
-        if any(p.name != LOCK_NAME for p in root.iterdir()):
+        others = [p.name for p in root.iterdir() if p.name != LOCK_NAME]
+        if others and not ((root / LOCK_NAME).is_file() and all(_is_temp(n) for n in others)):
             raise BadSpecError(f"--out {root} is a non-empty directory that is not an influence store; choose a new path")
 
 
@@ -208,18 +226,16 @@ class FeatureStore:
                 group = zarr.open_group(str(root), mode="r+")
                 store = cls(root, group, lock)
                 if "format_version" not in group.attrs and _only_group_header(root):
-                    group.attrs.update(head)  # a writer killed right after creating the group: adopt it
+                    group.update_attributes(head)  # a writer killed right after creating the group: adopt it
                 store._check_compatible(manifest)
                 store._sweep_partials()
             else:
+                _sweep_temp(root)  # a first build killed before its group header was in place
                 # One write creates the group with its format and status (never mode="w": it deletes the lock file).
                 group = zarr.create_group(str(root), attributes=head)
                 store = cls(root, group, lock)
-            # Status first: nothing else is written before the store says it is building.
-            store.group.attrs.update(head)
-            for key, value in manifest.items():
-                if key != "checkpoints":
-                    store.group.attrs[key] = value
+            # One zarr.json write says building and records the build's spec: nothing is written before it.
+            store.set_attrs(**{**{key: value for key, value in manifest.items() if key != "checkpoints"}, **head})
             return store
         except BaseException:
             lock.release()
@@ -250,10 +266,7 @@ class FeatureStore:
 
     def _sweep_partials(self) -> None:
         """Remove temp files a killed writer leaves behind: zarr's ``*.partial``, ``atomic_write``'s ``.*.tmp`` (we hold the lock)."""
-        for pattern in ("*.partial", ".*.tmp"):
-            for p in self.root.rglob(pattern):
-                if p.is_file():
-                    p.unlink(missing_ok=True)
+        _sweep_temp(self.root)
 
     # ------------------------------------------------------------------ manifest
     @property
@@ -266,7 +279,8 @@ class FeatureStore:
         return dict(self._meta)
 
     def set_attrs(self, **values: Any) -> None:
-        self.group.attrs.update(values)
+        """All of ``values`` in one zarr.json write (``attrs.update`` writes the file once per key)."""
+        self.group.update_attributes(values)
 
     @property
     def status(self) -> str:
@@ -278,9 +292,11 @@ class FeatureStore:
             if not self.done(ckpt).all():
                 raise StoreIncompleteError(f"cannot mark complete: {self.progress()}")
         # The manifest first, then one zarr.json write switches status and manifest together.
-        record = integrity.write_manifest(self.root, self.attrs)
-        self.group.attrs.update({"status": StoreStatus.COMPLETE.value, integrity.ATTR: record})
-        integrity.sweep_manifests(self.root, keep=record["manifest"])
+        previous = self.group.attrs.get(integrity.ATTR)
+        record = integrity.write_manifest(self.root, self.attrs, previous=previous)
+        self.set_attrs(status=StoreStatus.COMPLETE.value, **{integrity.ATTR: record})
+        if record != previous:  # a re-run that changed nothing keeps the store as it was, older manifest included
+            integrity.sweep_manifests(self.root, keep=record["manifest"], previous=previous)
 
     def _int_attr(self, key: str) -> int:
         value = self._meta[key]
@@ -321,8 +337,12 @@ class FeatureStore:
         return start, min(self.n, start + self.rows_per_chunk)
 
     def progress(self) -> str:
-        total = self.n_chunks() * max(1, len(self.checkpoints))
-        done = sum(int(self.done(c).sum()) for c in self.checkpoint_ids) if self.checkpoints else 0
+        """How far a build got, for messages; a build killed before it recorded its sizes or arrays says so."""
+        try:
+            total = self.n_chunks() * max(1, len(self.checkpoints))
+            done = sum(int(self.done(c).sum()) for c in self.checkpoint_ids) if self.checkpoints else 0
+        except (KeyError, InfluenceError):
+            return f"no chunk written yet, status {self.status}"
         return f"{done}/{total} chunks written, status {self.status}"
 
     # ------------------------------------------------------------------ arrays
@@ -444,7 +464,7 @@ class FeatureStore:
                                 compressors=[Crc32cCodec()], overwrite=True)
         self._array(actual)[...] = value
         if attrs:
-            self._array(actual).attrs.update(attrs)
+            self._array(actual).update_attributes(attrs)
         self.group.attrs["matrices"] = {**self._meta.get("matrices", {}), key: actual}
         parent, _, name = key.rpartition("/")
         holder = self.group[parent] if parent else self.group
@@ -498,4 +518,4 @@ class FeatureStore:
 
 def _only_group_header(root: Path) -> bool:
     """True when ``root`` holds nothing but the group's zarr.json (and the lock): a store killed at creation."""
-    return all(p.name in ("zarr.json", LOCK_NAME) or p.name.endswith((".tmp", ".partial")) for p in root.iterdir())
+    return all(p.name in ("zarr.json", LOCK_NAME) or _is_temp(p.name) for p in root.iterdir())
