@@ -13,6 +13,7 @@ then name the manifest and its sha256 in the same ``zarr.json`` write that sets
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -64,11 +65,13 @@ def data_files(root: Path) -> Iterator[str]:
         yield rel.as_posix()
 
 
-def write_manifest(root: Path, attrs: dict[str, Any]) -> dict[str, str]:
+def write_manifest(root: Path, attrs: dict[str, Any], previous: Any = None) -> dict[str, str]:
     """Hash every data file and write a new manifest atomically; return the record for the root attributes.
 
     Matrix generations the attributes do not name (superseded, or orphans of a killed write) are not state:
-    they are left out, so a later writer may sweep them without damaging this state.
+    they are left out, so a later writer may sweep them without damaging this state. When the manifest
+    ``previous`` (the last complete state's integrity record) names holds exactly these bytes, it is reused:
+    re-running a finished build leaves the store byte-identical.
     """
     matrices = attrs.get("matrices", {})
     named = set(matrices.values()) if isinstance(matrices, dict) else set()
@@ -77,17 +80,26 @@ def write_manifest(root: Path, attrs: dict[str, Any]) -> dict[str, str]:
     covered = {k: v for k, v in attrs.items() if k not in _UNCOVERED}
     body = json.dumps({"format": 1, "attrs_sha256": attrs_digest(attrs), "attrs": covered, "files": files},
                       sort_keys=True).encode()
+    digest = hashlib.sha256(body).hexdigest()
+    old = previous.get("manifest") if isinstance(previous, dict) else None
+    if isinstance(old, str) and old.startswith(MANIFEST_PREFIX) and "/" not in old and previous.get("sha256") == digest:
+        with contextlib.suppress(OSError):
+            if sha256_of(root / old) == digest:
+                return {"manifest": old, "sha256": digest}
     name = f"{MANIFEST_PREFIX}{secrets.token_hex(6)}.json"
     with atomic_write(root / name) as f:
         f.write(body)
-    return {"manifest": name, "sha256": hashlib.sha256(body).hexdigest()}
+    return {"manifest": name, "sha256": digest}
 
 
-def sweep_manifests(root: Path, keep: str) -> None:
-    """Delete old manifests but the newest previous one (a reader that read the old zarr.json may still want it)."""
-    old = sorted((p for p in root.glob(f"{MANIFEST_PREFIX}*.json") if p.name != keep), key=lambda p: p.stat().st_mtime)
-    for p in old[:-1]:
-        p.unlink(missing_ok=True)
+def sweep_manifests(root: Path, keep: str, previous: Any = None) -> None:
+    """Delete every manifest but ``keep`` and the one the previous complete state named (``previous``, its
+    integrity record): a reader that read the old zarr.json may still want that one. Manifests of builds
+    killed before their zarr.json write were never named, so no reader can want them."""
+    named = previous.get("manifest") if isinstance(previous, dict) else None
+    for p in root.glob(f"{MANIFEST_PREFIX}*.json"):
+        if p.name not in (keep, named):
+            p.unlink(missing_ok=True)
 
 
 def _damaged(root: Path, why: str) -> StoreDamagedError:

@@ -73,11 +73,17 @@ class _WriterLock:
 
 
 def _check_out_dir(root: Path) -> None:
-    """``--out`` must be absent, an empty folder, or an influence store (checked before any file is made)."""
+    """``--out`` must be absent, an empty folder, or an influence store (checked before any file is made).
+
+    A folder holding only our lock file and temp files is a first build killed before its group header
+    was renamed into place: it is resumed, not refused.
+    """
     if root.exists() and not root.is_dir():
         raise BadSpecError(f"--out {root} exists and is not a directory; choose a new path")
     if root.is_dir() and not (root / "zarr.json").is_file():
-        if any(p.name != LOCK_NAME for p in root.iterdir()):
+        others = [p.name for p in root.iterdir() if p.name != LOCK_NAME]
+        temp = all(n.endswith(".partial") or (n.startswith(".") and n.endswith(".tmp")) for n in others)
+        if others and not ((root / LOCK_NAME).is_file() and temp):
             raise BadSpecError(f"--out {root} is a non-empty directory that is not an influence store; choose a new path")
 
 

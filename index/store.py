@@ -19,6 +19,8 @@ Generations no state a reader may hold names are swept when the next writer star
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -35,7 +37,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from index import integrity
-from index.errors import BadSpecError, StoreDamagedError, StoreIncompleteError, StoreMismatchError
+from index.errors import BadSpecError, InfluenceError, StoreDamagedError, StoreIncompleteError, StoreMismatchError
 from index.lock import LOCK_NAME as LOCK_NAME  # re-exported: the lock lives in index.lock (stdlib only)
 from index.lock import _check_out_dir, _WriterLock
 from index.lock import writer_lock as writer_lock
@@ -72,6 +74,19 @@ def _as_float32(rows: Any, store_values: int = _FAISS_DECODE_MIN) -> np.ndarray:
 class StoreStatus(str, Enum):
     BUILDING = "building"
     COMPLETE = "complete"
+
+
+def _is_temp(name: str) -> bool:
+    """A temp file a killed writer leaves: zarr's ``*.partial``, ``atomic_write``'s ``.*.tmp``."""
+    return name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _sweep_temp(root: Path) -> None:
+    """Remove the temp files a killed writer left under ``root`` (the caller holds the lock)."""
+    for pattern in ("*.partial", ".*.tmp"):
+        for p in root.rglob(pattern):
+            if p.is_file():
+                p.unlink(missing_ok=True)
 
 
 class FeatureStore:
@@ -193,11 +208,12 @@ class FeatureStore:
                 store._sweep_partials()
                 store._sweep_generations()
             else:
+                _sweep_temp(root)  # a first build killed before its group header was in place
                 # One write creates the group with its format and status (never mode="w": it deletes the lock file).
                 group = zarr.create_group(str(root), attributes=head)
                 store = cls(root, group, lock)
-            # Status first: nothing else is written before the store says it is building (one zarr.json write).
-            store.set_attrs(**head, **{key: value for key, value in manifest.items() if key not in ("checkpoints", *head)})
+            # One zarr.json write says building and records the build's spec: nothing is written before it.
+            store.set_attrs(**{**{key: value for key, value in manifest.items() if key != "checkpoints"}, **head})
             return store
         except BaseException:
             lock.release()
@@ -228,10 +244,7 @@ class FeatureStore:
 
     def _sweep_partials(self) -> None:
         """Remove temp files a killed writer leaves behind: zarr's ``*.partial``, ``atomic_write``'s ``.*.tmp`` (we hold the lock)."""
-        for pattern in ("*.partial", ".*.tmp"):
-            for p in self.root.rglob(pattern):
-                if p.is_file():
-                    p.unlink(missing_ok=True)
+        _sweep_temp(self.root)
 
     # ------------------------------------------------------------------ manifest
     @property
@@ -258,9 +271,11 @@ class FeatureStore:
             if not self.done(ckpt).all():
                 raise StoreIncompleteError(f"cannot mark complete: {self.progress()}")
         # The manifest first, then one zarr.json write switches status and manifest together.
-        record = integrity.write_manifest(self.root, self.attrs)
-        self.set_attrs(**{"status": StoreStatus.COMPLETE.value, integrity.ATTR: record})
-        integrity.sweep_manifests(self.root, keep=record["manifest"])
+        previous = self.group.attrs.get(integrity.ATTR)
+        record = integrity.write_manifest(self.root, self.attrs, previous=previous)
+        self.set_attrs(status=StoreStatus.COMPLETE.value, **{integrity.ATTR: record})
+        if record != previous:  # a re-run that changed nothing keeps the store as it was, older manifest included
+            integrity.sweep_manifests(self.root, keep=record["manifest"], previous=previous)
 
     def _int_attr(self, key: str) -> int:
         value = self._meta[key]
@@ -306,8 +321,12 @@ class FeatureStore:
         return start, min(self.n, start + self.rows_per_chunk)
 
     def progress(self) -> str:
-        total = self.n_chunks() * max(1, len(self.checkpoints))
-        done = sum(int(self.done(c).sum()) for c in self.checkpoint_ids) if self.checkpoints else 0
+        """How far a build got, for messages; a build killed before it recorded its sizes or arrays says so."""
+        try:
+            total = self.n_chunks() * max(1, len(self.checkpoints))
+            done = sum(int(self.done(c).sum()) for c in self.checkpoint_ids) if self.checkpoints else 0
+        except (KeyError, InfluenceError):
+            return f"no chunk written yet, status {self.status}"
         return f"{done}/{total} chunks written, status {self.status}"
 
     # ------------------------------------------------------------------ arrays
@@ -589,4 +608,4 @@ def _close_all(fds: dict[str, int]) -> None:
 
 def _only_group_header(root: Path) -> bool:
     """True when ``root`` holds nothing but the group's zarr.json (and the lock): a store killed at creation."""
-    return all(p.name in ("zarr.json", LOCK_NAME) or p.name.endswith((".tmp", ".partial")) for p in root.iterdir())
+    return all(p.name in ("zarr.json", LOCK_NAME) or _is_temp(p.name) for p in root.iterdir())

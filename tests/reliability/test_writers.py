@@ -129,3 +129,23 @@ def test_resume_sweeps_stale_temp_files(copy_store, digits, cnn_ckpts):
 def test_kill_at_creation_resumes_repeatedly(tmp_path, digits, cnn_ckpts, trial):
     (tmp_path / str(trial)).mkdir()
     test_build_killed_as_the_store_appears_resumes(tmp_path / str(trial), digits, cnn_ckpts)
+
+
+def test_completion_is_one_zarr_json_write(copy_store, monkeypatch):
+    """Status and integrity record switch together: ``attrs.update`` would write zarr.json once per key, and a
+    kill in between left a store marked complete with no record (refused as damaged, though merely unfinished)."""
+    from zarr.storage import LocalStore
+
+    root = copy_store()
+    store = FeatureStore(root, zarr.open_group(str(root), mode="r+"))
+    writes: list[str] = []
+    put = LocalStore.set
+
+    async def counted(self, key, value):
+        writes.append(key)
+        await put(self, key, value)
+
+    monkeypatch.setattr(LocalStore, "set", counted)
+    store.mark_complete()
+    assert writes.count("zarr.json") == 1, writes
+    FeatureStore.open(root)
