@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from index.errors import BadDataError, NonFiniteError
+from index.errors import BadDataError, InfluenceError, NonFiniteError
+from index.search import ExactScan
 from index.store import FeatureStore
 
 PROPERTY = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -103,3 +104,40 @@ def test_write_chunk_takes_only_integer_labels_of_one_chunk(writer, labels):
     else:
         with pytest.raises(BadDataError, match="integer labels"):
             store.write_chunk(ckpt, 0, np.zeros((ROWS, K), np.float32), labels)
+
+
+# --------------------------------------------------------------------------- exact search
+
+
+def _check_top_k(scores: np.ndarray, ids: np.ndarray, ref: np.ndarray, mag: np.ndarray, k: int) -> None:
+    """``scores``/``ids`` are a right top-k of ``ref`` (float64 inner products) within float32 rounding (``mag``)."""
+    assert ids.shape == scores.shape == (len(ref), min(k, ref.shape[1]))
+    assert np.isfinite(scores).all()
+    for r in range(len(ref)):
+        tol = 1e-5 * mag[r].max() + 1e-30
+        np.testing.assert_allclose(scores[r], ref[r, ids[r]], rtol=0, atol=tol)
+        assert (np.diff(scores[r]) <= 0).all()
+        rest = np.setdiff1d(np.arange(ref.shape[1]), ids[r])
+        if rest.size:
+            assert ref[r, rest].max() <= scores[r].min() + 2 * tol
+
+
+@PROPERTY
+@given(q=arrays_of(st.sampled_from([(5,), (2, 5), (1, 5), (2, 4), (2, 5, 1), (0, 5)]), st.one_of(REAL_DTYPES, ODD_DTYPES)),
+       rows=hnp.arrays(np.float32, (7, 5), elements=st.floats(-1e6, 1e6, width=32)), k=st.integers(1, 9))
+def test_exact_scan_answers_right_or_refuses_the_query(q, rows, k):
+    scan = ExactScan.of_rows(lambda: iter([(0, rows[:4]), (4, rows[4:])]), 5, 7)
+    try:
+        scores, ids = scan.search(q, k)
+    except InfluenceError as e:
+        assert "\n" not in str(e)
+        q2 = q.reshape(1, -1) if q.ndim == 1 else q
+        bad_kind = q.dtype.kind not in "iuf" or q2.ndim != 2 or q2.shape[-1] != 5
+        if not bad_kind:  # a real query of the right shape is refused only for NaN, inf or float32 overflow
+            with np.errstate(over="ignore", invalid="ignore"):
+                q32 = q2.astype(np.float64)
+                assert not np.isfinite(q32).all() or (np.abs(q32) > F32_MAX).any() or not np.isfinite(
+                    q2.astype(np.float32) @ rows.T).all(), (q, str(e))
+        return
+    q64 = (q.reshape(1, -1) if q.ndim == 1 else q).astype(np.float32).astype(np.float64)
+    _check_top_k(scores, ids, q64 @ rows.astype(np.float64).T, np.abs(q64) @ np.abs(rows.astype(np.float64)).T, k)
