@@ -13,12 +13,13 @@ import math
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from index.errors import BadDataError, InfluenceError, NonFiniteError
 from index.search import ExactScan
 from index.store import FeatureStore
+from influence.scoring import GradCos
 
 PROPERTY = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 F16_MAX, F32_MAX = 65504.0, float(np.finfo(np.float32).max)
@@ -141,3 +142,59 @@ def test_exact_scan_answers_right_or_refuses_the_query(q, rows, k):
         return
     q64 = (q.reshape(1, -1) if q.ndim == 1 else q).astype(np.float32).astype(np.float64)
     _check_top_k(scores, ids, q64 @ rows.astype(np.float64).T, np.abs(q64) @ np.abs(rows.astype(np.float64)).T, k)
+
+
+# --------------------------------------------------------------------------- Grad-Cos norms
+
+
+class _Rows:
+    """The store reads ``GradCos.train_scores`` makes: features and loss weights of one checkpoint."""
+
+    def __init__(self, phi: np.ndarray, weights: np.ndarray) -> None:
+        self.phi, self.weights = phi, weights
+        self.k, self.n = phi.shape[1], phi.shape[0]
+        self.checkpoint_ids = ["c0"]
+        self.checkpoints = [{"id": "c0", "lr_weight": 1.0}]
+
+    def read_features(self, ckpt: str, start: int, stop: int) -> np.ndarray:
+        return self.phi[start:stop].astype(np.float32)
+
+    def column(self, name: str, ckpt: str) -> np.ndarray:
+        assert name == "loss_weight"
+        return self.weights
+
+
+MAGNITUDES = st.builds(lambda m, e: m * 10.0**e, st.floats(-9.99, 9.99), st.integers(-30, 38))
+
+
+@PROPERTY
+@given(phi=hnp.arrays(np.float16, (6, 4), elements=st.floats(-F16_MAX, F16_MAX, width=16)),
+       weights=hnp.arrays(np.float32, (6,), elements=MAGNITUDES.filter(lambda v: abs(v) <= F32_MAX).map(np.float32)),
+       q=hnp.arrays(np.float64, (2, 4), elements=st.floats(-1e3, 1e3)))
+def test_gradcos_cosines_are_right_whatever_the_row_norms(phi, weights, q):
+    """|v_i| = |w_i φ_i| up to 65504 · 3.4e38 · 2: its square overflows float32 (and float16's φ² overflows
+    float16); the cosines must still be right, or the scan refuses with NonFiniteError, never 0 or NaN."""
+    assume(np.linalg.norm(q, axis=1).min() > 1e-3)
+    method = GradCos(_Rows(phi, weights))  # type: ignore[arg-type]
+    qv = method._finish(q.astype(np.float32))
+    np.testing.assert_allclose(np.linalg.norm(qv.astype(np.float64), axis=1), 1, rtol=1e-5)
+    scan = ExactScan(lambda qq: iter([(0, method.train_scores(qq, 0, 3)), (3, method.train_scores(qq, 3, 6))]), 4, 6)
+    v = phi.astype(np.float64) * weights.astype(np.float64)[:, None]
+    norms = np.maximum(np.linalg.norm(v, axis=1), 1e-12)
+    ref = (qv.astype(np.float64) @ v.T) / norms
+    try:
+        scores, ids = scan.search(qv, 6)
+    except NonFiniteError:
+        # only when ⟨v_i, q⟩ itself is beyond float32 before the division
+        with np.errstate(over="ignore"):
+            assert (np.abs(qv.astype(np.float64) @ v.T) > F32_MAX / 2).any()
+        return
+    _check_top_k(scores, ids, ref, np.abs(qv.astype(np.float64)) @ (np.abs(v) / norms[:, None]).T, 6)
+
+
+def test_gradcos_norm_of_a_row_whose_square_overflows_float32():
+    """The case the property is about, spelled out: |v| = 1e20 (|v|² = 1e40 > float32's 3.4e38)."""
+    phi = np.array([[1.0, 0.0], [0.0, 1.0]], np.float16)
+    method = GradCos(_Rows(phi, np.array([1e20, 1.0], np.float32)))  # type: ignore[arg-type]
+    np.testing.assert_allclose(method.train_scores(np.array([[1.0, 0.0]], np.float32), 0, 2), [[1.0, 0.0]], rtol=1e-6)
+    np.testing.assert_allclose(method._finish(np.array([[3e19, 4e19]], np.float32)), [[0.6, 0.8]], rtol=1e-6)
