@@ -386,11 +386,18 @@ def read_image(path: str | os.PathLike[str], channels: int | None = None, size: 
             arr = np.load(path, allow_pickle=False)
         except Exception as e:
             raise BadDataError(f"image {path} is unreadable ({type(e).__name__})") from None
-        t = torch.as_tensor(np.asarray(arr, dtype=np.float32))
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "buif":  # strings would parse; complex would drop .imag
+            raise BadDataError(f"image {path}: array must hold real numbers, got {getattr(arr, 'dtype', type(arr).__name__)}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise BadDataError(f"image {path} contains NaN or inf")
+        with np.errstate(over="ignore"):
+            t = torch.as_tensor(np.asarray(arr, dtype=np.float32))
+        if not torch.isfinite(t).all():
+            raise BadDataError(f"image {path} has values beyond float32's range (|value| > 3.4e38)")
         if t.ndim == 2:
             t = t[None]
-        if t.ndim != 3:
-            raise BadDataError(f"image {path}: array must be (C, H, W) or (H, W), got {tuple(t.shape)}")
+        if t.ndim != 3 or 0 in t.shape:
+            raise BadDataError(f"image {path}: array must be (C, H, W) or (H, W) with no empty axis, got {tuple(arr.shape)}")
     else:
         _check_png_crcs(path)
         try:

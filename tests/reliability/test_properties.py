@@ -9,6 +9,7 @@ anything else.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import hypothesis.extra.numpy as hnp
 import numpy as np
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from index.errors import BadDataError, InfluenceError, NonFiniteError
 from index.search import ExactScan
 from index.store import FeatureStore
+from influence.loading import read_image
 from influence.scoring import GradCos
 
 PROPERTY = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -198,3 +200,37 @@ def test_gradcos_norm_of_a_row_whose_square_overflows_float32():
     method = GradCos(_Rows(phi, np.array([1e20, 1.0], np.float32)))  # type: ignore[arg-type]
     np.testing.assert_allclose(method.train_scores(np.array([[1.0, 0.0]], np.float32), 0, 2), [[1.0, 0.0]], rtol=1e-6)
     np.testing.assert_allclose(method._finish(np.array([[3e19, 4e19]], np.float32)), [[0.6, 0.8]], rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- read_image of .npy arrays
+
+
+@pytest.fixture(scope="module")
+def npy_path(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("npy") / "image.npy"
+
+
+@PROPERTY
+@given(arr=arrays_of(st.one_of(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=4)), st.one_of(REAL_DTYPES, ODD_DTYPES)))
+def test_read_image_of_any_npy_is_its_float32_values_or_a_clear_error(npy_path, arr):
+    np.save(npy_path, arr)
+    real = arr.dtype.kind in "buif"
+    with np.errstate(over="ignore", invalid="ignore"):
+        as32 = arr.astype(np.float32) if real else None
+    ok = real and arr.ndim in (2, 3) and 0 not in arr.shape and bool(np.isfinite(as32).all())
+    if ok:
+        t = read_image(npy_path)
+        want = as32[None] if arr.ndim == 2 else as32
+        assert t.dtype.is_floating_point and tuple(t.shape) == want.shape
+        np.testing.assert_array_equal(t.numpy(), want)
+    else:
+        with pytest.raises(BadDataError) as e:
+            read_image(npy_path)
+        assert str(npy_path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_read_image_refuses_an_object_array(tmp_path):
+    path = tmp_path / "obj.npy"
+    np.save(path, np.array([[1, "a"], [None, 2.0]], dtype=object), allow_pickle=True)
+    with pytest.raises(BadDataError, match="unreadable"):
+        read_image(path)
