@@ -204,11 +204,14 @@ def _check_queries(queries: np.ndarray, dim: int) -> np.ndarray:
         q = q[None, :]
     if q.ndim != 2 or q.shape[1] != dim:
         raise BadDataError(f"queries must have shape (n, {dim}); got {np.shape(queries)}")
-    if not np.issubdtype(q.dtype, np.number):
-        raise BadDataError(f"queries must be numeric; got dtype {q.dtype}")
-    q = np.ascontiguousarray(q, dtype=np.float32)
+    if q.dtype.kind not in "iuf":  # complex would lose its imaginary part in the cast, silently
+        raise BadDataError(f"queries must be real numbers; got dtype {q.dtype}")
     if not np.isfinite(q).all():
         raise NonFiniteError("queries contain NaN or inf")
+    with np.errstate(over="ignore"):
+        q = np.ascontiguousarray(q, dtype=np.float32)
+    if not np.isfinite(q).all():
+        raise NonFiniteError("queries overflow float32 (|value| > 3.4e38)")
     return q
 
 
@@ -257,6 +260,7 @@ class ExactScan:
         n = len(q)
         return (scores[:n], ids[:n]), (-scores[n:], ids[n:])
 
+    @np.errstate(over="ignore", invalid="ignore")  # an overflowing product is inf, refused below naming its rows
     def _scan(self, q: np.ndarray, k: int) -> Hits:
         best_s = np.empty((len(q), 0), dtype=np.float32)
         best_i = np.empty((len(q), 0), dtype=np.int64)
@@ -270,7 +274,8 @@ class ExactScan:
                     f"expected consecutive ({len(q)}, rows) blocks covering {self.spec.ntotal} rows"
                 )
             if not np.isfinite(s).all():
-                raise NonFiniteError(f"stored vectors in rows {start}..{start + n} contain NaN or inf")
+                raise NonFiniteError(f"scores of rows {start}..{start + n} are NaN or inf: the stored vectors hold NaN or inf, "
+                                     "or query and rows are too large for float32 inner products")
             cand_s = np.concatenate([best_s, s], axis=1)
             cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(start, start + n), s.shape)], axis=1)
             if cand_s.shape[1] > k:

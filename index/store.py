@@ -37,7 +37,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from index import integrity
-from index.errors import BadSpecError, InfluenceError, StoreDamagedError, StoreIncompleteError, StoreMismatchError
+from index.errors import BadDataError, BadSpecError, InfluenceError, NonFiniteError, StoreDamagedError, StoreIncompleteError, StoreMismatchError
 from index.lock import LOCK_NAME as LOCK_NAME  # re-exported: the lock lives in index.lock (stdlib only)
 from index.lock import _check_out_dir, _WriterLock
 from index.lock import writer_lock as writer_lock
@@ -69,6 +69,23 @@ def _as_float32(rows: Any, store_values: int = _FAISS_DECODE_MIN) -> np.ndarray:
     codes = np.ascontiguousarray(a).view(np.uint8)
     out = faiss.ScalarQuantizer(a.shape[1], faiss.ScalarQuantizer.QT_fp16).decode(codes)
     return np.asarray(out, dtype=np.float32).reshape(a.shape)
+
+
+def _finite_as(values: Any, dtype: np.dtype[Any], what: str) -> np.ndarray:
+    """``values`` cast to the array's ``dtype``, refused unless real and finite there: a row that is NaN, inf,
+    or beyond float16's ±65504 would otherwise be stored as inf and turn every score it enters into NaN."""
+    a = np.asarray(values)
+    if a.dtype.kind not in "biuf":
+        raise BadDataError(f"{what} must be real numbers, got dtype {a.dtype}")
+    if a.dtype.kind == "f" and not np.isfinite(a).all():
+        raise NonFiniteError(f"{what} contain NaN or inf")
+    with np.errstate(over="ignore"):
+        cast = a.astype(dtype, copy=False)
+    if cast.dtype.kind == "f" and not np.isfinite(cast).all():
+        big = float(np.max(np.abs(a)))
+        raise NonFiniteError(f"{what} overflow {dtype} (largest |value| {big:.4g}, the limit is {float(np.finfo(dtype).max):.6g}); "
+                             f"store them as float32 (build --dtype float32, into a new --out)")
+    return cast
 
 
 class StoreStatus(str, Enum):
@@ -384,15 +401,24 @@ class FeatureStore:
         return np.asarray(self._read(f"done/{ckpt}"), dtype=bool)
 
     def write_chunk(self, ckpt: str, chunk: int, features: np.ndarray, labels: np.ndarray, **columns: np.ndarray) -> None:
-        """Write one whole row chunk, then (and only then) its done flag."""
+        """Write one whole row chunk, then (and only then) its done flag.
+
+        Checked before anything is written: shapes, integer labels, and rows and columns real and finite in the
+        arrays' dtypes (``BadDataError`` / ``NonFiniteError``), so a refused chunk leaves the store as it was.
+        """
         start, stop = self.chunk_rows(chunk)
-        if features.shape != (stop - start, self.k):
-            raise ValueError(f"chunk {chunk} needs features of shape {(stop - start, self.k)}, got {features.shape}")
+        where = f"chunk {chunk} of checkpoint {ckpt} in store {self.root}"
+        if np.shape(features) != (stop - start, self.k):
+            raise BadDataError(f"{where} needs features of shape {(stop - start, self.k)}, got {np.shape(features)}")
+        if np.shape(labels) != (stop - start,) or np.asarray(labels).dtype.kind not in "iu":
+            raise BadDataError(f"{where} needs integer labels of shape {(stop - start,)}, got {np.asarray(labels).dtype} {np.shape(labels)}")
         arr = self._array(f"features/{ckpt}")
-        arr[start:stop] = features.astype(arr.dtype, copy=False)
+        rows = _finite_as(features, arr.dtype, f"features for {where}")
+        values = {name: _finite_as(v, self._array(f"{name}/{ckpt}").dtype, f"column {name} for {where}") for name, v in columns.items()}
+        arr[start:stop] = rows
         self._array("labels")[start:stop] = labels
-        for name, values in columns.items():
-            self._array(f"{name}/{ckpt}")[start:stop] = values
+        for name, v in values.items():
+            self._array(f"{name}/{ckpt}")[start:stop] = v
         self._array(f"done/{ckpt}")[chunk] = True
 
     def keep_in_memory(self, max_bytes: int) -> None:

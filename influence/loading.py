@@ -18,6 +18,7 @@ import pickle
 import sys
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -340,6 +341,32 @@ def _class_lookup(known: Sequence[str], names: Sequence[str], where: str) -> lis
     return [index[n] for n in names]
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png_crcs(path: Path) -> None:
+    """Every chunk of a PNG carries a CRC-32 that Pillow does not check for pixel data (IDAT): an overwritten
+    byte there can still inflate, to other pixels. Checked here, so such a file is an error, never other pixels."""
+    data = path.read_bytes()
+    if not data.startswith(PNG_SIGNATURE):
+        return
+    pos = len(PNG_SIGNATURE)
+    while pos < len(data):
+        if pos + 12 > len(data):
+            raise BadDataError(f"image {path} is unreadable (a truncated PNG: a chunk header is cut off); restore or re-save it")
+        length = int.from_bytes(data[pos:pos + 4], "big")
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            raise BadDataError(f"image {path} is unreadable (a truncated PNG: a chunk runs past the end); restore or re-save it")
+        kind = data[pos + 4:pos + 8]
+        if zlib.crc32(data[pos + 4:end]) != int.from_bytes(data[end:end + 4], "big"):
+            raise BadDataError(f"image {path} is unreadable (PNG chunk {kind.decode('latin-1')!r} at byte {pos} fails its "
+                               "CRC-32 check); restore or re-save it")
+        if kind == b"IEND":
+            return
+        pos = end + 4
+
+
 # PIL modes with one channel; every other mode is read as RGB (an alpha channel is dropped).
 _GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "La"}
 
@@ -357,14 +384,22 @@ def read_image(path: str | os.PathLike[str], channels: int | None = None, size: 
             arr = np.load(path, allow_pickle=False)
         except Exception as e:
             raise BadDataError(f"image {path} is unreadable ({type(e).__name__})") from None
-        t = torch.as_tensor(np.asarray(arr, dtype=np.float32))
+        if not isinstance(arr, np.ndarray) or arr.dtype.kind not in "buif":  # strings would parse; complex would drop .imag
+            raise BadDataError(f"image {path}: array must hold real numbers, got {getattr(arr, 'dtype', type(arr).__name__)}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise BadDataError(f"image {path} contains NaN or inf")
+        with np.errstate(over="ignore"):
+            t = torch.as_tensor(np.asarray(arr, dtype=np.float32))
+        if not torch.isfinite(t).all():
+            raise BadDataError(f"image {path} has values beyond float32's range (|value| > 3.4e38)")
         if t.ndim == 2:
             t = t[None]
-        if t.ndim != 3:
-            raise BadDataError(f"image {path}: array must be (C, H, W) or (H, W), got {tuple(t.shape)}")
+        if t.ndim != 3 or 0 in t.shape:
+            raise BadDataError(f"image {path}: array must be (C, H, W) or (H, W) with no empty axis, got {tuple(arr.shape)}")
     else:
         from PIL import Image  # loaded for image files only: a .npy query never needs it
 
+        _check_png_crcs(path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

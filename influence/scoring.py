@@ -100,12 +100,13 @@ class ScoringMethod:
         the stored rows, times the per-row scales (what an exact search scans)."""
         rows, k = slice(start, stop), self.store.k
         out = np.zeros((len(q), stop - start), dtype=np.float32)
-        sq_norms = np.zeros(stop - start, dtype=np.float32) if self._needs_norms(start, stop) else None
+        # float64: |v_i|² overflows float32 once |v_i| > 1.8e19, and an inf norm would turn cosines into 0
+        sq_norms = np.zeros(stop - start, dtype=np.float64) if self._needs_norms(start, stop) else None
         for j, c in enumerate(self.ckpts):
             phi, scale = self.store.read_features(c, start, stop), self._row_scale(c, rows)
             out += (q[:, j * k : (j + 1) * k] @ phi.T) * scale
             if sq_norms is not None:  # |v_i|² from the rows just read, not a second pass over the store
-                sq_norms += scale**2 * np.einsum("ij,ij->i", phi, phi)
+                sq_norms += scale.astype(np.float64) ** 2 * np.einsum("ij,ij->i", phi, phi, dtype=np.float64)
         if sq_norms is not None:
             self._columns[("norm", f"{start}:{stop}")] = np.maximum(np.sqrt(sq_norms), EPS)
         return self._finish_scores(out, start, stop)
@@ -185,14 +186,15 @@ class GradCos(TracIn, name="gradcos"):
     """
 
     def _finish(self, v: np.ndarray) -> np.ndarray:
-        unit: np.ndarray = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), EPS)  # numpy's stubs: Any
+        norms = np.linalg.norm(v.astype(np.float64), axis=1, keepdims=True)  # float64: squares overflow float32
+        unit: np.ndarray = (v / np.maximum(norms, EPS)).astype(v.dtype, copy=False)  # numpy's stubs: Any
         return unit
 
     def _needs_norms(self, start: int, stop: int) -> bool:
         return ("norm", f"{start}:{stop}") not in self._columns  # |v_i| before normalising, once per chunk: N floats
 
     def _finish_scores(self, scores: np.ndarray, start: int, stop: int) -> np.ndarray:
-        cosines: np.ndarray = scores / self._columns[("norm", f"{start}:{stop}")]
+        cosines: np.ndarray = (scores / self._columns[("norm", f"{start}:{stop}")]).astype(np.float32)
         return cosines
 
     def query_vectors(self, feats: dict[str, np.ndarray], weights: dict[str, np.ndarray], probs: dict[str, np.ndarray]) -> np.ndarray:

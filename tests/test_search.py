@@ -169,7 +169,7 @@ def test_exact_scan_refuses_bad_queries_and_bad_blocks(data):
         wrong_nq.search(q, 3)
     bad = x[:700].copy()
     bad[5, 0] = np.inf
-    with pytest.raises(BadDataError, match=r"rows 0\.\.700 contain NaN or inf"):
+    with pytest.raises(BadDataError, match=r"rows 0\.\.700 are NaN or inf"):
         ExactScan.of_rows(lambda: iter([(0, bad)]), 48, 700).search(q, 3)
 
 
