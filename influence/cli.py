@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 internal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import errno
 import json
@@ -32,6 +33,7 @@ from influence.explain import explain
 from influence.features.projectors import ProjectorKind
 from influence.flag import KINDS, mislabel_method, name_flags, run_flags
 from influence.data import Preprocessing
+from influence.distributed import ShardPlan
 from influence.loading import load_checkpoint, load_image, load_model, parse_model_args, read_image
 from influence.index_check import DEFAULT_KS, check_indexes
 from influence.pipeline import StageTimer, build
@@ -347,13 +349,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
     startup = _process_seconds()
     timer = StageTimer()
     t0 = time.perf_counter()
-    with writer_lock(args.out):  # taken before the model and data load: a second writer is refused at once
+    plan = ShardPlan.from_env()  # under torchrun: this process is one rank of a sharded build
+    # taken before the model and data load, so a second writer is refused at once (a sharded build's rank 0 takes it)
+    with writer_lock(args.out) if not plan.sharded else contextlib.nullcontext():
         path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
                      params=args.params, lr_weights=args.lr_weights, batch_size=args.batch_size, methods=args.method,
                      index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows,
                      trak_lambda=args.trak_lambda, device=args.device, progress=not args.json,
                      preprocessing=_preprocessing(args), classes=args.classes, model_args=parse_model_args(args.model_arg),
-                     rerank=args.rerank, timer=timer)
+                     rerank=args.rerank, timer=timer, shard=plan)
+    if not plan.is_root:
+        return 0  # rank 0 finishes the store and reports it
     stages = ({"startup": startup} if startup is not None else {}) | timer.seconds
     info = describe_store(path) | {"seconds": round(time.perf_counter() - t0, 2),
                                    "stages": {k: round(v, 3) for k, v in stages.items()}}
