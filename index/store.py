@@ -396,6 +396,12 @@ class FeatureStore:
     def done(self, ckpt: str) -> np.ndarray:
         return np.asarray(self._read(f"done/{ckpt}"), dtype=bool)
 
+    def shared_flags(self) -> list[str]:
+        """Checkpoints with chunks still to write whose done flags share one file (stores made before one file per
+        chunk): concurrent writers of such a store would overwrite each other's flags."""
+        return [c for c in self.checkpoint_ids
+                if self._array(f"done/{c}").chunks != (1,) and not self.done(c).all()]
+
     def write_chunk(self, ckpt: str, chunk: int, features: np.ndarray, labels: np.ndarray, **columns: np.ndarray) -> None:
         """Write one whole row chunk, then (and only then) its done flag."""
         start, stop = self.chunk_rows(chunk)

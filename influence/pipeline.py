@@ -191,7 +191,7 @@ def build(
         clock.lap(LOAD)
 
         # Rank 0 creates the store and its arrays; the others open it only after that step has ended everywhere.
-        store = group.together(lambda: _open_store(out, setup) if plan.is_root else None)
+        store = group.together(lambda: _open_store(out, setup, plan.sharded) if plan.is_root else None)
         if store is not None:
             held.enter_context(store)
         opened = group.together(lambda: store or FeatureStore.open_shard(out, setup.manifest))
@@ -298,7 +298,7 @@ def _digest(setup: _Setup, out: str | os.PathLike[str], **options: Any) -> str:
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _open_store(out: str | os.PathLike[str], setup: _Setup) -> FeatureStore:
+def _open_store(out: str | os.PathLike[str], setup: _Setup, sharded: bool) -> FeatureStore:
     """Create or reopen the store (root only): labels, file paths and the arrays of new checkpoints."""
     store = FeatureStore.open_for_write(out, setup.manifest)
     try:
@@ -313,6 +313,11 @@ def _open_store(out: str | os.PathLike[str], setup: _Setup) -> FeatureStore:
             load_checkpoint(setup.net, rec["path"])  # fail fast on a bad checkpoint before writing anything for it
             store.add_checkpoint(rec)
             store.set_attrs(indexes={})
+        if sharded and store.shared_flags():
+            raise StoreMismatchError(
+                f"store {out} was started before done flags had a file per chunk, and checkpoints "
+                f"{', '.join(store.shared_flags())} are unfinished: finish it with one process (the same command without "
+                "torchrun), or use a new --out for a sharded build")
         return store
     except BaseException:
         store.close()

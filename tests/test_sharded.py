@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 
 import influence
 import tiny_models
@@ -170,6 +172,7 @@ cases = {  # name: (this rank's rows, projection dimension); the last is a good 
     "unaligned": ((0, 2 * chunk) if plan.rank == 0 else (2 * chunk + 100, n), 64),
     "uncovered": ((0, chunk) if plan.rank == 0 else (2 * chunk, n), 64),
     "disagree": (None, 64 if plan.rank == 0 else 32),
+    "old": (None, 64),  # a store with unfinished chunks whose done flags share one file
     "store": (None, 64),
 }
 report = {}
@@ -187,16 +190,24 @@ with open(f"{base}/report.{plan.rank}.json", "w") as f:
 
 
 @pytest.fixture(scope="module")
-def two(inputs, tmp_path_factory) -> tuple[list[dict[str, str]], Path]:
+def two(inputs, one, tmp_path_factory) -> tuple[list[dict[str, str]], Path]:
     """Two ranks under torchrun calling ``influence.build`` with three bad plans, then a good one: (reports, store)."""
     data, (c0, c1) = inputs
     base = tmp_path_factory.mktemp("two")
+    shutil.copytree(one, base / "old")  # made as before done flags had a file per chunk, chunk 3 of c1 unfinished
+    group = zarr.open_group(str(base / "old"), mode="r+")
+    flags = np.asarray(group["done/c1"][:])
+    flags[3] = False
+    group.create_array("done/c1", shape=flags.shape, chunks=flags.shape, dtype="bool", fill_value=False, overwrite=True)[:] = flags
+    group.attrs["status"] = "building"
+    before = _normalised(base / "old")
     script = base / "ranks.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORKERS), str(script),
            SLOW_SPEC, str(data), str(c0), str(c1), str(base), str(N), str(CHUNK)]
     run = subprocess.run(cmd, env=slow_build_env(0), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert _normalised(base / "old") == before  # refused: no chunk or flag written
     return [json.loads((base / f"report.{r}.json").read_text()) for r in range(WORKERS)], base
 
 
@@ -218,6 +229,8 @@ def test_unaligned_uncovering_or_disagreeing_ranks_are_refused_before_any_write(
         assert r["uncovered"].startswith("BadSpecError: the ranks' shard plans do not cover the 10 chunks once each "
                                          "(owned twice: [], owned by none: [1])"), r
         assert r["disagree"].startswith("BadSpecError: the ranks were started with different build arguments"), r
+        assert re.match(r"StoreMismatchError: (rank 0 failed: )?store .*/old was started before done flags had a file "
+                        r"per chunk, and checkpoints c1 are unfinished: finish it with one process", r["old"]), r
 
 
 def test_a_plan_comes_from_torchrun_s_environment_and_owns_whole_chunks():
