@@ -168,18 +168,19 @@ spec, data, c0, c1, base, n, chunk = sys.argv[1:8]
 n, chunk = int(n), int(chunk)
 dist.init_process_group("gloo")  # started by the caller: build uses it and leaves it running
 plan = ShardPlan.from_env()
-cases = {  # name: (this rank's rows, projection dimension); the last is a good plan, and builds
-    "unaligned": ((0, 2 * chunk) if plan.rank == 0 else (2 * chunk + 100, n), 64),
-    "uncovered": ((0, chunk) if plan.rank == 0 else (2 * chunk, n), 64),
-    "disagree": (None, 64 if plan.rank == 0 else 32),
-    "old": (None, 64),  # a store with unfinished chunks whose done flags share one file
-    "store": (None, 64),
+cases = {  # name: (this rank's rows, projection dimension, data); the last is a good plan, and builds
+    "unaligned": ((0, 2 * chunk) if plan.rank == 0 else (2 * chunk + 100, n), 64, data),
+    "uncovered": ((0, chunk) if plan.rank == 0 else (2 * chunk, n), 64, data),
+    "disagree": (None, 64 if plan.rank == 0 else 32, data),
+    "old": (None, 64, data),  # a store with unfinished chunks whose done flags share one file
+    "nan": (None, 64, f"{base}/nan.npz"),  # row 4000 (rank 1's) is NaN: found mid-featurization
+    "store": (None, 64, data),
 }
 report = {}
-for name, (rows, k) in cases.items():
+for name, (rows, k, source) in cases.items():
     shard = ShardPlan(plan.rank, plan.world_size, plan.local_rank, rows)
     try:
-        influence.build(spec, data, [c0, c1], f"{base}/{name}", proj_dim=k, batch_size=64, rows_per_chunk=chunk,
+        influence.build(spec, source, [c0, c1], f"{base}/{name}", proj_dim=k, batch_size=64, rows_per_chunk=chunk,
                         index_factory="HNSW32", progress=False, shard=shard)
         report[name] = "built"
     except InfluenceError as e:
@@ -191,7 +192,8 @@ with open(f"{base}/report.{plan.rank}.json", "w") as f:
 
 @pytest.fixture(scope="module")
 def two(inputs, one, tmp_path_factory) -> tuple[list[dict[str, str]], Path]:
-    """Two ranks under torchrun calling ``influence.build`` with three bad plans, then a good one: (reports, store)."""
+    """Two ranks under torchrun calling ``influence.build`` in the cases of ``SCRIPT`` (the last one good): their
+    reports, and the folder holding the stores."""
     data, (c0, c1) = inputs
     base = tmp_path_factory.mktemp("two")
     shutil.copytree(one, base / "old")  # made as before done flags had a file per chunk, chunk 3 of c1 unfinished
@@ -201,6 +203,10 @@ def two(inputs, one, tmp_path_factory) -> tuple[list[dict[str, str]], Path]:
     group.create_array("done/c1", shape=flags.shape, chunks=flags.shape, dtype="bool", fill_value=False, overwrite=True)[:] = flags
     group.attrs["status"] = "building"
     before = _normalised(base / "old")
+    with np.load(data) as d:
+        x = d["x"].copy()
+        x[4000] = np.nan
+        np.savez(base / "nan.npz", x=x, y=d["y"])
     script = base / "ranks.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORKERS), str(script),
@@ -217,7 +223,7 @@ def test_two_ranks_write_the_bytes_of_one_process(two, one):
     _assert_same_store(one, base / "store")
 
 
-def test_unaligned_uncovering_or_disagreeing_ranks_are_refused_before_any_write(two):
+def test_bad_plans_are_refused_before_any_write_and_a_failing_rank_fails_every_rank(two):
     reports, base = two
     for name in ("unaligned", "uncovered", "disagree"):
         assert not (base / name).exists(), name  # nothing written, not even the folder
@@ -229,6 +235,9 @@ def test_unaligned_uncovering_or_disagreeing_ranks_are_refused_before_any_write(
         assert r["uncovered"].startswith("BadSpecError: the ranks' shard plans do not cover the 10 chunks once each "
                                          "(owned twice: [], owned by none: [1])"), r
         assert r["disagree"].startswith("BadSpecError: the ranks were started with different build arguments"), r
+        # a rank that fails mid-featurization fails the others at the next step, instead of leaving them waiting
+        assert r["nan"].startswith("BadDataError: " + ("rank 1 failed: " if r is reports[0] else "")
+                                   + "images 3968..4031 contain NaN or inf"), r
         assert re.match(r"StoreMismatchError: (rank 0 failed: )?store .*/old was started before done flags had a file "
                         r"per chunk, and checkpoints c1 are unfinished: finish it with one process", r["old"]), r
 
