@@ -154,6 +154,7 @@ def test_a_rank_killed_mid_build_resumes_to_the_same_bytes(inputs, one, tmp_path
 
     again = subprocess.run(_torchrun(inputs, out), env=slow_build_env(0), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("store ") == 1, again.stdout  # rank 0 reports the store; rank 1 exits 0 silently
     _assert_same_store(one, out)
 
 
