@@ -236,6 +236,22 @@ class FeatureStore:
             lock.release()
             raise
 
+    @classmethod
+    def open_shard(cls, path: str | os.PathLike[str], manifest: dict[str, Any]) -> "FeatureStore":
+        """Open a store that another rank created and holds the writer lock of, to write the chunks this rank owns.
+
+        Takes no lock and writes no attributes: only :meth:`write_chunk` of whole chunks, whose files (done flags
+        included) no other rank writes. The store must carry this build's manifest (rank 0 wrote it).
+        """
+        root = Path(path)
+        if not (root / "zarr.json").is_file():
+            raise StoreIncompleteError(f"{root} has no store: the rank that creates it (rank 0) has not made it")
+        store = cls(root, zarr.open_group(str(root), mode="r+"))
+        if store.group.attrs.get("status") != StoreStatus.BUILDING.value:
+            raise StoreIncompleteError(f"store {root} is not being built (status {store.group.attrs.get('status')!r})")
+        store._check_compatible(manifest)
+        return store
+
     def close(self) -> None:
         if self._lock is not None:
             self._lock.release()
@@ -359,7 +375,8 @@ class FeatureStore:
         for name in ("loss", "margin", "prob", "loss_weight"):
             self.group.create_array(f"{name}/{ckpt}", shape=(n,), chunks=(rows,), dtype="float32",
                                     compressors=[Crc32cCodec()], fill_value=0, overwrite=True)
-        self.group.create_array(f"done/{ckpt}", shape=(self.n_chunks(),), chunks=(self.n_chunks(),), dtype="bool",
+        # one file per row chunk's flag: ranks of a sharded build set their own chunks' flags concurrently
+        self.group.create_array(f"done/{ckpt}", shape=(self.n_chunks(),), chunks=(1,), dtype="bool",
                                 fill_value=False, overwrite=True)
         # The record is written after its arrays exist, so a reader never sees a checkpoint without them.
         self.group.attrs["checkpoints"] = self.checkpoints + [{**record, "id": ckpt}]
@@ -399,6 +416,12 @@ class FeatureStore:
 
     def done(self, ckpt: str) -> np.ndarray:
         return np.asarray(self._read(f"done/{ckpt}"), dtype=bool)
+
+    def shared_flags(self) -> list[str]:
+        """Checkpoints with chunks still to write whose done flags share one file (stores made before one file per
+        chunk): concurrent writers of such a store would overwrite each other's flags."""
+        return [c for c in self.checkpoint_ids
+                if self._array(f"done/{c}").chunks != (1,) and not self.done(c).all()]
 
     def write_chunk(self, ckpt: str, chunk: int, features: np.ndarray, labels: np.ndarray, **columns: np.ndarray) -> None:
         """Write one whole row chunk, then (and only then) its done flag.

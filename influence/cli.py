@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 bad usage or bad input (one line on stderr), 1 internal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import math
@@ -332,11 +333,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     startup = _process_seconds()
     t0 = time.perf_counter()
-    with writer_lock(args.out):  # taken before the model and data load: a second writer is refused at once
+    sharded = os.environ.get("WORLD_SIZE", "1") not in ("", "1")  # under torchrun: this process is one rank
+    # taken before the model and data load, so a second writer is refused at once (a sharded build's rank 0 takes it)
+    with writer_lock(args.out) if not sharded else contextlib.nullcontext():
+        from influence.distributed import ShardPlan
         from influence.loading import parse_model_args
         from influence.pipeline import StageTimer, build
         from influence.query import describe_store
 
+        plan = ShardPlan.from_env()
         timer = StageTimer()
         timer.seconds["library_import"] = time.perf_counter() - t0  # torch, zarr and the pipeline, loaded after the lock
         path = build(args.model, args.data, args.checkpoint, args.out, projector=args.projector, proj_dim=args.proj_dim,
@@ -344,7 +349,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
                      index_factory=args.index, seed=args.seed, dtype=args.dtype, rows_per_chunk=args.chunk_rows,
                      trak_lambda=args.trak_lambda, device=args.device, progress=not args.json,
                      preprocessing=_preprocessing(args), classes=args.classes, model_args=parse_model_args(args.model_arg),
-                     rerank=args.rerank, timer=timer)
+                     rerank=args.rerank, timer=timer, shard=plan)
+    if not plan.is_root:
+        return 0  # rank 0 finishes the store and reports it
     stages = ({"startup": startup} if startup is not None else {}) | timer.seconds
     info = describe_store(path) | {"seconds": round(time.perf_counter() - t0, 2),
                                    "stages": {k: round(v, 3) for k, v in stages.items()}}

@@ -8,6 +8,7 @@ features, because batch boundaries (and so every floating-point sum) repeat.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,7 +26,8 @@ from tqdm import tqdm
 
 from index.atomic import atomic_write
 from index.search import EXACT, IndexSpec, build_index
-from index.store import FEATURE_DTYPES, FeatureStore
+from index.store import FEATURE_DTYPES, FeatureStore, writer_lock
+from influence.distributed import ShardPlan, check_partition, ranks, rank_device
 from influence.data import Preprocessing, batch_of, fingerprint_dataset
 from influence.errors import BadDataError, BadSpecError, InfluenceError, NonFiniteError, StoreMismatchError
 from influence.features import ClassificationTask, Projector, ProjectorSpec, Task, make_projector, select_parameters
@@ -136,6 +138,7 @@ def build(
     model_args: dict[str, Any] | None = None,
     rerank: int = RERANK,
     timer: StageTimer | None = None,
+    shard: ShardPlan | None = None,
 ) -> Path:
     """Build (or resume, or extend with new checkpoints) the store at ``out``; returns its path.
 
@@ -144,7 +147,9 @@ def build(
     folder's sub-folders are mapped to them by name. ``model_args`` are the model factory's keyword arguments.
     ``rerank`` is an approximate index's shortlist, re-ranked exactly from the store (0: none). ``timer``, when
     given, receives the seconds spent per stage (model and data load, data reads, per-example gradients with their
-    projection, writes, TRAK solve, self-influence, indexes).
+    projection, writes, TRAK solve, self-influence, indexes). ``shard`` makes this process one rank of a sharded
+    build (``ShardPlan.from_env()`` under torchrun): every rank writes its own whole chunks of the one store, and
+    rank 0 creates it and, once all ranks are done, prepares the methods, builds the indexes and completes it.
     """
     methods = list(dict.fromkeys(methods))
     for m in methods:
@@ -164,10 +169,80 @@ def build(
         raise BadSpecError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}, got {dtype}")
     clock = timer if timer is not None else StageTimer()
     clock.reset()
+    plan = shard if shard is not None else ShardPlan()
     trak = TrakSpec(float(trak_lambda))
     task = task or ClassificationTask()
-    device = torch.device(device)
+    device = rank_device(device, plan)
+    progress = progress and plan.is_root  # one bar per build, not one per rank
 
+    with ranks(plan, device) as group, contextlib.ExitStack() as held:
+        # A sharded build's root holds the writer lock for the whole build (a one-process caller may hold it already).
+        group.together(lambda: held.enter_context(writer_lock(out)) if plan.sharded and plan.is_root else None)
+        setup = group.together(lambda: _setup(model, data, checkpoints, out, lr_weights, task, device, plan,
+                                              projector=projector, proj_dim=proj_dim, params=params, seed=seed,
+                                              batch_size=batch_size, dtype=dtype, rows_per_chunk=rows_per_chunk,
+                                              preprocessing=preprocessing, classes=classes, model_args=model_args))
+        digest = _digest(setup, out, methods=methods, index_factory=index_factory, rerank=rerank, trak_lambda=trak_lambda)
+        views = group.gather((digest, setup.chunks))
+        if any(d != digest for d, _ in views):
+            raise BadSpecError(f"the ranks were started with different build arguments, models, data or checkpoints "
+                               f"(digests {', '.join(d[:12] for d, _ in views)}); start every rank with the same command")
+        check_partition([c for _, c in views], -(-setup.n // setup.spec.rows_per_chunk))
+        clock.lap(LOAD)
+
+        # Rank 0 creates the store and its arrays; the others open it only after that step has ended everywhere.
+        store = group.together(lambda: _open_store(out, setup, plan.sharded) if plan.is_root else None)
+        if store is not None:
+            held.enter_context(store)
+        opened = group.together(lambda: store or FeatureStore.open_shard(out, setup.manifest))
+        group.together(lambda: _featurize(opened, setup, task, set(setup.chunks), progress, clock))
+        if not plan.is_root:
+            return Path(out)  # rank 0 prepares the methods, builds the indexes and marks the store complete
+
+        # TRAK's inverses, cached self-influence, approximate indexes: seconds to minutes, so a bar of its own
+        with tqdm(total=2 * len(methods), desc="index", unit="step", disable=None if progress else True, file=None) as bar:
+            for m in methods:
+                get_method(m).prepare(opened, trak)
+                bar.update()
+                clock.lap(TRAK_SOLVE if m == "trak" else SELF_INFLUENCE)
+
+            indexes = dict(opened.attrs.get("indexes", {}))
+            for m in methods:
+                if not (m in indexes and _same_index(indexes[m], index_factory, rerank)):
+                    build_method_index(opened, m, index_factory, seed=seed, rerank=rerank)  # switched in as it is written
+                bar.update()
+                clock.lap(INDEXES)
+        opened.mark_complete()
+        clock.lap(WRITES)
+        return Path(out)
+
+
+@dataclass
+class _Setup:
+    """What every rank derives from the build's arguments before anything is written."""
+
+    net: nn.Module
+    device: torch.device
+    names: list[str]
+    dataset: Any
+    n: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+    paths: Any
+    spec: BuildSpec
+    proj: Projector
+    manifest: dict[str, Any]
+    records: list[dict[str, Any]]
+    chunks: list[int]
+
+
+def _setup(
+    model: str | nn.Module, data: str | Dataset[Any], checkpoints: Sequence[str | os.PathLike[str]],
+    out: str | os.PathLike[str], lr_weights: list[float], task: Task, device: torch.device, plan: ShardPlan, *,
+    projector: str, proj_dim: int, params: str, seed: int, batch_size: int, dtype: str, rows_per_chunk: int,
+    preprocessing: Preprocessing | None, classes: Sequence[str] | None, model_args: dict[str, Any] | None,
+) -> _Setup:
+    """Load and check the model, data and checkpoints; the store's manifest; this rank's chunks (no writes)."""
     pre = preprocessing or Preprocessing()
     given = _class_list(classes)
     net = load_model(model, model_args).to(device)
@@ -195,8 +270,8 @@ def build(
     spec = BuildSpec(task=task_ref(task), params=params, projector=ProjectorSpec(projector, int(proj_dim), int(seed)),
                      batch_size=batch_size, rows_per_chunk=_rows_per_chunk(batch_size, min(rows_per_chunk, max(batch_size, n))),
                      dtype=dtype)
+    chunks = plan.chunks(n, spec.rows_per_chunk)  # an unaligned plan is refused here, before the store exists
     proj = make_projector(spec.projector, net, names)
-    rows = spec.rows_per_chunk
     manifest = {
         "model_spec": _spec_string(model), "model_fingerprint": model_fingerprint(net), **spec.to_attrs(),
         "param_names": names, "k": proj.dim, "data_spec": _spec_string(data),
@@ -210,68 +285,78 @@ def build(
     ]
     for c in checkpoints:  # a missing, unreadable or mismatched checkpoint fails before the store is created,
         load_checkpoint(net, c)  # so the corrected command does not meet a half-made store of another model
-    _check_resume(Path(out), spec, manifest, records)
-    clock.lap(LOAD)
+    if plan.is_root:
+        _check_resume(Path(out), spec, manifest, records)
+    return _Setup(net, device, names, dataset, n, tuple(x0.shape[1:]), num_classes, paths, spec, proj, manifest, records, chunks)
 
-    with FeatureStore.open_for_write(out, manifest) as store:
+
+def _digest(setup: _Setup, out: str | os.PathLike[str], **options: Any) -> str:
+    """What the ranks must agree on: the store's manifest, the checkpoints, the output and the build options."""
+    doc = {"manifest": setup.manifest, "records": setup.records, "out": os.path.abspath(out),
+           "options": {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in options.items()}}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _open_store(out: str | os.PathLike[str], setup: _Setup, sharded: bool) -> FeatureStore:
+    """Create or reopen the store (root only): labels, file paths and the arrays of new checkpoints."""
+    store = FeatureStore.open_for_write(out, setup.manifest)
+    try:
         store.ensure_labels()
+        paths, n = setup.paths, setup.n
         if isinstance(paths, list) and len(paths) == n:
             store.set_attrs(paths=write_paths(store.root, [str(p) for p in paths]))
         known = store.checkpoints
-        if len(records) < len(known):
-            log.warning("store has %d checkpoints; %d given: keeping all stored ones", len(known), len(records))
-        for rec in records[len(known):]:
-            load_checkpoint(net, rec["path"])  # fail fast on a bad checkpoint before writing anything for it
+        if len(setup.records) < len(known):
+            log.warning("store has %d checkpoints; %d given: keeping all stored ones", len(known), len(setup.records))
+        for rec in setup.records[len(known):]:
+            load_checkpoint(setup.net, rec["path"])  # fail fast on a bad checkpoint before writing anything for it
             store.add_checkpoint(rec)
             store.set_attrs(indexes={})
+        if sharded and store.shared_flags():
+            raise StoreMismatchError(
+                f"store {out} was started before done flags had a file per chunk, and checkpoints "
+                f"{', '.join(store.shared_flags())} are unfinished: finish it with one process (the same command without "
+                "torchrun), or use a new --out for a sharded build")
+        return store
+    except BaseException:
+        store.close()
+        raise
 
-        todo = [(c, i) for c in store.checkpoint_ids for i in np.flatnonzero(~store.done(c))]
-        # disable=None: no bar unless stderr is a terminal (logs and captured stderr stay clean); closed on
-        # error too, so an error message starts on its own line.
-        bar = tqdm(total=len(todo) * rows, desc="featurize", unit="ex", disable=None if progress else True, file=None)
-        try:
-            current = None
-            for ckpt, chunk in todo:
-                if ckpt != current:
-                    stored = store.checkpoints[int(ckpt[1:])]
-                    load_checkpoint(net, stored["path"], expected_sha256=stored["sha256"]).to(device)
-                    current = ckpt
-                    clock.lap(LOAD)
-                start, stop = store.chunk_rows(int(chunk))
-                parts: list[dict[str, np.ndarray]] = []
-                labels = []
-                for b in range(start, stop, batch_size):
-                    x, y = batch_of(dataset, b, min(stop, b + batch_size))
-                    _check_batch(x, y, x0.shape[1:], num_classes, b)
-                    clock.lap(READ)
-                    parts.append(featurize_batch(net, task, names, proj, x.to(device), y.to(device)))
-                    labels.append(y.numpy())
-                    bar.update(len(y))
-                    clock.lap(GRADIENTS)
-                cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-                feats = cols.pop("features")
-                store.write_chunk(ckpt, int(chunk), feats, np.concatenate(labels), **cols)
-                clock.lap(WRITES)
-        finally:
-            bar.close()
-        clock.lap(WRITES)  # store setup before the loop, and closing the bar
 
-        # TRAK's inverses, cached self-influence, approximate indexes: seconds to minutes, so a bar of its own
-        with tqdm(total=2 * len(methods), desc="index", unit="step", disable=None if progress else True, file=None) as bar:
-            for m in methods:
-                get_method(m).prepare(store, trak)
-                bar.update()
-                clock.lap(TRAK_SOLVE if m == "trak" else SELF_INFLUENCE)
-
-            indexes = dict(store.attrs.get("indexes", {}))
-            for m in methods:
-                if not (m in indexes and _same_index(indexes[m], index_factory, rerank)):
-                    build_method_index(store, m, index_factory, seed=seed, rerank=rerank)  # switched in as it is written
-                bar.update()
-                clock.lap(INDEXES)
-        store.mark_complete()
-        clock.lap(WRITES)
-        return Path(out)
+def _featurize(store: FeatureStore, setup: _Setup, task: Task, mine: set[int], progress: bool, clock: StageTimer) -> None:
+    """Compute and write this rank's chunks that are not flagged done yet, each whole, then its flag."""
+    net, dataset, batch_size, rows = setup.net, setup.dataset, setup.spec.batch_size, setup.spec.rows_per_chunk
+    device = setup.device
+    todo = [(c, i) for c in store.checkpoint_ids for i in np.flatnonzero(~store.done(c)) if int(i) in mine]
+    # disable=None: no bar unless stderr is a terminal (logs and captured stderr stay clean); closed on
+    # error too, so an error message starts on its own line.
+    bar = tqdm(total=len(todo) * rows, desc="featurize", unit="ex", disable=None if progress else True, file=None)
+    try:
+        current = None
+        for ckpt, chunk in todo:
+            if ckpt != current:
+                stored = store.checkpoints[int(ckpt[1:])]
+                load_checkpoint(net, stored["path"], expected_sha256=stored["sha256"]).to(device)
+                current = ckpt
+                clock.lap(LOAD)
+            start, stop = store.chunk_rows(int(chunk))
+            parts: list[dict[str, np.ndarray]] = []
+            labels = []
+            for b in range(start, stop, batch_size):
+                x, y = batch_of(dataset, b, min(stop, b + batch_size))
+                _check_batch(x, y, setup.input_shape, setup.num_classes, b)
+                clock.lap(READ)
+                parts.append(featurize_batch(net, task, setup.names, setup.proj, x.to(device), y.to(device)))
+                labels.append(y.numpy())
+                bar.update(len(y))
+                clock.lap(GRADIENTS)
+            cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            feats = cols.pop("features")
+            store.write_chunk(ckpt, int(chunk), feats, np.concatenate(labels), **cols)
+            clock.lap(WRITES)
+    finally:
+        bar.close()
+    clock.lap(WRITES)  # store setup before the loop, and closing the bar
 
 
 def _same_index(record: dict[str, Any], factory: str, rerank: int) -> bool:

@@ -57,8 +57,8 @@ def test_every_deleted_chunk_file_is_an_error_never_a_fill_value(copy_store):
     root = copy_store()
     _read_everything(root)  # intact: every read works
     files = _chunk_files(root)
-    # 3 checkpoints × (features + 4 columns) × 3 row chunks, labels × 3, trak × 3, done × 3, self-influence × 2
-    assert len(files) == 3 * 5 * 3 + 3 + 3 + 3 + 2, files
+    # 3 checkpoints × (features + 4 columns + done flag) × 3 row chunks, labels × 3, trak × 3, self-influence × 2
+    assert len(files) == 3 * 6 * 3 + 3 + 3 + 2, files
     refused = []
     for rel in files:
         aside = root / "aside"
