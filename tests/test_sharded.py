@@ -67,6 +67,9 @@ def _torchrun(inputs: tuple[Path, list[Path]], out: Path) -> list[str]:
     return cmd
 
 
+_FAISS_GEN = re.compile(r"([A-Za-z_]+)\.[0-9a-f]{8}\.index")  # FAISS files are generations: <method>.<token>.index
+
+
 def _normalised(root: Path) -> dict[str, str]:
     """sha256 of every file of the store but its lock, by path, with the random names replaced (module docstring)."""
     attrs = json.loads((root / "zarr.json").read_text())["attributes"]
@@ -86,9 +89,11 @@ def _normalised(root: Path) -> dict[str, str]:
                 text = re.sub(r'"attrs_sha256": "[0-9a-f]{64}"', '"attrs_sha256": "<digest>"', text)
             for old, new in sorted(names.items(), key=lambda kv: -len(kv[0])):
                 text = text.replace(old, new)
+            text = _FAISS_GEN.sub(r"\1.<gen>.index", text)
             body = text.encode()
         for old, new in names.items():
             rel = rel.replace(old, new)
+        rel = _FAISS_GEN.sub(r"\1.<gen>.index", rel)
         out[rel] = hashlib.sha256(body).hexdigest()
     return out
 
