@@ -86,8 +86,8 @@ def flag_shortcuts(
     """Patch shortcuts: per predicted class, TFA maps of the top same-class proponents, clustered by peak location.
 
     Proponents are ranked by Grad-Cos by default: a learned shortcut fits its training images to near-zero
-    loss, so TracIn and TRAK (whose weights scale with the loss) rank them at chance (AUPRC 0.058 for TracIn
-    and 0.053 for TRAK against 0.704 for Grad-Cos in scripts/eval_shortcut.py).
+    loss, so TracIn and TRAK (whose weights scale with the loss) rank them at chance (AUPRC 0.057 for TracIn
+    and 0.053 for TRAK against 0.720 for Grad-Cos in scripts/eval_shortcut.py).
     """
     from influence.shortcut import detect_shortcuts
     from influence.tfa import DEFAULT_TFA, get_tfa

@@ -25,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from influence.evaluation.cifar10 import CIFAR2, FLIP_RATES, PATCHES, SHORTCUT_SEEDS, apply_patch, flip_labels, read_folder, shortcut_plan, subset_ids
+from influence.evaluation.cifar10 import (
+    CIFAR2, FLIP_RATES, PATCHES, SHORTCUT_SEEDS, SUBSET_PER_CLASS, apply_patch, flip_labels, read_folder, shortcut_plan, subset_ids,
+)
 
 SHA256 = "b59e4472a315c71d8417303786187aad293bc71d536412bf402ef132b0c54c91"
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -59,9 +61,10 @@ def link_cifar2(root: Path, dest: Path) -> Path:
     return out
 
 
-def write_derived(root: Path, dest: Path) -> None:
+def write_derived(root: Path, dest: Path, per_class: int = SUBSET_PER_CLASS) -> None:
     x, y = read_folder(root / "train")
-    sub = subset_ids(y)
+    sub = subset_ids(y, per_class)
+    dest.mkdir(parents=True, exist_ok=True)
     xs, ys = x[sub], y[sub]
     np.savez(dest / "subset10k.npz", x=xs, y=ys, ids=sub)
     for rate in FLIP_RATES:
@@ -81,6 +84,10 @@ def main() -> int:
                    help="cifar10-jpg.tar.gz (default: the project's shared data folder)")
     p.add_argument("--dest", type=Path, default=Path("runs/cifar10"))
     p.add_argument("--derived", action="store_true", help="also write the subset, flip and shortcut .npz files")
+    p.add_argument("--per-class", type=int, default=SUBSET_PER_CLASS,
+                   help="subset size per class (default %(default)s; smaller for a CPU-sized shortcut run, matching "
+                        "scripts/cifar10_train.py --tiny 2N)")
+    p.add_argument("--derived-dest", type=Path, default=None, help="where the derived .npz files go (default --dest)")
     args = p.parse_args()
     if not args.archive.is_file():
         print(HOW_TO_GET.format(path=args.archive), file=sys.stderr)
@@ -89,8 +96,9 @@ def main() -> int:
     c2 = link_cifar2(root, args.dest)
     print(f"image folders: {root}/train, {root}/test; CIFAR-2: {c2}/train, {c2}/test")
     if args.derived:
-        write_derived(root, args.dest)
-        print(f"derived .npz files under {args.dest}")
+        out = args.derived_dest or args.dest
+        write_derived(root, out, args.per_class)
+        print(f"derived .npz files under {out}")
     return 0
 
 

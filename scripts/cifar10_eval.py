@@ -70,13 +70,16 @@ def stage_export(args: argparse.Namespace) -> None:
               for k in d.files if k.startswith(prefix + "/")}
         torch.save(sd, out / f"{name}.pt")
 
-    d = np.load(src / "lds.npz")
-    for tag in sorted({k.split("/")[0] for k in d.files if k.startswith("seed")}):
-        export(src / "lds.npz", tag, f"lds_{tag}")
-    d = np.load(src / "mislabel.npz")
-    for tag in sorted({k.rsplit("/", 1)[0] for k in d.files if "/ep" in k and not k.split("/")[1] == "lr"}):
-        rate, ep = tag.split("/")[:2]
-        export(src / "mislabel.npz", f"{rate}/{ep}", f"{rate}_{ep}")
+    # a trainer run limited to some jobs (--only) packs only their files: export what is there
+    if (src / "lds.npz").is_file():
+        d = np.load(src / "lds.npz")
+        for tag in sorted({k.split("/")[0] for k in d.files if k.startswith("seed")}):
+            export(src / "lds.npz", tag, f"lds_{tag}")
+    if (src / "mislabel.npz").is_file():
+        d = np.load(src / "mislabel.npz")
+        for tag in sorted({k.rsplit("/", 1)[0] for k in d.files if "/ep" in k and not k.split("/")[1] == "lr"}):
+            rate, ep = tag.split("/")[:2]
+            export(src / "mislabel.npz", f"{rate}/{ep}", f"{rate}_{ep}")
     for f in sorted(src.glob("shortcut*.npz")):
         d = np.load(f)
         for tag in sorted({k.split("/")[0] for k in d.files}):
