@@ -184,7 +184,7 @@ def env(digits, cnn_ckpts, tmp_path_factory) -> Env:
         "done flag": Artifact(files("done/*/c/*"), score("--data", str(test_npz), "--ids", "0,3"), scores),
         "root zarr.json": Artifact(files("zarr.json"), query, "json"),
         "array zarr.json": Artifact(lambda: sorted(p for p in store.glob("*/**/zarr.json")), query, "json"),
-        "FAISS index": Artifact(files("faiss/tracin.index"), query, "json"),
+        "FAISS index": Artifact(files("faiss/tracin.*.index"), query, "json"),  # a generation: tracin.<token>.index
         ".safetensors checkpoint (in a store)": Artifact(lambda: ckpts, query, "json"),
         ".pt checkpoint (attribute)": Artifact(lambda: [pt], ["attribute", "--model", CNN_SPEC, "--checkpoint", str(pt), "--image",
                                                              str(npy), "--method", "saliency", "--out", str(root / "map.png")],
