@@ -15,6 +15,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+import threadpoolctl
 import torch
 
 import influence
@@ -47,6 +48,9 @@ def slow_build_env(delay: float) -> dict[str, str]:
 # One thread: the machine is shared and small; oversubscribed OpenMP threads make tiny convolutions 50× slower.
 torch.set_num_threads(1)
 faiss.omp_set_num_threads(1)
+# numpy's BLAS too (threadpoolctl comes with scikit-learn): the subprocess builds tests compare bytes with run with
+# OMP_NUM_THREADS=1, and a two-thread BLAS sums TRAK's φᵀMφ in another order (last-bit differences).
+threadpoolctl.threadpool_limits(1)
 
 N_TRAIN = 160  # not a multiple of the chunk size: the last chunk is short
 N_TEST = 12
