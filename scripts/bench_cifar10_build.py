@@ -30,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from influence import Influence
 from influence.evaluation.docs import write_section
+from influence.evaluation.throughput import train_epoch_seconds
 from influence.loading import read_image
-from influence.models import ResNet9
 
 
 def _stratified_files(root: Path, rows: int) -> tuple[list[Path], list[int]]:
@@ -45,21 +44,6 @@ def _stratified_files(root: Path, rows: int) -> tuple[list[Path], list[int]]:
     picked = files[::step][:rows]
     return [f for f, _ in picked], [c for _, c in picked]
 
-
-def _train_epoch_seconds(x: torch.Tensor, y: torch.Tensor, batch: int, reps: int) -> list[float]:
-    torch.manual_seed(0)
-    model = ResNet9().train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    times = []
-    for _ in range(reps + 1):  # the first epoch warms up allocators and kernels
-        start = time.perf_counter()
-        for b in range(0, len(x), batch):
-            loss = F.cross_entropy(model(x[b:b + batch]), y[b:b + batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        times.append(time.perf_counter() - start)
-    return times[1:]
 
 
 def _du(path: Path) -> int:
@@ -98,7 +82,7 @@ def main() -> None:
     files, labels = _stratified_files(train_dir, args.train_rows)
     x = torch.stack([read_image(f) for f in files])
     y = torch.tensor(labels)
-    before = _train_epoch_seconds(x, y, args.batch, args.train_reps)
+    before = train_epoch_seconds(x, y, args.batch, args.train_reps)
 
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -112,7 +96,7 @@ def main() -> None:
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", run.stderr).group(1))  # type: ignore[union-attr]
     summary = json.loads(run.stdout)
 
-    after = _train_epoch_seconds(x, y, args.batch, args.train_reps)
+    after = train_epoch_seconds(x, y, args.batch, args.train_reps)
     train_s = statistics.median(before + after) / len(x)  # seconds per training example
     session = Influence.open(out)
     n = session.n_train

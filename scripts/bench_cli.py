@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from influence.evaluation.docs import write_section
+from influence.evaluation.throughput import train_epoch_seconds
 from influence.loading import load_model
 from influence.models import ResNet9
 
@@ -65,23 +66,6 @@ def _cli(args: list[str], cwd: Path) -> tuple[float, str]:
         sys.exit(f"`influence {' '.join(args)}` failed ({done.returncode}): {done.stderr[-2000:]}")
     return wall, done.stdout
 
-
-def _train_epoch_seconds(x: torch.Tensor, y: torch.Tensor, batch: int, reps: int) -> list[float]:
-    """Seconds of each of ``reps`` training epochs of ResNet-9 over (x, y) (forward + backward + SGD step), after one
-    warm-up epoch: the optimizer of scripts/bench_cifar10_build.py."""
-    torch.manual_seed(0)
-    model = ResNet9().train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    times = []
-    for _ in range(reps + 1):
-        start = time.perf_counter()
-        for b in range(0, len(x), batch):
-            loss = F.cross_entropy(model(x[b:b + batch]), y[b:b + batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        times.append(time.perf_counter() - start)
-    return times[1:]
 
 
 def _shown(args: list[str], work: Path) -> str:
@@ -116,14 +100,14 @@ def bench_build(n: int, reps: int, train_reps: int, work: Path) -> dict[str, obj
     store = work / "resnet9_store"
     args = ["build", "--model", "resnet9", "--data", str(data), "--checkpoint", str(ckpt), "--out", str(store),
             "--projector", "factorized", "--proj-dim", "2048", "--batch-size", "64", "--json"]
-    before = _train_epoch_seconds(x, y, 64, train_reps)
+    before = train_epoch_seconds(x, y, 64, train_reps)
     walls, stages = [], []
     for _ in range(reps):
         shutil.rmtree(store, ignore_errors=True)
         wall, out = _cli(args, work)
         walls.append(wall)
         stages.append(json.loads(out)["stages"])
-    after = _train_epoch_seconds(x, y, 64, train_reps)
+    after = train_epoch_seconds(x, y, 64, train_reps)
     epoch = statistics.median(before + after)
     build = statistics.median(walls)
     mid = stages[walls.index(sorted(walls)[(len(walls) - 1) // 2])]
