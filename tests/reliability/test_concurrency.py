@@ -232,16 +232,13 @@ def test_readers_during_index_rewrites_and_lambda_rebuilds_answer_as_a_complete_
 
 
 @pytest.mark.slow
-def test_a_thousand_reads_during_fifty_index_rewrites(copy_store, digits, cnn_ckpts):
-    tally = _run(copy_store(), digits, cnn_ckpts, INDEX_STEPS, ["tracin", "tracin"], rounds=50, per_session=40, cli="tracin", pause=0.3)
-    _report("50 index rewrites", tally)
-    _check(tally, min_answers=1000, min_states=3)
-    assert tally.sessions_mid_build > 0 and tally.cli_answers > 0, tally
-
-
-@pytest.mark.slow
-def test_a_thousand_reads_during_lambda_rebuilds(copy_store, digits, cnn_ckpts):
-    tally = _run(copy_store(), digits, cnn_ckpts, LAMBDA_STEPS, ["trak", "trak"], rounds=31, per_session=40, cli="trak", pause=0.5)
-    _report("31 lambda rebuilds", tally)
-    _check(tally, min_answers=1000, min_states=2)
+@pytest.mark.parametrize("label,steps,method,rounds,pause,min_states", [
+    ("50 index rewrites", "index", "tracin", 50, 0.3, 3),
+    ("31 lambda rebuilds", "lambda", "trak", 31, 0.5, 2),
+])
+def test_a_thousand_reads_during_rewrites(copy_store, digits, cnn_ckpts, label, steps, method, rounds, pause, min_states):
+    tally = _run(copy_store(), digits, cnn_ckpts, {"index": INDEX_STEPS, "lambda": LAMBDA_STEPS}[steps], [method, method],
+                 rounds=rounds, per_session=40, cli=method, pause=pause)
+    _report(label, tally)
+    _check(tally, min_answers=1000, min_states=min_states)
     assert tally.sessions_mid_build > 0 and tally.cli_answers > 0, tally
