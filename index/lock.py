@@ -72,6 +72,11 @@ class _WriterLock:
             os.close(held[0])
 
 
+def _is_temp(name: str) -> bool:
+    """A temp file a killed writer leaves: zarr's ``*.partial``, ``atomic_write``'s ``.*.tmp``."""
+    return name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp"))
+
+
 def _check_out_dir(root: Path) -> None:
     """``--out`` must be absent, an empty folder, or an influence store (checked before any file is made).
 
@@ -82,8 +87,7 @@ def _check_out_dir(root: Path) -> None:
         raise BadSpecError(f"--out {root} exists and is not a directory; choose a new path")
     if root.is_dir() and not (root / "zarr.json").is_file():
         others = [p.name for p in root.iterdir() if p.name != LOCK_NAME]
-        temp = all(n.endswith(".partial") or (n.startswith(".") and n.endswith(".tmp")) for n in others)
-        if others and not ((root / LOCK_NAME).is_file() and temp):
+        if others and not ((root / LOCK_NAME).is_file() and all(_is_temp(n) for n in others)):
             raise BadSpecError(f"--out {root} is a non-empty directory that is not an influence store; choose a new path")
 
 

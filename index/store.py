@@ -39,7 +39,7 @@ from zarr.codecs import Crc32cCodec
 from index import integrity
 from index.errors import BadDataError, BadSpecError, InfluenceError, NonFiniteError, StoreDamagedError, StoreIncompleteError, StoreMismatchError
 from index.lock import LOCK_NAME as LOCK_NAME  # re-exported: the lock lives in index.lock (stdlib only)
-from index.lock import _check_out_dir, _WriterLock
+from index.lock import _check_out_dir, _is_temp, _WriterLock
 from index.lock import writer_lock as writer_lock
 
 if TYPE_CHECKING:
@@ -91,11 +91,6 @@ def _finite_as(values: Any, dtype: np.dtype[Any], what: str) -> np.ndarray:
 class StoreStatus(str, Enum):
     BUILDING = "building"
     COMPLETE = "complete"
-
-
-def _is_temp(name: str) -> bool:
-    """A temp file a killed writer leaves: zarr's ``*.partial``, ``atomic_write``'s ``.*.tmp``."""
-    return name.endswith(".partial") or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def _sweep_temp(root: Path) -> None:
