@@ -54,28 +54,44 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def data_files(root: Path) -> Iterator[str]:
-    """Every file the manifest covers, as a '/'-separated path relative to ``root``."""
+def data_files(root: Path, attrs: dict[str, Any] | None = None) -> Iterator[str]:
+    """Every file the manifest covers, as a '/'-separated path relative to ``root``.
+
+    With ``attrs``: not the files of generations they do not name (an array's previous generation, kept only for
+    readers of the previous state and deleted by the next writer, must not be recorded as part of this one).
+    """
+    live = (attrs or {}).get("matrices") or {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
         if not p.is_file() or rel.parts[0] in _SKIP_DIRS or len(rel.parts) == 1:
             continue  # top-level files: the root zarr.json (covered by attrs_digest), the lock, manifests
         if p.name.endswith((".tmp", ".partial")):
             continue
-        yield rel.as_posix()
+        path = rel.as_posix()
+        if isinstance(live, dict) and any(_stale(path, key, actual) for key, actual in live.items()):
+            continue
+        yield path
+
+
+def _stale(rel: str, key: str, actual: object) -> bool:
+    """``rel`` belongs to a generation of array ``key`` other than the live ``actual``."""
+    if not isinstance(actual, str) or rel.startswith(f"{actual}/"):
+        return False
+    return rel.startswith((f"{key}/", f"{key}."))
 
 
 def write_manifest(root: Path, attrs: dict[str, Any], previous: Any = None) -> dict[str, str]:
     """Hash every data file and write a new manifest atomically; return the record for the root attributes.
 
-    Matrix generations the attributes do not name (superseded, or orphans of a killed write) are not state:
+    Matrix generations the attributes do not name (superseded, or orphans of a killed write), and an array's
+    first generation once ``matrices`` maps it to a newer one (rows grown by an add), are not state:
     they are left out, so a later writer may sweep them without damaging this state. When the manifest
     ``previous`` (the last complete state's integrity record) names holds exactly these bytes, it is reused:
     re-running a finished build leaves the store byte-identical.
     """
     matrices = attrs.get("matrices", {})
     named = set(matrices.values()) if isinstance(matrices, dict) else set()
-    files = {rel: [(root / rel).stat().st_size, sha256_of(root / rel)] for rel in data_files(root)
+    files = {rel: [(root / rel).stat().st_size, sha256_of(root / rel)] for rel in data_files(root, attrs)
              if not (is_generation(_array_of(rel)) and _array_of(rel) not in named)}
     covered = {k: v for k, v in attrs.items() if k not in _UNCOVERED}
     body = json.dumps({"format": 1, "attrs_sha256": attrs_digest(attrs), "attrs": covered, "files": files},

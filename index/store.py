@@ -14,13 +14,17 @@ file read must exist with its recorded size; the crc32c codec checks its bytes),
 deleted chunk is an error, never zarr's fill value. Matrices (TRAK's inverses, caches) and FAISS
 index files are written as a new generation beside the live one and switched in by one attribute
 write, so readers of the last complete state (served while a writer works) never see them change.
-Generations no state a reader may hold names are swept when the next writer starts (under its lock).
+Rows appended by ``influence add`` follow the same rule: every per-row array is grown as a new generation
+(chunk files wholly of old rows hard-linked, not copied) and the ``matrices`` attribute maps each array's name
+to its live generation. Generations no state a reader may hold names are swept when the next writer starts
+(under its lock).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -218,7 +222,7 @@ class FeatureStore:
                     store.set_attrs(**head)  # a writer killed right after creating the group: adopt it
                 store._check_compatible(manifest)
                 store._sweep_partials()
-                store._sweep_generations()
+                store.sweep_generations()
             else:
                 _sweep_temp(root)  # a first build killed before its group header was in place
                 # One write creates the group with its format and status (never mode="w": it deletes the lock file).
@@ -246,6 +250,22 @@ class FeatureStore:
             raise StoreIncompleteError(f"store {root} is not being built (status {store.group.attrs.get('status')!r})")
         store._check_compatible(manifest)
         return store
+
+    @classmethod
+    def open_to_extend(cls, path: str | os.PathLike[str]) -> "FeatureStore":
+        """Reopen an existing store to append rows (takes the writer lock, sweeps temp files; writes nothing)."""
+        root = Path(path)
+        if not (root / "zarr.json").is_file():
+            raise StoreIncompleteError(f"{root} is not an influence store (no zarr.json); build one with `influence build`")
+        lock = _WriterLock(root)
+        try:
+            store = cls(root, zarr.open_group(str(root), mode="r+"), lock)
+            store._sweep_partials()
+            store.sweep_generations()
+            return store
+        except BaseException:
+            lock.release()
+            raise
 
     def close(self) -> None:
         if self._lock is not None:
@@ -293,15 +313,20 @@ class FeatureStore:
     def status(self) -> str:
         return str(self._meta.get("status"))
 
-    def mark_complete(self) -> None:
-        """The last write of a build: only now may readers use the store."""
+    def mark_complete(self, drop: tuple[str, ...] = ()) -> None:
+        """The last write of a build: only now may readers use the store (``drop``: attributes of the writer's own
+        bookkeeping, removed in the same write)."""
         for ckpt in self.checkpoint_ids:
             if not self.done(ckpt).all():
                 raise StoreIncompleteError(f"cannot mark complete: {self.progress()}")
         # The manifest first, then one zarr.json write switches status and manifest together.
         previous = self.group.attrs.get(integrity.ATTR)
-        record = integrity.write_manifest(self.root, self.attrs, previous=previous)
-        self.set_attrs(status=StoreStatus.COMPLETE.value, **{integrity.ATTR: record})
+        attrs = {k: v for k, v in self.attrs.items() if k not in drop}
+        record = integrity.write_manifest(self.root, attrs, previous=previous)
+        if any(k in self.attrs for k in drop):  # one write of all attributes, without the dropped ones
+            self.group.attrs.put({**attrs, "status": StoreStatus.COMPLETE.value, integrity.ATTR: record})
+        else:
+            self.set_attrs(status=StoreStatus.COMPLETE.value, **{integrity.ATTR: record})
         if record != previous:  # a re-run that changed nothing keeps the store as it was, older manifest included
             integrity.sweep_manifests(self.root, keep=record["manifest"], previous=previous)
 
@@ -383,8 +408,8 @@ class FeatureStore:
                                     compressors=[Crc32cCodec()], fill_value=-1)
 
     def _array(self, key: str) -> zarr.Array[Any]:
-        """The array at ``key`` (a group there means the store's layout is damaged)."""
-        node = self.group[key]
+        """The array at ``key``'s live generation (a group there means the store's layout is damaged)."""
+        node = self.group[self.matrix_key(key)]
         if not isinstance(node, zarr.Array):
             raise StoreDamagedError(f"store {self.root} has a group at {key}, where an array belongs; rebuild it")
         return node
@@ -395,6 +420,7 @@ class FeatureStore:
         A chunk file recorded at completion must still be there with its size (zarr would read a missing one
         as its fill value); the crc32c codec then checks its bytes. Either failure is StoreDamagedError.
         """
+        key = self.matrix_key(key)
         arr = self._array(key)
         if self._files is not None:
             # while a writer works on the store, every chunk read is compared by sha256 (it may rewrite in place)
@@ -418,13 +444,16 @@ class FeatureStore:
         return [c for c in self.checkpoint_ids
                 if self._array(f"done/{c}").chunks != (1,) and not self.done(c).all()]
 
-    def write_chunk(self, ckpt: str, chunk: int, features: np.ndarray, labels: np.ndarray, **columns: np.ndarray) -> None:
-        """Write one whole row chunk, then (and only then) its done flag.
+    def write_chunk(self, ckpt: str, chunk: int, features: np.ndarray, labels: np.ndarray, first: int | None = None,
+                    **columns: np.ndarray) -> None:
+        """Write one whole row chunk (from row ``first`` on when given: an add's rows after the ones already
+        there), then (and only then) its done flag.
 
         Checked before anything is written: shapes, integer labels, and rows and columns real and finite in the
         arrays' dtypes (``BadDataError`` / ``NonFiniteError``), so a refused chunk leaves the store as it was.
         """
         start, stop = self.chunk_rows(chunk)
+        start = start if first is None else max(start, first)
         where = f"chunk {chunk} of checkpoint {ckpt} in store {self.root}"
         if np.shape(features) != (stop - start, self.k):
             raise BadDataError(f"{where} needs features of shape {(stop - start, self.k)}, got {np.shape(features)}")
@@ -474,7 +503,8 @@ class FeatureStore:
         return np.asarray(self._read("labels", full=True), dtype=np.int64)  # small, and rewritten by every extension
 
     def matrix_key(self, key: str) -> str:
-        """Where matrix ``key`` lives now: each write makes a new generation (``key.<token>``) beside the old."""
+        """Where array ``key`` lives now: a matrix write or a row append makes a new generation (``key.<token>``)
+        beside the old; an array never rewritten that way lives at ``key`` itself."""
         mapping = self._meta.get("matrices", {})
         actual = mapping.get(key, key) if isinstance(mapping, dict) else key
         if not isinstance(actual, str) or not (actual == key or actual.startswith(f"{key}.")):
@@ -500,6 +530,45 @@ class FeatureStore:
             holder = self.group[parent] if parent else self.group
             if isinstance(holder, zarr.Group) and name in holder:
                 del holder[name]
+
+    def row_keys(self) -> list[str]:
+        """Every per-row array: labels, then each checkpoint's features, columns and done flags."""
+        per = ("features", "loss", "margin", "prob", "loss_weight", "done")
+        return ["labels"] + [f"{name}/{c}" for c in self.checkpoint_ids for name in per]
+
+    def grow(self, n_new: int, token: str) -> dict[str, str]:
+        """New generations ``key.<token>`` of every per-row array for ``n_new`` rows, returned as key → generation.
+
+        The live arrays are not touched: readers of the last complete state keep reading them. Chunk files made
+        only of old rows are hard-linked into the new generation (copied where links fail), the old rows of a
+        short last chunk are copied, and those chunks are flagged done; the new rows are left to the caller.
+        Re-running it with the same token recreates the generations from scratch.
+        """
+        n_old, rows = self.n, self.rows_per_chunk
+        whole = n_old // rows  # chunks wholly of old rows
+        n_chunks = -(-n_new // rows)
+        made: dict[str, str] = {}
+        for key in self.row_keys():
+            old = self._array(key)
+            new = f"{key}.{token}"
+            made[key] = new
+            self._fresh.add(new)
+            if key.startswith("done/"):  # one file per chunk's flag, as a build makes them
+                self.group.create_array(new, shape=(n_chunks,), chunks=(1,), dtype="bool", fill_value=False, overwrite=True)
+                if whole:
+                    self._array(new)[:whole] = True
+                continue
+            self.group.create_array(new, shape=(n_new, *old.shape[1:]), chunks=old.chunks, dtype=old.dtype,
+                                    compressors=[Crc32cCodec()], fill_value=old.fill_value, overwrite=True)
+            src, dst = self.root / self.matrix_key(key), self.root / new
+            rest = [range(-(-s // c)) for s, c in zip(old.shape[1:], old.chunks[1:])]
+            for i in range(whole):
+                for coord in itertools.product([i], *rest):
+                    name = old.metadata.encode_chunk_key(coord)
+                    _link_or_copy(src / name, dst / name)
+            if n_old > whole * rows:
+                self._array(new)[whole * rows : n_old] = old[whole * rows : n_old]
+        return made
 
     def matrix_attrs(self, key: str) -> dict[str, Any] | None:
         """The attributes written with matrix ``key`` (None when there is no such matrix)."""
@@ -592,11 +661,13 @@ class FeatureStore:
             named.update(r["path"] for r in indexes.values() if isinstance(r, dict) and isinstance(r.get("path"), str))
         return named
 
-    def _sweep_generations(self) -> None:
+    def sweep_generations(self) -> None:
         """Delete matrix generations and FAISS files no kept state names (a writer starting, under the lock).
 
         Superseded generations wait here rather than at the switch, so readers opened on the state before keep
-        them through the next build; orphans of a killed writer (never switched in) go too.
+        them through the next build; orphans of a killed writer (never switched in) go too. An array's first
+        generation (its plain name) is never deleted, even once an add has grown it into a new one: readers of
+        older states do not pin it, and its whole chunks are hard links the live generation shares.
         """
         named = self._named_generations()
         if named is None:
@@ -648,6 +719,16 @@ def _close_all(fds: dict[str, int]) -> None:
         with contextlib.suppress(OSError):
             os.close(fd)
     fds.clear()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link of ``src`` at ``dst`` (no bytes copied), or a copy where the file system refuses links."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.unlink(missing_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def _only_group_header(root: Path) -> bool:

@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "build": "influence.pipeline",
+    "add": "influence.append",
     "ClassificationTask": "influence.features",
     "ProjectorSpec": "influence.features",
     "Task": "influence.features",
@@ -36,7 +37,7 @@ _LAZY = {
 __all__ = [
     "BadCheckpointError", "BadDataError", "BadSpecError", "ClassificationTask", "Influence", "InfluenceError",
     "Influencer", "NonFiniteError", "ProjectorSpec", "QueryResult", "StoreIncompleteError", "StoreLockedError",
-    "StoreMismatchError", "Task", "build", "describe_store", "Recipe", "exact_scores",
+    "StoreMismatchError", "Task", "add", "build", "describe_store", "Recipe", "exact_scores",
 ]
 
 

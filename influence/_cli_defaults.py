@@ -27,6 +27,7 @@ DEFAULT_KS = (10, 50)  # influence.index_check.DEFAULT_KS: the recalls index-che
 # "module:qualname" of each API function whose defaults the CLI shows
 API: dict[str, str] = {
     "build": "influence.pipeline:build",
+    "add": "influence.append:add",
     "run_demo": "influence.demo.run:run_demo",
     "run_repair": "influence.demo.retrain:run_repair",
     "Influence.open": "influence.query:Influence.open",
@@ -43,6 +44,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "methods": ("tracin", "gradcos", "trak"), "index_factory": "Flat", "rerank": 256, "seed": 0, "dtype": "float16",
         "trak_lambda": 1.0, "rows_per_chunk": 1024, "device": "cpu",
     },
+    "add": {"device": "cpu"},
     "run_demo": {"out": "runs/demo", "seed": 0, "k": 5},
     "run_repair": {"demo_dir": "runs/demo", "action": "drop", "mislabel_fraction": 0.1, "mask_scope": "class",
                    "method": None, "seed": 0},

@@ -192,6 +192,13 @@ def _parser() -> _Parser:
     _preprocessing_args(b, build=True)
     b.add_argument("--json", action="store_true", help="print the store summary, with seconds per build stage, as JSON")
 
+    a = sub.add_parser("add", help="append training examples to a store (new ids after the old ones; indexes and TRAK updated)")
+    a.add_argument("store")
+    a.add_argument("--data", required=True, help="DATA SPEC of the new examples (classes mapped to the store's by name)")
+    _store_args(a)
+    a.add_argument("--device", default=_default("add", "device"))
+    a.add_argument("--json", action="store_true", help="print the store summary, with seconds per stage, as JSON")
+
     c = sub.add_parser("index-check", help="recall@10/@50 of a store's approximate indexes against exact search")
     c.add_argument("store")
     _store_args(c)
@@ -363,9 +370,31 @@ def _cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_add(args: argparse.Namespace) -> int:
+    from index.lock import writer_lock  # stdlib only: a second writer is refused before torch or zarr load
+
+    t0 = time.perf_counter()
+    if not (Path(args.store) / "zarr.json").is_file():
+        raise BadSpecError(f"{args.store} is not an influence store; build one with `influence build`")
+    with writer_lock(args.store):  # taken before the model and data load: a second writer is refused at once
+        from influence.append import add
+        from influence.pipeline import StageTimer
+        from influence.query import describe_store
+
+        timer = StageTimer()
+        path = add(args.store, args.data, model=args.model, trust_store=args.trust_store, device=args.device,
+                   progress=not args.json, timer=timer)
+    info = describe_store(path) | {"seconds": round(time.perf_counter() - t0, 2),
+                                   "stages": {k: round(v, 3) for k, v in timer.seconds.items()}}
+    added = (info.get("added") or [{}])[-1].get("n")
+    _emit(info, args.json, f"store {info['path']}: {added} examples added, {info['n']} in all × "
+                           f"{len(info['checkpoints'])} checkpoints, status {info['status']} ({info['seconds']} s)")
+    return 0
+
+
 def _cmd_index_check(args: argparse.Namespace) -> int:
     from influence.index_check import check_indexes
-    from influence.query import data_spec_runs_code
+    from influence.loading import data_spec_runs_code
 
     session = _open(args, args.device)
     spec = args.data if args.data is not None else session.store.attrs.get("data_spec")
@@ -671,7 +700,7 @@ COMMANDS = {
     "demo": _cmd_demo, "build": _cmd_build, "query": _cmd_query, "score": _cmd_score,
     "self-influence": _cmd_self_influence, "info": _cmd_info, "verify": _cmd_verify, "attribute": _cmd_attribute,
     "explain": _cmd_explain, "flag": _cmd_flag, "repair": _cmd_repair,
-    "index-check": _cmd_index_check,
+    "index-check": _cmd_index_check, "add": _cmd_add,
 }
 
 

@@ -170,6 +170,29 @@ class PreprocessedDataset(Dataset[tuple[torch.Tensor, int]]):
         return preprocess(x[0], self.spec, f"example {i}"), int(y[0])
 
 
+class ConcatRows(Dataset[tuple[torch.Tensor, int]]):
+    """Data sets one after another, as a store holds them after ``influence add`` (the first one's class names;
+    file paths when every part has them)."""
+
+    def __init__(self, parts: Sequence[SizedDataset]) -> None:
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])
+        self.classes: list[str] | None = getattr(self.parts[0], "classes", None)
+        paths = [getattr(p, "paths", None) for p in self.parts]
+        self.paths: list[str] | None = (
+            [str(x) for ps in paths for x in ps] if all(isinstance(ps, list) for ps in paths) else None)  # type: ignore[union-attr]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range for {len(self)} rows")
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        x, y = batch_of(self.parts[part], i - int(self.starts[part]), i - int(self.starts[part]) + 1)
+        return x[0], int(y[0])
+
+
 def with_preprocessing(dataset: SizedDataset, spec: Preprocessing) -> SizedDataset:
     """``dataset`` with ``spec`` applied: in one pass for arrays, lazily for anything else."""
     if spec.is_identity:

@@ -485,3 +485,9 @@ class ImageFolder(Dataset[tuple[torch.Tensor, int]]):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
         return load_image(path, self.preprocessing, self.shape, self.reference), label
+
+
+def data_spec_runs_code(spec: object) -> bool:
+    """Whether loading a DATA SPEC imports code (``module:function``), rather than reading files or a built-in set."""
+    return (isinstance(spec, str) and spec not in BUILTIN_DATA and not spec.endswith(".npz") and ":" in spec
+            and not os.path.exists(spec))

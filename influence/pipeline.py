@@ -28,11 +28,13 @@ from index.atomic import atomic_write
 from index.search import EXACT, IndexSpec, build_index
 from index.store import FEATURE_DTYPES, FeatureStore, writer_lock
 from influence.distributed import ShardPlan, check_partition, ranks, rank_device
-from influence.data import Preprocessing, batch_of, fingerprint_dataset
-from influence.errors import BadDataError, BadSpecError, InfluenceError, NonFiniteError, StoreMismatchError
+from influence.data import ConcatRows, Preprocessing, SizedDataset, batch_of, fingerprint_dataset
+from influence.errors import (
+    BadDataError, BadSpecError, InfluenceError, NonFiniteError, StoreDamagedError, StoreMismatchError,
+)
 from influence.features import ClassificationTask, Projector, ProjectorSpec, Task, make_projector, select_parameters
 from influence.features.specs import BuildSpec, TrakSpec, task_ref
-from influence.loading import load_checkpoint, load_data, load_model, model_fingerprint, sha256_file
+from influence.loading import data_spec_runs_code, load_checkpoint, load_data, load_model, model_fingerprint, sha256_file
 from influence.scoring import METHOD_NAMES, get_method
 
 log = logging.getLogger(__name__)
@@ -248,6 +250,8 @@ def _setup(
     net = load_model(model, model_args).to(device)
     names = select_parameters(net, params)
     dataset = load_data(data, pre, classes=given)
+    data_fingerprint, base_n = fingerprint_dataset(dataset), len(dataset)
+    dataset = _with_added_rows(Path(out), dataset, data_fingerprint)
     n = len(dataset)
     x0, y0 = batch_of(dataset, 0, 1)
     if x0.ndim != 4:
@@ -268,14 +272,14 @@ def _setup(
         )
     paths = getattr(dataset, "paths", None)
     spec = BuildSpec(task=task_ref(task), params=params, projector=ProjectorSpec(projector, int(proj_dim), int(seed)),
-                     batch_size=batch_size, rows_per_chunk=_rows_per_chunk(batch_size, min(rows_per_chunk, max(batch_size, n))),
+                     batch_size=batch_size, rows_per_chunk=_rows_per_chunk(batch_size, min(rows_per_chunk, max(batch_size, base_n))),
                      dtype=dtype)
     chunks = plan.chunks(n, spec.rows_per_chunk)  # an unaligned plan is refused here, before the store exists
     proj = make_projector(spec.projector, net, names)
     manifest = {
         "model_spec": _spec_string(model), "model_fingerprint": model_fingerprint(net), **spec.to_attrs(),
         "param_names": names, "k": proj.dim, "data_spec": _spec_string(data),
-        "dataset_fingerprint": fingerprint_dataset(dataset), "n": n, "input_shape": list(x0.shape[1:]), "num_classes": num_classes,
+        "dataset_fingerprint": data_fingerprint, "n": n, "input_shape": list(x0.shape[1:]), "num_classes": num_classes,
         "classes": list(class_names), "preprocessing": pre.to_attrs(), "model_args": dict(model_args or {}),
     }
     records: list[dict[str, Any]] = [  # the store's checkpoint records (index.store keeps them as plain dicts)
@@ -325,38 +329,85 @@ def _open_store(out: str | os.PathLike[str], setup: _Setup, sharded: bool) -> Fe
 
 def _featurize(store: FeatureStore, setup: _Setup, task: Task, mine: set[int], progress: bool, clock: StageTimer) -> None:
     """Compute and write this rank's chunks that are not flagged done yet, each whole, then its flag."""
-    net, dataset, batch_size, rows = setup.net, setup.dataset, setup.spec.batch_size, setup.spec.rows_per_chunk
-    device = setup.device
-    todo = [(c, i) for c in store.checkpoint_ids for i in np.flatnonzero(~store.done(c)) if int(i) in mine]
+    rows = setup.spec.rows_per_chunk
+    todo = [(c, int(i)) for c in store.checkpoint_ids for i in np.flatnonzero(~store.done(c)) if int(i) in mine]
     # disable=None: no bar unless stderr is a terminal (logs and captured stderr stay clean); closed on
     # error too, so an error message starts on its own line.
     bar = tqdm(total=len(todo) * rows, desc="featurize", unit="ex", disable=None if progress else True, file=None)
     try:
-        current = None
-        for ckpt, chunk in todo:
-            if ckpt != current:
-                stored = store.checkpoints[int(ckpt[1:])]
-                load_checkpoint(net, stored["path"], expected_sha256=stored["sha256"]).to(device)
-                current = ckpt
-                clock.lap(LOAD)
-            start, stop = store.chunk_rows(int(chunk))
-            parts: list[dict[str, np.ndarray]] = []
-            labels = []
-            for b in range(start, stop, batch_size):
-                x, y = batch_of(dataset, b, min(stop, b + batch_size))
-                _check_batch(x, y, setup.input_shape, setup.num_classes, b)
-                clock.lap(READ)
-                parts.append(featurize_batch(net, task, setup.names, setup.proj, x.to(device), y.to(device)))
-                labels.append(y.numpy())
-                bar.update(len(y))
-                clock.lap(GRADIENTS)
-            cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            feats = cols.pop("features")
-            store.write_chunk(ckpt, int(chunk), feats, np.concatenate(labels), **cols)
-            clock.lap(WRITES)
+        featurize_chunks(store, todo, setup.dataset, setup.net, task, setup.names, setup.proj, batch_size=setup.spec.batch_size,
+                         input_shape=setup.input_shape, num_classes=setup.num_classes, device=setup.device, clock=clock, bar=bar)
     finally:
         bar.close()
     clock.lap(WRITES)  # store setup before the loop, and closing the bar
+
+
+def featurize_chunks(
+    store: FeatureStore, todo: Sequence[tuple[str, int]], dataset: SizedDataset, net: nn.Module, task: Task, names: list[str],
+    proj: Projector, *, batch_size: int, input_shape: tuple[int, ...], num_classes: int, device: torch.device,
+    clock: StageTimer, bar: "tqdm[None]", first_row: int = 0,
+) -> None:
+    """Featurize and write each ``(checkpoint, chunk)`` of ``todo``, then flag it done: the loop of a build and of an add.
+
+    ``dataset`` holds the store's rows from ``first_row`` on (an add: the appended rows; rows before it in the same
+    chunk are already written). Batches start at multiples of ``batch_size`` counted from row 0, so a row's batch,
+    and with it every floating-point sum, is the same whether the store was built in one go or appended to.
+    """
+    current = None
+    for ckpt, chunk in todo:
+        if ckpt != current:
+            stored = store.checkpoints[int(ckpt[1:])]
+            load_checkpoint(net, stored["path"], expected_sha256=stored["sha256"]).to(device)
+            current = ckpt
+            clock.lap(LOAD)
+        start, stop = store.chunk_rows(int(chunk))
+        lo = max(start, first_row)
+        parts: list[dict[str, np.ndarray]] = []
+        labels = []
+        b = lo
+        while b < stop:
+            e = min(stop, (b // batch_size + 1) * batch_size)
+            x, y = batch_of(dataset, b - first_row, e - first_row)
+            _check_batch(x, y, input_shape, num_classes, b - first_row)
+            clock.lap(READ)
+            parts.append(featurize_batch(net, task, names, proj, x.to(device), y.to(device)))
+            labels.append(y.numpy())
+            bar.update(len(y))
+            clock.lap(GRADIENTS)
+            b = e
+        cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        feats = cols.pop("features")  # write_chunk refuses rows that overflow the store's dtype
+        store.write_chunk(ckpt, int(chunk), feats, np.concatenate(labels), first=lo if first_row else None, **cols)
+        clock.lap(WRITES)
+
+
+def _with_added_rows(out: Path, dataset: SizedDataset, fingerprint: str) -> SizedDataset:
+    """The build's data followed by the rows ``influence add`` appended to the store at ``out`` (reloaded from their
+    recorded specs and checked by fingerprint), so a new checkpoint is featurized for every row; else ``dataset``."""
+    if not (out / "zarr.json").is_file():
+        return dataset
+    try:
+        attrs = FeatureStore.open(out, allow_incomplete=True).attrs
+    except InfluenceError:
+        return dataset  # not one of our stores: open_for_write says so
+    added = attrs.get("added") or []
+    if not added or attrs.get("dataset_fingerprint") != fingerprint:
+        return dataset
+    parts = [dataset]
+    for rec in added:
+        spec = rec.get("data_spec")
+        if spec is None or data_spec_runs_code(spec):
+            raise BadSpecError(
+                f"store {out} holds rows added from {repr(spec) if spec else 'an in-memory data set'}, which a build does "
+                "not reload; build all the data and checkpoints into a new --out")
+        part = load_data(spec, Preprocessing.from_attrs(attrs.get("preprocessing")), classes=attrs.get("classes"),
+                         shape=attrs.get("input_shape"))
+        if fingerprint_dataset(part) != rec.get("dataset_fingerprint"):
+            raise StoreMismatchError(
+                f"data {spec} added to store {out} has changed since it was added; build all the data and checkpoints "
+                "into a new --out")
+        parts.append(part)
+    return ConcatRows(parts)
 
 
 def _same_index(record: dict[str, Any], factory: str, rerank: int) -> bool:
@@ -379,16 +430,27 @@ def _class_list(classes: Sequence[str] | None) -> list[str] | None:
     return names
 
 
-def write_paths(root: Path, paths: list[str]) -> dict[str, Any]:
+def write_paths(root: Path, paths: Sequence[str | None], name: str = PATHS_FILE) -> dict[str, Any]:
     """Each training row's file path, in a JSON file beside the store (atomic); returns its record for the attrs.
 
     A separate file, not an attribute: the attrs are rewritten on every status change, and 10⁶ paths would
-    make each rewrite tens of megabytes.
+    make each rewrite tens of megabytes. ``name``: an add writes a new file, so readers of the old one keep it.
     """
-    body = json.dumps({"paths": paths}).encode()
-    with atomic_write(root / PATHS_FILE) as f:
+    body = json.dumps({"paths": list(paths)}).encode()
+    with atomic_write(root / name) as f:
         f.write(body)
-    return {"file": PATHS_FILE, "sha256": hashlib.sha256(body).hexdigest(), "count": len(paths)}
+    return {"file": name, "sha256": hashlib.sha256(body).hexdigest(), "count": len(paths)}
+
+
+def read_paths(root: Path, rec: dict[str, Any]) -> list[str | None]:
+    """The paths file ``rec`` names, checked against its recorded sha256 (None: a row from data without files)."""
+    try:
+        body = (root / rec["file"]).read_bytes()
+    except OSError:
+        raise StoreDamagedError(f"store {root} lost its {rec['file']}; rebuild it") from None
+    if hashlib.sha256(body).hexdigest() != rec["sha256"]:
+        raise StoreDamagedError(f"store {root}: {rec['file']} has changed since the build (sha256 differs); rebuild it")
+    return [None if p is None else str(p) for p in json.loads(body)["paths"]]
 
 
 def _check_resume(out: Path, spec: BuildSpec, manifest: dict[str, Any], records: list[dict[str, Any]]) -> None:

@@ -28,12 +28,12 @@ from tqdm import tqdm
 from index.search import EXACT, ExactScan, SearchIndex, load_index
 from index.store import FeatureStore
 from influence._inputs import as_batch, as_targets
-from influence.data import Preprocessing, batch_of, index_subset
+from influence.data import ConcatRows, Preprocessing, batch_of, index_subset
 from influence.errors import BadDataError, BadSpecError, StoreDamagedError, StoreIncompleteError, StoreMismatchError
 from influence.features import ProjectorSpec, Task, make_projector
 from influence.features.encoder import Checkpoint, QueryEncoder
 from influence.features.specs import resolve_task
-from influence.loading import BUILTIN_DATA, load_checkpoint, load_data, load_model, model_fingerprint
+from influence.loading import data_spec_runs_code, load_checkpoint, load_data, load_model, model_fingerprint
 from influence.models import BUILTIN_MODELS
 from influence.scoring import ScoringMethod, get_method
 
@@ -112,7 +112,7 @@ class Influence:
         self._label_prob: np.ndarray | None = None
         self._self_influence: dict[str, np.ndarray] = {}
         self._train_data: Any = None  # what load_data returns for the store's data spec, read on first use
-        self._paths: list[str] | None = None  # training rows' file paths, read on first use
+        self._paths: list[str | None] | None = None  # training rows' file paths, read on first use
         self._paths_read = False
         names = attrs.get("classes")  # a store from before names were recorded: "0".."K-1"
         self.class_names: list[str] = (
@@ -132,21 +132,7 @@ class Influence:
         model yourself as ``model=`` (a spec or a module). The recorded factory arguments are reused either way.
         """
         store = FeatureStore.open(path)
-        attrs = store.attrs
-        spec = model if model is not None else attrs.get("model_spec")
-        if spec is None:
-            raise BadSpecError(f"store {path} was built from an in-memory model; pass model= to open it")
-        if model is None and not trust_store and spec not in BUILTIN_MODELS:
-            raise BadSpecError(
-                f"store {path} records model spec {spec!r}, which is code and is not imported unless you ask: name the "
-                f"model yourself (--model SPEC, model=) or, if you trust this store, add --trust-store (trust_store=True)"
-            )
-        net = load_model(spec, attrs.get("model_args")).to(device).eval()
-        if model_fingerprint(net) != attrs["model_fingerprint"]:
-            raise StoreMismatchError(
-                f"model {type(net).__name__} does not match the store's model (fingerprint {model_fingerprint(net)} != "
-                f"{attrs['model_fingerprint']}); query with the model the store was built with"
-            )
+        net = store_model(path, store.attrs, model, trust_store).to(device).eval()
         session = cls(store, net, torch.device(device), task=task)
         session.trust_store = trust_store
         return session
@@ -195,18 +181,11 @@ class Influence:
         paths = self._paths
         return paths[i] if paths is not None and 0 <= i < len(paths) else None
 
-    def _read_paths(self) -> list[str] | None:
+    def _read_paths(self) -> list[str | None] | None:
+        from influence.pipeline import read_paths  # the paths file's format lives with its writer
+
         rec = self.store.attrs.get("paths")
-        if not rec:
-            return None
-        try:
-            body = (self.store.root / rec["file"]).read_bytes()
-        except OSError:
-            raise StoreDamagedError(f"store {self.store.root} lost its {rec['file']}; rebuild it") from None
-        if hashlib.sha256(body).hexdigest() != rec["sha256"]:
-            raise StoreDamagedError(f"store {self.store.root}: {rec['file']} has changed since the build (sha256 differs); rebuild it")
-        paths = json.loads(body)["paths"]
-        return [str(p) for p in paths]
+        return read_paths(self.store.root, rec) if rec else None
 
     def _influencer(self, i: int, score: float, labels: np.ndarray) -> Influencer:
         label = int(labels[i])
@@ -418,15 +397,19 @@ class Influence:
     def training_examples(self, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Training images and labels by row id, from the data spec the store was built on."""
         if self._train_data is None:
-            spec = self.store.attrs.get("data_spec")
-            if spec is None:
-                raise BadSpecError("this store was built from an in-memory dataset; training images are not available")
-            if data_spec_runs_code(spec) and not self.trust_store:
-                raise BadSpecError(
-                    f"store {self.store.root} records data spec {spec!r}, which is code and is not imported unless you "
-                    f"ask: if you trust this store, add --trust-store (trust_store=True)"
-                )
-            self._train_data = load_data(spec, self.preprocessing, classes=self.class_names, shape=self.input_shape)
+            # the build's data, then each appended set (influence add) in the order its rows were appended
+            specs = [self.store.attrs.get("data_spec")] + [a.get("data_spec") for a in self.store.attrs.get("added", [])]
+            parts = []
+            for spec in specs:
+                if spec is None:
+                    raise BadSpecError("this store was built from an in-memory dataset; training images are not available")
+                if data_spec_runs_code(spec) and not self.trust_store:
+                    raise BadSpecError(
+                        f"store {self.store.root} records data spec {spec!r}, which is code and is not imported unless you "
+                        f"ask: if you trust this store, add --trust-store (trust_store=True)"
+                    )
+                parts.append(load_data(spec, self.preprocessing, classes=self.class_names, shape=self.input_shape))
+            self._train_data = parts[0] if len(parts) == 1 else ConcatRows(parts)
         dataset = self._train_data
         if len(dataset) != self.store.n:
             raise StoreMismatchError(f"training data {self.store.attrs.get('data_spec')} has {len(dataset)} examples; the store has {self.store.n}")
@@ -434,6 +417,28 @@ class Influence:
             return torch.empty(0, *self.input_shape), torch.empty(0, dtype=torch.long)
         subset = index_subset(dataset, [int(i) for i in ids])
         return batch_of(subset, 0, len(subset))
+
+
+def store_model(path: str | os.PathLike[str], attrs: dict[str, Any], model: str | nn.Module | None, trust_store: bool) -> nn.Module:
+    """The store's model: the caller's (checked by fingerprint), or the recorded spec when built-in or trusted.
+
+    A store is data, never code: its recorded spec is imported only when the caller opts in with ``trust_store``.
+    """
+    spec = model if model is not None else attrs.get("model_spec")
+    if spec is None:
+        raise BadSpecError(f"store {path} was built from an in-memory model; pass model= to open it")
+    if model is None and not trust_store and spec not in BUILTIN_MODELS:
+        raise BadSpecError(
+            f"store {path} records model spec {spec!r}, which is code and is not imported unless you ask: name the "
+            f"model yourself (--model SPEC, model=) or, if you trust this store, add --trust-store (trust_store=True)"
+        )
+    net = load_model(spec, attrs.get("model_args"))
+    if model_fingerprint(net) != attrs["model_fingerprint"]:
+        raise StoreMismatchError(
+            f"model {type(net).__name__} does not match the store's model (fingerprint {model_fingerprint(net)} != "
+            f"{attrs['model_fingerprint']}); use the model the store was built with"
+        )
+    return net
 
 
 def _recipe_model_name(recipe: Recipe) -> str:
@@ -454,7 +459,7 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         "model_spec": a.get("model_spec"), "model_fingerprint": a.get("model_fingerprint"), "task": a.get("task"),
         "params": a.get("params"), "num_parameters_selected": len(a.get("param_names", [])),
         "projector": a.get("projector"), "k": a.get("k"), "dtype": a.get("dtype"), "n": a.get("n"),
-        "data_spec": a.get("data_spec"), "dataset_fingerprint": a.get("dataset_fingerprint"),
+        "data_spec": a.get("data_spec"), "dataset_fingerprint": a.get("dataset_fingerprint"), "added": a.get("added", []),
         "input_shape": a.get("input_shape"), "num_classes": a.get("num_classes"), "classes": a.get("classes"),
         "preprocessing": a.get("preprocessing"), "model_args": a.get("model_args"),
         "paths": (a.get("paths") or {}).get("count"),
@@ -479,12 +484,6 @@ def load_queries(spec: str | Dataset[Any], ids: Sequence[int] | None = None) -> 
     For a store's test data prefer :meth:`Influence.test_data`: it applies the store's preprocessing and class names.
     """
     return _select(load_data(spec), ids)
-
-
-def data_spec_runs_code(spec: object) -> bool:
-    """Whether loading a DATA SPEC imports code (``module:function``), rather than reading files or a built-in set."""
-    return (isinstance(spec, str) and spec not in BUILTIN_DATA and not spec.endswith(".npz") and ":" in spec
-            and not os.path.exists(spec))
 
 
 def _select(dataset: Any, ids: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -229,21 +229,45 @@ class TRAK(ScoringMethod, name="trak"):
             return None
         return {k: float(attrs[k]) for k in ("lambda_rel", "lambda")} if "lambda_rel" in attrs else None
 
+    @staticmethod
+    def _gram_key(ckpt: str) -> str:
+        return f"trak_gram/{ckpt}"
+
     @classmethod
     def prepare(cls, store: "FeatureStore", spec: TrakSpec) -> None:
-        """(Φ_cᵀΦ_c + λI)⁻¹ per checkpoint, recomputed when missing or computed with another λ."""
+        """(Φ_cᵀΦ_c + λI)⁻¹ per checkpoint, recomputed when missing, computed with another λ, or for fewer rows.
+
+        Φ_cᵀΦ_c is kept too (float64, with the rows it covers), so rows appended later (``influence add``) update it
+        by their own ΦᵀΦ without rereading the old features.
+        """
         for ckpt in store.checkpoint_ids:
             done = cls.damping(store, ckpt)
-            if done is not None and done["lambda_rel"] == spec.lambda_rel:
+            rows = (store.matrix_attrs(cls._key(ckpt)) or {}).get("rows", store.n)  # stores before appends: all rows
+            if done is not None and done["lambda_rel"] == spec.lambda_rel and rows == store.n:
                 continue
-            gram = np.zeros((store.k, store.k))
-            for s, e in store.iter_chunks():
-                phi = store.read_features(ckpt, s, e).astype(np.float64)
-                gram += phi.T @ phi
+            gram = cls._gram(store, ckpt)
             inv, lam = trak_inverse(gram, spec.lambda_rel)
             # Written beside the live inverse with its λ, then switched in: a killed build leaves the old one live.
-            store.write_matrix(cls._key(ckpt), inv.astype(np.float32), attrs={"lambda_rel": spec.lambda_rel, "lambda": lam})
+            store.write_matrix(cls._key(ckpt), inv.astype(np.float32),
+                               attrs={"lambda_rel": spec.lambda_rel, "lambda": lam, "rows": store.n})
         super().prepare(store, spec)  # self-influence, after the inverses it uses
+
+    @classmethod
+    def _gram(cls, store: "FeatureStore", ckpt: str) -> np.ndarray:
+        """Φ_cᵀΦ_c over all rows: the stored one plus the rows appended since (read once), stored again if it grew."""
+        key = cls._gram_key(ckpt)
+        covered = int((store.matrix_attrs(key) or {}).get("rows", 0))
+        if 0 < covered <= store.n:
+            gram = store.read_matrix(key).astype(np.float64)
+        else:
+            gram, covered = np.zeros((store.k, store.k)), 0
+        for s, e in store.iter_chunks():
+            if e > covered:
+                phi = store.read_features(ckpt, max(s, covered), e).astype(np.float64)
+                gram += phi.T @ phi
+        if covered < store.n:
+            store.write_matrix(key, gram, attrs={"rows": store.n})
+        return gram
 
     def inverse(self, ckpt: str) -> np.ndarray:
         if ckpt not in self._inv:

@@ -26,7 +26,7 @@ PUBLIC = {
     "influence": [
         "BadCheckpointError", "BadDataError", "BadSpecError", "ClassificationTask", "Influence", "InfluenceError",
         "Influencer", "NonFiniteError", "ProjectorSpec", "QueryResult", "StoreIncompleteError", "StoreLockedError",
-        "StoreMismatchError", "Task", "build", "describe_store", "Recipe", "exact_scores",
+        "StoreMismatchError", "Task", "add", "build", "describe_store", "Recipe", "exact_scores",
     ],
     "index": [
         "FeatureStore", "IndexSpec", "SearchIndex", "StoreStatus", "build_index", "load_index", "recall_at_k",

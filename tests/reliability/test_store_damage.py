@@ -37,6 +37,7 @@ def _read_everything(path: Path) -> None:
         for col in COLUMNS:
             store.column(col, c)
         store.read_matrix(f"trak/{c}")
+        store.read_matrix(f"trak_gram/{c}")  # read by the next add
     for method in ("tracin", "trak"):  # the self-influence caches written at build time
         store.read_matrix(f"self_influence/{method}")
 
@@ -57,8 +58,8 @@ def test_every_deleted_chunk_file_is_an_error_never_a_fill_value(copy_store):
     root = copy_store()
     _read_everything(root)  # intact: every read works
     files = _chunk_files(root)
-    # 3 checkpoints × (features + 4 columns + done flag) × 3 row chunks, labels × 3, trak × 3, self-influence × 2
-    assert len(files) == 3 * 6 * 3 + 3 + 3 + 2, files
+    # 3 checkpoints × (features + 4 columns + done flag) × 3 row chunks, labels × 3, trak and its ΦᵀΦ × 3, self-influence × 2
+    assert len(files) == 3 * 6 * 3 + 3 + 3 + 3 + 2, files
     refused = []
     for rel in files:
         aside = root / "aside"
