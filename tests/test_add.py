@@ -25,7 +25,7 @@ from index.store import FeatureStore
 from influence.cli import main
 from influence.scoring import TRAK
 
-N_A = 96  # a multiple of the batch size, not of the chunk: the add completes a short chunk
+N_A = 80  # not a multiple of the batch size nor of the chunk: the add completes a short batch and a short chunk
 BATCH, CHUNK, K = 32, 64, 128
 
 
@@ -93,6 +93,11 @@ def test_add_equals_a_build_of_all_rows(stores, digits):
     assert np.array_equal(xs.numpy(), digits.x[ids].numpy()) and ys.tolist() == digits.y[ids].tolist()
     assert s_add.store.attrs["added"][0]["n"] == len(digits.y) - N_A
     assert main(["verify", str(stores[0])]) == 0  # the manifest covers the new state
+    from index import integrity
+
+    recorded = integrity.load_manifest(Path(stores[0]), s_add.store.attrs)["files"]
+    assert not [f for f in recorded if f.startswith(("features/c0/", "labels/"))]  # not the generation before the add
+    assert (Path(stores[0]) / "features" / "c0").is_dir()  # which stays for sessions opened before it
 
 
 def test_build_with_a_new_checkpoint_covers_the_added_rows(stores, cnn_ckpts, digits, tmp_path):
