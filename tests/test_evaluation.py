@@ -260,6 +260,15 @@ def test_write_section_replaces_only_its_own_section(tmp_path):
         write_section("a", "x", doc)
 
 
+def test_differing_files_names_changed_digests_and_files_only_one_store_has():
+    from influence.evaluation.store_bytes import differing_files
+
+    a = {"zarr.json": "1", "features/c0/c/0/0": "2"}
+    assert differing_files(a, dict(a)) == []
+    assert differing_files(a, {"zarr.json": "1", "features/c0/c/0/0": "3", "done/c0/c/0": "4"}) == [
+        "done/c0/c/0", "features/c0/c/0/0"]
+
+
 # --------------------------------------------------------------------------- layout
 
 def test_scripts_are_shells_that_neither_edit_sys_path_nor_import_each_other():

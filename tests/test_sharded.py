@@ -1,14 +1,12 @@
 """A build sharded over torchrun ranks (gloo, 2 ranks on this CPU) writes the bytes one process writes.
 
-Compared file by file with sha256 after normalising what is random by design: the generation tokens in matrix names
-(``trak/c0.<8 hex>``, ``self_influence/<method>.<8 hex>``), the token in the manifest's file name, the manifest's
-sha256 in zarr.json and the attributes' digest in the manifest (both hash those names), and the store's own path in
-``faiss/*.index.json``. Nothing else (no timestamps) differs.
+Compared file by file with sha256 after normalising what is random by design (the generation tokens in file names and
+the digests that hash them, the store's own path): ``influence.evaluation.store_bytes.normalised_sha256``, which
+scripts/bench_sharded.py uses too. Nothing else (no timestamps) differs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,7 +25,7 @@ import zarr
 import influence
 import tiny_models
 from conftest import SLOW_SPEC, slow_build_env
-from index import integrity
+from influence.evaluation.store_bytes import differing_files, normalised_sha256
 
 N = 5_000  # not a multiple of the chunk size: the last chunk (of 10) has 392 rows
 CHUNK, BATCH, PROJ_DIM, FACTORY = 512, 64, 64, "HNSW32"
@@ -67,44 +65,12 @@ def _torchrun(inputs: tuple[Path, list[Path]], out: Path) -> list[str]:
     return cmd
 
 
-_FAISS_GEN = re.compile(r"([A-Za-z_]+)\.[0-9a-f]{8}\.index")  # FAISS files are generations: <method>.<token>.index
-
-
-def _normalised(root: Path) -> dict[str, str]:
-    """sha256 of every file of the store but its lock, by path, with the random names replaced (module docstring)."""
-    attrs = json.loads((root / "zarr.json").read_text())["attributes"]
-    names = {actual: f"{key}.<gen>" for key, actual in attrs["matrices"].items()}
-    names[attrs[integrity.ATTR]["manifest"]] = ".influence-manifest.<token>.json"
-    names[str(root)] = "<store>"
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if not p.is_file() or p.name == ".influence.lock":
-            continue
-        rel, body = p.relative_to(root).as_posix(), p.read_bytes()
-        if p.suffix == ".json":
-            text = body.decode()
-            if rel == "zarr.json":
-                text = text.replace(attrs[integrity.ATTR]["sha256"], "<manifest sha256>")
-            if rel == attrs[integrity.ATTR]["manifest"]:
-                text = re.sub(r'"attrs_sha256": "[0-9a-f]{64}"', '"attrs_sha256": "<digest>"', text)
-            for old, new in sorted(names.items(), key=lambda kv: -len(kv[0])):
-                text = text.replace(old, new)
-            text = _FAISS_GEN.sub(r"\1.<gen>.index", text)
-            body = text.encode()
-        for old, new in names.items():
-            rel = rel.replace(old, new)
-        rel = _FAISS_GEN.sub(r"\1.<gen>.index", rel)
-        out[rel] = hashlib.sha256(body).hexdigest()
-    return out
-
-
 def _assert_same_store(a: Path, b: Path) -> None:
-    fa, fb = _normalised(a), _normalised(b)
+    fa, fb = normalised_sha256(a), normalised_sha256(b)
     assert sorted(fa) == sorted(fb)
     # one file per chunk and checkpoint (done flags too), plus the array and group headers
     assert len([f for f in fa if f.startswith(("features/", "done/"))]) == 2 * 2 * 10 + 2 * 2 + 2
-    differ = [f for f in fa if fa[f] != fb[f]]
-    assert differ == [], differ
+    assert differing_files(fa, fb) == []
     # the same exact top-k (scores too) for some training rows as queries, every method
     sa, sb = (influence.Influence.open(s, trust_store=True) for s in (a, b))
     x, y = sa.training_examples(list(range(0, N, 617)))
@@ -208,7 +174,7 @@ def two(inputs, one, tmp_path_factory) -> tuple[list[dict[str, str]], Path]:
     flags[3] = False
     group.create_array("done/c1", shape=flags.shape, chunks=flags.shape, dtype="bool", fill_value=False, overwrite=True)[:] = flags
     group.attrs["status"] = "building"
-    before = _normalised(base / "old")
+    before = normalised_sha256(base / "old")
     with np.load(data) as d:
         x = d["x"].copy()
         x[4000] = np.nan
@@ -219,7 +185,7 @@ def two(inputs, one, tmp_path_factory) -> tuple[list[dict[str, str]], Path]:
            SLOW_SPEC, str(data), str(c0), str(c1), str(base), str(N), str(CHUNK)]
     run = subprocess.run(cmd, env=slow_build_env(0), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert _normalised(base / "old") == before  # refused: no chunk or flag written
+    assert normalised_sha256(base / "old") == before  # refused: no chunk or flag written
     return [json.loads((base / f"report.{r}.json").read_text()) for r in range(WORKERS)], base
 
 
