@@ -116,7 +116,11 @@ def _create(w: FeatureStore, base: dict[str, Any], pending: dict[str, Any], data
     old = read_paths(w.root, base["paths"]) if base.get("paths") else None
     if old is not None or isinstance(new_paths, list):
         rows: list[str | None] = old if old is not None else [None] * int(base["n"])
-        added: list[str | None] = [str(p) for p in new_paths] if isinstance(new_paths, list) else [None] * pending["rows"]
+        # Each added row's path carries its folder as given to --data: relative names alone are ambiguous once
+        # rows come from several folders (a build's rows are relative to its own --data folder).
+        folder = str(data) if isinstance(data, (str, os.PathLike)) else ""
+        added: list[str | None] = ([os.path.join(folder, str(p)) for p in new_paths] if isinstance(new_paths, list)
+                                   else [None] * pending["rows"])
         values["paths"] = write_paths(w.root, rows + added, name=f"train_paths.{token}.json")
     _sweep_files(w.root, keep={(base.get("paths") or {}).get("file"), (values.get("paths") or {}).get("file")},
                  pattern="train_paths*.json")
