@@ -66,7 +66,10 @@ def add(
     names = list(base["param_names"])
     proj = make_projector(spec.projector, net, names)
     shape = tuple(int(s) for s in base["input_shape"])
-    dataset = load_data(data, Preprocessing.from_attrs(base.get("preprocessing")), classes=base["classes"], shape=shape)
+    dataset = load_data(data, Preprocessing.from_attrs(base.get("preprocessing")), classes=base["classes"], shape=shape,
+                        reference="the store's images",
+                        advice="an add applies the store's recorded preprocessing only: convert the new images to "
+                               f"{'×'.join(str(v) for v in shape)} (channels×H×W) first, or build a new store with --size/--channels")
     n_old = int(base["n"])
     plan: dict[str, Any] = {"dataset_fingerprint": fingerprint_dataset(dataset), "n_old": n_old, "rows": len(dataset)}
     clock.lap(LOAD)

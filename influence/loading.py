@@ -259,14 +259,14 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike[str], expected_sha
 
 def load_data(
     spec: str | Dataset[Any], preprocessing: Preprocessing | None = None, *, classes: Sequence[str] | None = None,
-    shape: Sequence[int] | None = None,
+    shape: Sequence[int] | None = None, reference: str = "the model's images", advice: str | None = None,
 ) -> SizedDataset:
     """A dataset from a DATA SPEC: built-in name, image folder, ``.npz`` with x and y, or ``module:function``.
 
     ``preprocessing`` is applied to every image. ``classes`` are the class names in label order (a store's):
     an image folder's sub-folders and an ``.npz``'s ``classes`` array are then mapped to them by name, never
-    by position. ``shape`` (C, H, W) is what every preprocessed image must be (default: the first image's).
-    The result has ``classes`` (names, or None) and, for folders, ``paths`` (relative file paths).
+    by position. ``shape`` (C, H, W) is what every preprocessed image must be (default: the first image's);
+    ``reference`` and ``advice`` word a folder image's mismatch error (see :func:`load_image`). The result has ``classes`` (names, or None) and, for folders, ``paths`` (relative file paths).
     """
     pre = preprocessing or Preprocessing()
     dataset: SizedDataset
@@ -277,7 +277,7 @@ def load_data(
     elif spec in BUILTIN_DATA:
         dataset = with_preprocessing(BUILTIN_DATA[spec](), pre)
     elif os.path.isdir(spec):
-        dataset = ImageFolder(spec, preprocessing=pre, classes=classes, shape=shape)
+        dataset = ImageFolder(spec, preprocessing=pre, classes=classes, shape=shape, reference=reference, advice=advice)
     elif spec.endswith(".npz"):
         dataset = with_preprocessing(_load_npz(Path(spec), classes), pre)
     elif ":" in spec and not os.path.exists(spec):
@@ -420,24 +420,26 @@ def read_image(path: str | os.PathLike[str], channels: int | None = None, size: 
 
 def load_image(
     path: str | os.PathLike[str], preprocessing: Preprocessing, shape: Sequence[int] | None = None, reference: str = "the model's images",
+    advice: str | None = None,
 ) -> torch.Tensor:
     """One image file through ``preprocessing``; a channel count or size other than ``shape`` is an error, not a conversion.
 
     Conversions happen only when asked for: ``channels`` / ``size`` in ``preprocessing`` (``--channels``, ``--size``).
+    ``advice`` replaces the error's "pass --size/--channels" hint where the command has no such flags.
     """
     t = read_image(path)
     if shape is not None and preprocessing.channels is None and t.shape[0] != shape[0]:
         kind = {1: "grayscale (1 channel)", 3: "colour (3 channels)"}.get(int(t.shape[0]), f"{t.shape[0]} channels")
         raise BadDataError(
             f"image {path} is {kind} but {reference} {'have' if reference.endswith('s') else 'has'} {shape[0]}; "
-            f"pass --channels {shape[0]} to convert it"
+            + (advice or f"pass --channels {shape[0]} to convert it")
         )
     t = preprocess(t, preprocessing, f"image {path}")
     if shape is not None and tuple(t.shape[-2:]) != tuple(shape[-2:]):
         h, w = shape[-2], shape[-1]
         raise BadDataError(
             f"image {path} is {t.shape[-2]}×{t.shape[-1]} but {reference} {'are' if reference.endswith('s') else 'is'} {h}×{w}; "
-            f"pass --size {h},{w} to resize it"
+            + (advice or f"pass --size {h},{w} to resize it")
         )
     return t
 
@@ -454,8 +456,9 @@ class ImageFolder(Dataset[tuple[torch.Tensor, int]]):
     def __init__(
         self, root: str | os.PathLike[str], channels: int | None = None, size: tuple[int, int] | None = None, *,
         preprocessing: Preprocessing | None = None, classes: Sequence[str] | None = None, shape: Sequence[int] | None = None,
+        reference: str = "the model's images", advice: str | None = None,
     ) -> None:
-        self.root = Path(root)
+        self.root, self.advice = Path(root), advice
         pre = preprocessing or Preprocessing()
         if channels is not None or size is not None:
             pre = pre.replace(size=size, channels=channels)
@@ -471,7 +474,7 @@ class ImageFolder(Dataset[tuple[torch.Tensor, int]]):
         ]
         self.paths = [f.relative_to(self.root).as_posix() for f, _ in self.items]
         self.shape: tuple[int, ...] | None = tuple(int(v) for v in shape) if shape is not None else None
-        self.reference = "the model's images"
+        self.reference = reference
         if self.shape is None and self.items:
             first = load_image(self.items[0][0], pre)
             self.shape = tuple(first.shape)
@@ -484,7 +487,7 @@ class ImageFolder(Dataset[tuple[torch.Tensor, int]]):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
-        return load_image(path, self.preprocessing, self.shape, self.reference), label
+        return load_image(path, self.preprocessing, self.shape, self.reference, self.advice), label
 
 
 def data_spec_runs_code(spec: object) -> bool:

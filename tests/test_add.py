@@ -156,6 +156,14 @@ def test_image_folder_add_maps_names_and_records_paths(digits, cnn_ckpts, tmp_pa
     assert "'zebra' is not one of the store's classes" in err and len(err.splitlines()) == 1
     assert (out / "zarr.json").read_bytes() == before
 
+    big = tmp_path / "big" / "digit3"
+    big.mkdir(parents=True)
+    Image.new("L", (32, 32)).save(big / "x.png")  # the store's images are 16×16; add has no --size to resize
+    assert main(["add", str(out), "--data", str(big.parent), "--trust-store"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "32×32 but the store's images are 16×16" in err and "--size" not in err.split(";")[1].split("or build")[0], err
+    assert len(err.splitlines()) == 1 and (out / "zarr.json").read_bytes() == before
+
 
 def test_killed_add_serves_the_old_state_and_a_rerun_completes(digits, cnn_ckpts, tmp_path):
     a = _npz(tmp_path / "a.npz", digits.x[:N_A], digits.y[:N_A])
