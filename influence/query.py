@@ -269,11 +269,14 @@ class Influence:
         """Softmax probabilities of the final checkpoint."""
         return torch.softmax(self.encoder.logits(self._as_batch(inputs)), dim=-1)
 
-    def query_vectors(self, inputs: torch.Tensor, targets: torch.Tensor, method: str) -> np.ndarray:
-        """Project test examples exactly as the store's training features were, then apply the method."""
+    def query_vectors(
+        self, inputs: torch.Tensor, targets: torch.Tensor, method: str, last_logits: torch.Tensor | None = None,
+    ) -> np.ndarray:
+        """Project test examples exactly as the store's training features were, then apply the method
+        (``last_logits``: the final checkpoint's logits of ``inputs``, when already computed)."""
         x = self._as_batch(inputs)
         y = as_targets(targets, len(x)).to(self.device)
-        q = self.encoder.encode(x, y)
+        q = self.encoder.encode(x, y, last_logits)
         return self.scorer(method).query_vectors(q.features, q.loss_weights, q.probs)
 
     def _targets(self, probs: torch.Tensor, targets: Sequence[int] | torch.Tensor | None, what: str = "targets") -> torch.Tensor:
@@ -297,16 +300,18 @@ class Influence:
         if k < 1:
             raise BadSpecError(f"--k must be a positive integer, got {k}")
         x = self._as_batch(inputs)
-        probs = self.predict(x)
+        logits = self.encoder.logits(x)  # once: the prediction and the final checkpoint's loss weight both use it
+        probs = torch.softmax(logits, dim=-1)
         t = self._targets(probs, targets)
-        q = self.query_vectors(x, t, method)
+        q = self.query_vectors(x, t, method, logits)
         opp_t, q_opp = t, q
         if targets is None and labels is not None:
             opp_t = self._targets(probs, labels, "labels")
             differ = (opp_t != t).numpy()
             if differ.any():
                 q_opp = q.copy()
-                q_opp[differ] = self.query_vectors(x[torch.as_tensor(differ)], opp_t[torch.as_tensor(differ)], method)
+                rows = torch.as_tensor(differ)
+                q_opp[differ] = self.query_vectors(x[rows], opp_t[rows], method)
         index = self.index(method)
         train_labels = self.training_labels()
         start = time.perf_counter()
@@ -337,8 +342,9 @@ class Influence:
 
         ``progress``: a bar over the training rows on stderr, shown only when stderr is a terminal.
         """
-        probs = self.predict(inputs)
-        q = self.query_vectors(inputs, self._targets(probs, targets), method)
+        x = self._as_batch(inputs)
+        logits = self.encoder.logits(x)
+        q = self.query_vectors(x, self._targets(torch.softmax(logits, dim=-1), targets), method, logits)
         scorer = self.scorer(method)
         out = np.empty((self.store.n, len(q)), dtype=np.float32)
         with tqdm(total=self.store.n, desc=f"scores ({method})", unit="ex", disable=None if progress else True) as bar:

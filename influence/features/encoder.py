@@ -59,10 +59,13 @@ class QueryEncoder:
         with torch.no_grad():
             return forward(self._template, x, self.checkpoints[checkpoint].state)
 
-    def encode(self, x: torch.Tensor, y: torch.Tensor) -> QueryFeatures:
+    def encode(self, x: torch.Tensor, y: torch.Tensor, last_logits: torch.Tensor | None = None) -> QueryFeatures:
+        """``last_logits``: the final checkpoint's logits of ``x`` when the caller has them (a query predicts first),
+        so that forward pass is not repeated."""
         feats, weights, probs = {}, {}, {}
+        last = len(self.checkpoints) - 1
         for i, ckpt in enumerate(self.checkpoints):
-            logits = self.logits(x, i)
+            logits = last_logits if i == last and last_logits is not None else self.logits(x, i)
             weights[ckpt.id] = self.task.loss_weight(logits, y).float().cpu().numpy()
             probs[ckpt.id] = self.task.probability(logits, y).float().cpu().numpy()
             phi = self.projector.featurize(self._template, self.task, self.names, x, y, state=ckpt.state)
