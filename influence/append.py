@@ -29,7 +29,7 @@ from influence.features import Task, make_projector
 from influence.features.specs import BuildSpec, TrakSpec, resolve_task
 from influence.loading import load_data
 from influence.pipeline import (
-    INDEXES, LOAD, SELF_INFLUENCE, TRAK_SOLVE, WRITES, StageTimer, _spec_string, build_method_index, featurize_chunks,
+    INDEXES, LOAD, SELF_INFLUENCE, TRAK_SOLVE, WRITES, StageTimer, _spec_string, extend_method_index, featurize_chunks,
     read_paths, write_paths,
 )
 from influence.query import store_model
@@ -98,7 +98,7 @@ def add(
                              num_classes=int(base["num_classes"]), device=dev, clock=clock, bar=bar, first_row=n_old)
         finally:
             bar.close()
-        _prepare(w, clock)
+        _prepare(w, n_old, clock)
         w.mark_complete(drop=(PENDING,))
         clock.lap(WRITES)
     return root
@@ -130,18 +130,17 @@ def _create(w: FeatureStore, base: dict[str, Any], pending: dict[str, Any], data
     w.set_attrs(**values, **{PENDING: {**pending, "created": True}})
 
 
-def _prepare(w: FeatureStore, clock: StageTimer) -> None:
-    """TRAK's ΦᵀΦ and inverses, self-influence caches and every index, for all rows, as the build makes them."""
+def _prepare(w: FeatureStore, first: int, clock: StageTimer) -> None:
+    """TRAK's ΦᵀΦ and inverses and self-influence caches for all rows, as the build makes them; every approximate
+    index extended by rows ``first:`` (an exact search needs nothing)."""
     indexes = dict(w.attrs.get("indexes", {}))
     lam = TRAK.damping(w, w.checkpoint_ids[0]) if "trak" in indexes else None
     trak = TrakSpec(lam["lambda_rel"]) if lam else TrakSpec()
     for m in indexes:
         get_method(m).prepare(w, trak)
         clock.lap(TRAK_SOLVE if m == "trak" else SELF_INFLUENCE)
-    seed = int(w.attrs["projector"].get("seed", 0))
-    for m, rec in indexes.items():  # each written as a new generation, switched in by one attribute write
-        rerank = int(rec.get("spec", {}).get("rerank", 0))
-        build_method_index(w, m, rec["factory"], seed=seed, rerank=rerank)
+    for m, rec in indexes.items():  # the new rows added to each index, written as a new generation and switched in
+        extend_method_index(w, m, rec, first)
     clock.lap(INDEXES)
 
 

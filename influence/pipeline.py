@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from index.atomic import atomic_write
-from index.search import EXACT, IndexSpec, build_index
+from index.search import EXACT, IndexSpec, SearchIndex, build_index
 from index.store import FEATURE_DTYPES, FeatureStore, writer_lock
 from influence.distributed import ShardPlan, check_partition, ranks, rank_device
 from influence.data import ConcatRows, Preprocessing, SizedDataset, batch_of, fingerprint_dataset
@@ -516,6 +516,32 @@ def build_method_index(
                         factory=factory, train_sample=sample, rerank=rerank,
                         nprobe=NPROBE if "IVF" in factory else None, efSearch=EF_SEARCH if "HNSW" in factory else None)
     return store.write_index(method, index, {"factory": factory})
+
+
+def extend_method_index(store: FeatureStore, method: str, record: dict[str, Any], first: int) -> dict[str, Any]:
+    """Add rows ``first:`` of the store to ``method``'s approximate index (the one ``record`` names) and write it as
+    a new generation; return its record. Falls back to :func:`build_method_index` for an exact search or an
+    index that does not hold exactly rows ``:first``.
+
+    Every method's train vector v_i depends on row i alone (TRAK's inverse and 1/n apply to the query), so the
+    old rows' vectors stay valid and an add costs the new rows only; a trained quantizer (IVF centroids, PQ
+    codebooks) is kept as trained on the build's sample.
+    """
+    from index.search import load_index
+
+    factory = str(record.get("factory", EXACT))
+    rerank = int((record.get("spec") or {}).get("rerank", RERANK))
+    spec = IndexSpec.from_dict(record["spec"]) if isinstance(record.get("spec"), dict) else None
+    if factory == EXACT or not isinstance(record.get("path"), str) or spec is None or spec.ntotal != first:
+        return build_method_index(store, method, factory, int(store.attrs["projector"].get("seed", 0)), rerank)
+    index = load_index(store.root / record["path"], record)
+    scorer = get_method(method)(store)
+    for s, e in store.iter_chunks():
+        if e > first:
+            block = scorer.train_vectors(max(s, first), e) if s < first else scorer.train_vectors(s, e)
+            index.index.add(np.ascontiguousarray(block, dtype=np.float32))
+    grown = SearchIndex(index.index, replace(spec, ntotal=int(index.index.ntotal)))
+    return store.write_index(method, grown, {"factory": factory})
 
 
 def _check_batch(x: torch.Tensor, y: torch.Tensor, shape: tuple[int, ...], num_classes: int, offset: int) -> None:

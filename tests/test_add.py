@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -201,4 +202,30 @@ def test_killed_add_serves_the_old_state_and_a_rerun_completes(digits, cnn_ckpts
     on_disk = sorted(p.name for p in (out / "features").glob("c0*"))
     live = final.matrix_key("features/c0").split("/")[1]
     assert live in on_disk and len(on_disk) == 3, on_disk  # the first generation, the first add's, the second's
+    assert main(["verify", str(out)]) == 0
+
+
+def test_an_approximate_index_is_extended_by_the_new_rows(digits, cnn_ckpts, tmp_path):
+    """The add appends the new rows' vectors to each live HNSW index (its graph over A kept, not rebuilt): the index
+    holds every row, its vectors of A are the ones build(A) stored, and re-ranked answers equal exact search."""
+    a = _npz(tmp_path / "a.npz", digits.x[:N_A], digits.y[:N_A])
+    b = _npz(tmp_path / "b.npz", digits.x[N_A:], digits.y[N_A:])
+    out = _build(a, cnn_ckpts, tmp_path / "s", index_factory="HNSW32", rerank=64, methods=["tracin", "trak"])
+    before = {m: influence.Influence.open(out, trust_store=True).index(m).index.reconstruct_n(0, N_A) for m in ("tracin", "trak")}
+    import influence.pipeline as pipeline
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("an add rebuilt an approximate index instead of extending it")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "build_method_index", no_rebuild)
+        influence.add(out, str(b), trust_store=True, progress=False)
+    session = influence.Influence.open(out, trust_store=True)
+    for m in ("tracin", "trak"):
+        index = session.index(m)
+        assert index.index.ntotal == len(digits.y) and index.spec.ntotal == len(digits.y)
+        assert np.array_equal(index.index.reconstruct_n(0, N_A), before[m])  # A's vectors kept, not rebuilt
+        q = session.query_vectors(digits.x_test[:6], torch.as_tensor(digits.y_test[:6]), m)
+        (s_ann, i_ann), (s_ex, i_ex) = index.search(q, 5), session.exact_scan(m).search(q, 5)
+        assert np.array_equal(i_ann, i_ex) and np.allclose(s_ann, s_ex, rtol=1e-5, atol=1e-6)
     assert main(["verify", str(out)]) == 0
