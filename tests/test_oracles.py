@@ -171,3 +171,16 @@ def test_self_influence_equals_float64_oracle(exact, oracle):
     self_oracle = Oracle(oracle.loss_train, oracle.margin_train, oracle.prob_train, oracle.loss_train, oracle.margin_train)
     want_trak = np.diag(trak(self_oracle))
     np.testing.assert_allclose(exact.self_influence("trak"), want_trak, rtol=0, atol=RTOL * np.abs(want_trak).max())
+
+
+def test_trak_inverse_by_cholesky_equals_numpy_inv_and_falls_back_on_an_indefinite_matrix():
+    from influence.scoring import _spd_inverse, trak_inverse
+
+    rng = np.random.default_rng(0)
+    phi = rng.standard_normal((60, 40))
+    gram = phi.T @ phi
+    inv, lam = trak_inverse(gram, 1.0)
+    assert lam == np.trace(gram) / 40
+    assert np.allclose(inv, np.linalg.inv(gram + lam * np.eye(40)), rtol=1e-12, atol=1e-15) and np.array_equal(inv, inv.T)
+    indefinite = np.diag([1.0, -2.0, 3.0])  # Cholesky fails: LU's inverse instead
+    assert np.allclose(_spd_inverse(indefinite), np.diag([1.0, -0.5, 1 / 3]))
