@@ -12,9 +12,11 @@ from typing import Any
 from index.integrity import MANIFEST_PREFIX
 from index.store import LOCK_NAME
 
-# Names that carry a random token by design: the manifest (``.influence-manifest.<12 hex>.json``) and the
-# generations of matrices and caches (``self_influence/tracin.<8 hex>``, ``trak/c0.<8 hex>``).
-_TOKENS = re.compile(r"(\.influence-manifest\.)([0-9a-f]{12})(?=\.json)|((?:self_influence|trak)/[A-Za-z0-9_]+\.)([0-9a-f]{8})")
+# Names that carry a random token by design: the manifest (``.influence-manifest.<12 hex>.json``), the
+# generations of matrices and caches (``self_influence/tracin.<8 hex>``, ``trak/c0.<8 hex>``) and of the per-row
+# arrays an add grows (``features/c0.<8 hex>``, ``labels.<8 hex>``), and an add's paths file.
+_ARRAYS = r"(?:self_influence|trak|trak_gram|features|loss|margin|prob|loss_weight|done)/[A-Za-z0-9_]+\.|labels\.|train_paths\."
+_TOKENS = re.compile(rf"(\.influence-manifest\.)([0-9a-f]{{12}})(?=\.json)|((?:^|(?<=[/\"]))(?:{_ARRAYS}))([0-9a-f]{{8}})")
 # Values derived from those names (digests of text that contains them): checked by ``FeatureStore.open`` instead.
 _DERIVED = {"sha256", "attrs_sha256"}
 

@@ -2,8 +2,9 @@
 with the same command ends byte-identical to a build never interrupted; in between, a reader gets one line
 and exit 2, or the answers of a complete state, never anything else.
 
-Two builds are attacked: a first build (a new store of one checkpoint) and an extension (a second checkpoint
-added to that complete store, whose readers must keep the old answers). Events are counted by an audit hook (``killpoint``).
+Three writers are attacked: a first build (a new store of one checkpoint), an extension (a second checkpoint
+added to that complete store, whose readers must keep the old answers) and an ``influence add`` of new training
+rows to it (readers keep the old answers too). Events are counted by an audit hook (``killpoint``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from index.store import FeatureStore
 from fingerprint import fingerprint
 from killpoint import KillAt, Runner
 
-CI = {"first": (8, 2), "extend": (3, 1)}  # (sampled k, random times) per build
-SLOW = {"first": (50, 10), "extend": (20, 5)}
+CI = {"first": (8, 2), "extend": (3, 1), "add": (3, 1)}  # (sampled k, random times) per build
+SLOW = {"first": (50, 10), "extend": (20, 5), "add": (20, 5)}
 
 
 @dataclass
@@ -50,6 +51,8 @@ class Campaign:
         return str(self.root / f"run{self.n}")
 
     def argv(self, out: Path, n_ckpts: int) -> list[str]:
+        if n_ckpts == 0:  # an add of the test images as new training rows to the store at ``out``
+            return ["add", str(out), "--data", str(self.digits.test_npz), "--trust-store"]
         return slow_build_cmd(self.digits.train_npz, self.ckpts.paths[:n_ckpts], out, proj_dim=32)[3:]
 
     def build(self, argv: list[str], out: Path, kill_at: KillAt = 0) -> tuple[int, str]:
@@ -169,7 +172,8 @@ def _attack(c: Campaign, ref: Build, name: str, kill_at: KillAt | None, delay: f
 def _campaign(runner, digits, cnn_ckpts, tmp_path, counts: dict[str, tuple[int, int]], seed: int) -> dict[str, Tally]:
     c = Campaign(runner, digits, cnn_ckpts, tmp_path)
     first = c.reference("first", 1, None, runs=2)  # a new store of one checkpoint
-    refs = {"first": first, "extend": c.reference("extend", 2, first.out, runs=1)}  # the same, a second one added
+    refs = {"first": first, "extend": c.reference("extend", 2, first.out, runs=1),  # the same, a second one added
+            "add": c.reference("add", 0, first.out, runs=1)}  # the first store, with rows appended
     tallies = {}
     rng = random.Random(seed)
     for name, (n_k, n_random) in counts.items():
@@ -185,11 +189,13 @@ def _campaign(runner, digits, cnn_ckpts, tmp_path, counts: dict[str, tuple[int, 
 
 def test_kill_campaign(runner, digits, cnn_ckpts, tmp_path):
     tallies = _campaign(runner, digits, cnn_ckpts, tmp_path, CI, seed=11)
-    assert tallies["first"].cases == sum(CI["first"]) and tallies["extend"].cases == sum(CI["extend"])
+    assert all(tallies[name].cases == sum(CI[name]) for name in CI)
     assert tallies["first"].reader_old == 0  # a first build has no earlier state
+    assert tallies["add"].reader_exit2 == 0  # an add always has one: readers get it, or the new one
 
 
 @pytest.mark.slow
 def test_kill_campaign_large(runner, digits, cnn_ckpts, tmp_path):
     tallies = _campaign(runner, digits, cnn_ckpts, tmp_path, SLOW, seed=12)
-    assert tallies["first"].cases == sum(SLOW["first"]) and tallies["extend"].cases == sum(SLOW["extend"])
+    assert all(tallies[name].cases == sum(SLOW[name]) for name in SLOW)
+    assert tallies["add"].reader_exit2 == 0
