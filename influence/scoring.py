@@ -323,12 +323,14 @@ def _spd_inverse(a: np.ndarray) -> np.ndarray:
     1e-15 relative); falls back to LU if the factorisation fails (a matrix that is not positive definite)."""
     from scipy.linalg import lapack  # scipy comes with scikit-learn
 
-    c, info = lapack.dpotrf(np.asarray(a, dtype=np.float64), lower=0, clean=0)
+    k = len(a)
+    c, info = lapack.dpotrf(np.asarray(a, dtype=np.float64), lower=0, clean=1)  # clean: zeros below the diagonal
     if info == 0:
-        upper, info = lapack.dpotri(c, lower=0, overwrite_c=1)
+        upper, info = lapack.dpotri(c, lower=0, overwrite_c=1)  # fills the upper triangle, leaves those zeros
     if info != 0:
         return np.asarray(np.linalg.inv(a))
-    inv: np.ndarray = np.triu(upper) + np.triu(upper, 1).T  # potri fills the upper triangle only
+    inv: np.ndarray = upper + upper.T  # (np.triu twice took 4× longer at k = 2048)
+    inv[np.diag_indices(k)] *= 0.5
     return inv
 
 
