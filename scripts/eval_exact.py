@@ -16,6 +16,10 @@ test points of Spearman(−Σ_{i∈S} score_i, actual margin change); see influe
     python scripts/eval_exact.py --removal --model fashion-mlp         # drop top-k proponents of misclassifications
     python scripts/eval_exact.py --scaling 2,5,10,20                   # cost and peak memory against T
     python scripts/eval_exact.py --report                              # rewrite the docs section only
+    python scripts/eval_exact.py --rows                                # print the cached variants' table rows
+    python scripts/eval_exact.py --model smooth-cnn-lr0.01             # the "metasmooth" CNN: GELU, avg pooling, lr 0.01
+
+The cache directory is runs/exact_cache, or $INFLUENCE_EXACT_CACHE.
 
 Fashion-MNIST comes from Debian's ``dataset-fashion-mnist`` (``apt-get install -y dataset-fashion-mnist``).
 """
@@ -28,7 +32,7 @@ import json
 import torch
 
 from influence.evaluation.exact_study import (
-    CACHE, DOC, MODELS, deadline_of, half_subset, log, removal, report, run, scaling, scaling_child,
+    CACHE, DOC, MODELS, command_of, deadline_of, half_subset, log, removal, report, run, scaling, scaling_child, variant_row,
 )
 
 
@@ -44,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-baselines", action="store_true", help="exact mode only (ablations)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only rewrite the docs section from the cached results")
+    ap.add_argument("--rows", action="store_true",
+                    help="only print the variants table's rows and commands of the cached results (to add to the docs by hand)")
     ap.add_argument("--stop-at", default=None, help="HH:MM (UTC): start no retrain after this; judge by those done")
     ap.add_argument("--removal", action="store_true", help="the removal experiment (misclassified test images) instead")
     ap.add_argument("--removal-images", type=int, default=20)
@@ -72,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"mean margin drop {r['mean_margin_drop']:.3f}")
 
     drop = tuple(float(v) for v in a.drop.split(","))
+    if a.rows:
+        for r in (json.loads(p.read_text()) for p in sorted(CACHE.glob("*/result.json"))):
+            if "dtype" in r:
+                print(variant_row(r))
+                print(command_of(r))
+        return
     if not (a.report or a.removal or a.scaling or a.half_subset):
         stop_at = deadline_of(a.stop_at)
         result = run(a.retrains, a.test_points, a.query_batch, a.proj_dim, a.dtype, (drop[0], drop[1]), not a.no_baselines,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 import time
@@ -23,7 +24,8 @@ from influence.data import ArrayDataset
 from influence.evaluation.exact_lds import drop_lds, drop_masks, final_margins, retrain_margins
 from influence.recipe import Recipe
 
-CACHE = Path("runs/exact_cache")  # relative to where the study runs (the repository root), like the other studies
+# relative to where the study runs (the repository root), like the other studies; INFLUENCE_EXACT_CACHE moves it
+CACHE = Path(os.environ.get("INFLUENCE_EXACT_CACHE", "runs/exact_cache"))
 DOC = Path("docs/BENCHMARKS.md")
 RECIPE = Recipe(model="digits-mlp", epochs=10)
 CHECKPOINTS = 10
@@ -54,6 +56,25 @@ def smooth_cnn() -> torch.nn.Module:
     return net
 
 
+def fashion_smooth_cnn() -> torch.nn.Module:
+    """The smooth CNN's shape on 28×28 Fashion-MNIST (GELU, average pooling, BatchNorm; 7×7 maps before the head)."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.GELU(), nn.AvgPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.GELU(), nn.AvgPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.GELU(), nn.Linear(64, 10))
+
+
+def fashion_gelu_mlp() -> torch.nn.Module:
+    """The Fashion-MNIST MLP with GELU for ReLU."""
+    from influence.models import DigitsMLP
+
+    net = DigitsMLP(in_features=784)
+    net.net[2], net.net[4] = torch.nn.GELU(), torch.nn.GELU()
+    return net
+
+
 def fashion_mlp() -> torch.nn.Module:
     """The digits MLP's shape on 28×28 Fashion-MNIST: 784 → 128 → 128 → 10, ReLU."""
     from influence.models import DigitsMLP
@@ -63,7 +84,21 @@ def fashion_mlp() -> torch.nn.Module:
 
 MODELS = {"digits-mlp": "digits-mlp", "gelu-mlp": f"{Path(__file__).resolve()}:gelu_mlp", "digits-cnn": "digits-cnn",
           "smooth-cnn": f"{Path(__file__).resolve()}:smooth_cnn",
-          "fashion-mlp": f"{Path(__file__).resolve()}:fashion_mlp"}
+          "fashion-mlp": f"{Path(__file__).resolve()}:fashion_mlp",
+          # the "metasmooth" recipes (smooth activation, average pooling, lr 0.01 instead of 0.05; RECIPE_OVERRIDES)
+          "smooth-cnn-lr0.01": f"{Path(__file__).resolve()}:smooth_cnn",
+          "digits-cnn-lr0.01": "digits-cnn",
+          "fashion-gelu-mlp": f"{Path(__file__).resolve()}:fashion_gelu_mlp",
+          "fashion-gelu-mlp-lr0.01": f"{Path(__file__).resolve()}:fashion_gelu_mlp",
+          "fashion-smooth-cnn-lr0.01": f"{Path(__file__).resolve()}:fashion_smooth_cnn"}
+RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {m: {"lr": 0.01} for m in MODELS if m.endswith("-lr0.01")}
+
+
+def recipe_of(model: str, dtype: str = "float32") -> Recipe:
+    """The study's recipe for ``model``: RECIPE with that model, dtype and the model's own RECIPE_OVERRIDES."""
+    return dataclasses.replace(RECIPE, dtype=dtype, model=MODELS[model], **RECIPE_OVERRIDES.get(model, {}))
+
+
 FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist (gzipped idx files)
 FASHION_TRAIN = 5000
 
@@ -115,7 +150,7 @@ def variant_dir(model: str, dtype: str, drop: tuple[float, float], n_test: int) 
 def run(n_retrains: int, n_test: int, query_batch: int, proj_dim: int, dtype: str = "float32",
         drop: tuple[float, float] = (0.01, 0.05), baselines: bool = True, model: str = "digits-mlp",
         stop_at: float | None = None) -> dict[str, Any]:
-    recipe = dataclasses.replace(RECIPE, dtype=dtype, model=MODELS[model])
+    recipe = recipe_of(model, dtype)
     train, test = load_data(model)
     cache = variant_dir(model, dtype, drop, n_test)
     cache.mkdir(parents=True, exist_ok=True)
@@ -225,7 +260,7 @@ def removal(model: str, n_images: int, ks: tuple[int, ...], proj_dim: int, query
     (``Influence.scores`` for the predicted class, largest first) and k random training images. One same-seed
     retrain per (image, method, k), with the dropped images weighted 0. Resumable.
     """
-    recipe = dataclasses.replace(RECIPE, model=MODELS[model])
+    recipe = recipe_of(model)
     train, test = load_data(model)
     cache = CACHE / f"removal_{model}"
     cache.mkdir(parents=True, exist_ok=True)
@@ -321,7 +356,7 @@ def half_subset(model: str, n_models: int, n_test: int, stop_at: float | None = 
     if path.is_file():
         old = np.load(path)["margins"]
         margins[:len(old)] = old[:n_models]
-    base = dataclasses.replace(RECIPE, model=MODELS[model])
+    base = recipe_of(model)
     for j in np.flatnonzero(~np.isfinite(margins).all(1)):
         if stop_at is not None and time.time() > stop_at:
             break
@@ -413,11 +448,34 @@ def test_accuracy(result: dict[str, Any]) -> float | None:
         return None
     from influence.loading import load_checkpoint
 
-    recipe = dataclasses.replace(RECIPE, model=MODELS[result.get("model", "digits-mlp")], dtype=result["dtype"])
+    recipe = recipe_of(result.get("model", "digits-mlp"), result["dtype"])
     net = load_checkpoint(recipe.build_model(), ckpts[-1])
     _, test = load_data(result.get("model", "digits-mlp"))
     with torch.no_grad():
         return float((net(test.x.to(next(net.parameters()).dtype)).argmax(-1) == test.y).float().mean())
+
+
+def variant_row(r: dict[str, Any]) -> str:
+    """One row of the report's table of variants (models, data, dtypes, drop sizes) from a cached result."""
+    e, rows = r["rows"]["exact"], r["rows"]
+    tm = r["timing"]
+    cost = "–"
+    if "exact_one_query_s" in tm and "exact_batched_s_per_query" in tm:
+        cost = f"{tm['exact_one_query_s'] / tm['train_s']:.1f}× / {tm['exact_batched_s_per_query'] / tm['train_s']:.2f}×"
+    return (
+        f"| {r.get('model', 'digits-mlp')} | {DATA_NAMES[_data_of(r.get('model', 'digits-mlp'))]} ({r['n_train']:,}) | "
+        f"{r['dtype']} | {r['drop'][0]:.1%}–{r['drop'][1]:.1%} | "
+        f"{r['drop_sizes'][0]}–{r['drop_sizes'][1]} | {e['n_retrains']} | {e['n_test']} | "
+        f"{e['lds']:.3f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}] | {e['pearson']:.3f} | {_fmt_lds(rows.get('trak (ckpt10)'))} | "
+        f"{_fmt_lds(rows.get('tracin (ckpt10)'))} | {_fmt_lds(rows.get('gradcos (ckpt10)'))} | "
+        f"{r['mean_abs_change']:.3f} | {test_accuracy(r) or float('nan'):.3f} | {cost} |")
+
+
+def command_of(r: dict[str, Any]) -> str:
+    """The eval_exact.py command that produced a cached variant result."""
+    return (f"python scripts/eval_exact.py --retrains {r['rows']['exact']['n_retrains']} --test-points "
+            f"{r['rows']['exact']['n_test']} --model {r.get('model', 'digits-mlp')} --dtype {r['dtype']} "
+            f"--drop {r['drop'][0]:g},{r['drop'][1]:g}" + ("" if len(r["rows"]) > 1 else " --no-baselines"))
 
 
 def report(result: dict[str, Any], others: list[dict[str, Any]]) -> str:
@@ -460,26 +518,15 @@ def report(result: dict[str, Any], others: list[dict[str, Any]]) -> str:
         f"{m['peak_states']} optimizer states held at once ({m['step_evals']} forward steps in all, recomputation included).",
     ]
     if others:
-        lines += ["", "Other models, data and settings (same recipe otherwise: 10 epochs, SGD, batch 64, seed 0; test points "
+        lines += ["", "Other models, data and settings (same recipe otherwise: 10 epochs, SGD, batch 64, seed 0, lr 0.05 "
+                  "decayed linearly, or 0.01 where the model's name ends in -lr0.01; test points "
                   "and drop sets drawn with the same seeds; TracIn, Grad-Cos and TRAK over the run's 10 checkpoints, "
                   "where their baselines were run; cost = one query alone / per query in batches of 8, as multiples of one "
                   "training run in the same process, measured under load):", "",
                   "| model | data (train images) | dtype | drop | images dropped | retrains | test points | exact LDS [95% CI] | "
                   "exact Pearson | TRAK LDS | TracIn LDS | Grad-Cos LDS | mean abs margin change | test accuracy | cost per query |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in [result] + others:
-            e, rows = r["rows"]["exact"], r["rows"]
-            tm = r["timing"]
-            cost = "–"
-            if "exact_one_query_s" in tm and "exact_batched_s_per_query" in tm:
-                cost = f"{tm['exact_one_query_s'] / tm['train_s']:.1f}× / {tm['exact_batched_s_per_query'] / tm['train_s']:.2f}×"
-            lines.append(
-                f"| {r.get('model', 'digits-mlp')} | {DATA_NAMES[_data_of(r.get('model', 'digits-mlp'))]} ({r['n_train']:,}) | "
-                f"{r['dtype']} | {r['drop'][0]:.1%}–{r['drop'][1]:.1%} | "
-                f"{r['drop_sizes'][0]}–{r['drop_sizes'][1]} | {e['n_retrains']} | {e['n_test']} | "
-                f"{e['lds']:.3f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}] | {e['pearson']:.3f} | {_fmt_lds(rows.get('trak (ckpt10)'))} | "
-                f"{_fmt_lds(rows.get('tracin (ckpt10)'))} | {_fmt_lds(rows.get('gradcos (ckpt10)'))} | "
-                f"{r['mean_abs_change']:.3f} | {test_accuracy(r) or float('nan'):.3f} | {cost} |")
+        lines += [variant_row(r) for r in [result] + others]
     halves = [r for r in [result] + others if "half_subset" in r]
     if halves:
         lines += ["", "Half-subset LDS (each model trained from scratch on a random half of the training set with its own "
@@ -526,10 +573,7 @@ def report(result: dict[str, Any], others: list[dict[str, Any]]) -> str:
     lines += ["", FINDINGS]
     lines += ["", "```", f"python scripts/eval_exact.py --retrains {ex['n_retrains']} --test-points {ex['n_test']} "
               f"--query-batch {result['query_batch']} --proj-dim {result['proj_dim']}"]
-    for r in others:
-        lines.append(f"python scripts/eval_exact.py --retrains {r['rows']['exact']['n_retrains']} --test-points "
-                     f"{r['rows']['exact']['n_test']} --model {r.get('model', 'digits-mlp')} --dtype {r['dtype']} --drop {r['drop'][0]:g},{r['drop'][1]:g}"
-                     + ("" if len(r["rows"]) > 1 else " --no-baselines"))
+    lines += [command_of(r) for r in others]
     if halves:
         lines += [f"python scripts/eval_exact.py --half-subset {r['half_subset']['exact']['n_retrains']} --model "
                   f"{r.get('model', 'digits-mlp')}" for r in halves]
