@@ -32,7 +32,7 @@ import json
 import torch
 
 from influence.evaluation.exact_study import (
-    CACHE, DOC, MODELS, command_of, deadline_of, half_subset, log, removal, report, run, scaling, scaling_child, variant_row,
+    CACHE, DOC, MODELS, ablation_lines, command_of, deadline_of, half_subset, log, removal, report, run, scaling, scaling_child, variant_row,
 )
 
 
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             if "dtype" in r:
                 print(variant_row(r))
                 print(command_of(r))
+        print("\n".join(ablation_lines()))
         return
     if not (a.report or a.removal or a.scaling or a.half_subset):
         stop_at = deadline_of(a.stop_at)

@@ -478,6 +478,25 @@ def command_of(r: dict[str, Any]) -> str:
             f"--drop {r['drop'][0]:g},{r['drop'][1]:g}" + ("" if len(r["rows"]) > 1 else " --no-baselines"))
 
 
+def ablation_lines() -> list[str]:
+    """The table of scripts/exact_ablation.py's runs (CACHE/ablation.jsonl), each with its command; [] if none."""
+    path = CACHE / "ablation.jsonl"
+    if not path.is_file():
+        return []
+    lines = ["", "Ablations (scripts/exact_ablation.py: no baselines, fewer retrains and test points, same seeds and 1–5% "
+             "drops; the CNN is the digits CNN's shape with the normalisation, activation and pooling named, ln = GroupNorm "
+             "with one group; mlp = the 128-128 MLP; 10 epochs, SGD as above with the lr named):", "",
+             "| data | norm | activation | pooling | lr | retrains | test points | test accuracy | exact LDS [95% CI] | "
+             "exact Pearson | mean abs margin change | command |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        a = r["argv"]
+        lines.append(f"| {'Fashion-MNIST' if a[0].startswith('f') else 'digits'} | {a[1] if a[3] != 'mlp' else '–'} | {a[2]} | "
+                     f"{a[3]} | {a[4]} | {a[8]} | {a[9]} | {r['acc']:.3f} | {r['lds']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | "
+                     f"{r['pearson']:.3f} | {r['mean_abs']:.3f} | `python scripts/exact_ablation.py {' '.join(a)}` |")
+    return lines
+
+
 def report(result: dict[str, Any], others: list[dict[str, Any]]) -> str:
     t = result["timing"]
     m = result["memory"]
@@ -527,6 +546,7 @@ def report(result: dict[str, Any], others: list[dict[str, Any]]) -> str:
                   "exact Pearson | TRAK LDS | TracIn LDS | Grad-Cos LDS | mean abs margin change | test accuracy | cost per query |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines += [variant_row(r) for r in [result] + others]
+    lines += ablation_lines()
     halves = [r for r in [result] + others if "half_subset" in r]
     if halves:
         lines += ["", "Half-subset LDS (each model trained from scratch on a random half of the training set with its own "
