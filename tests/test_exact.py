@@ -330,3 +330,21 @@ def test_learning_rate_schedules():
     assert lrs["constant"] == [0.1] * 4
     np.testing.assert_allclose(lrs["linear"], [0.1, 0.075, 0.05, 0.025])  # train_classifier's per-epoch decay
     np.testing.assert_allclose(lrs["cosine"], [0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2, 0.05, 0.1 * (1 - math.cos(math.pi / 4)) / 2])
+
+
+def test_exact_study_models_and_recipes() -> None:
+    """Every model the exact study names builds and runs on its data's shape; the -lr0.01 variants train at lr 0.01."""
+    from influence.evaluation.exact_study import MODELS, RECIPE, _data_of, recipe_of
+
+    for name in MODELS:
+        recipe = recipe_of(name)
+        side = 28 if _data_of(name) == "fashion" else 16
+        assert recipe.build_model()(torch.zeros(2, 1, side, side)).shape == (2, 10)
+        assert recipe.lr == (0.01 if name.endswith("-lr0.01") else RECIPE.lr)
+        assert dataclass_fields_equal(recipe, RECIPE, skip={"model", "lr"})
+
+
+def dataclass_fields_equal(a: Recipe, b: Recipe, skip: set[str]) -> bool:
+    import dataclasses
+
+    return all(getattr(a, f.name) == getattr(b, f.name) for f in dataclasses.fields(a) if f.name not in skip)
