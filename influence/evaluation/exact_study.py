@@ -421,14 +421,24 @@ def scaling(epochs_list: tuple[int, ...]) -> dict[str, Any]:
 FINDINGS = """Findings. On the digits MLP exact mode ranks the effect of dropping small subsets far better than every
 store-based method on the same run (0.75 against 0.49 for TRAK over 10 checkpoints), and its Pearson of 0.80 says it
 predicts the size of the changes too. float64 training changes nothing (0.750 against 0.749): rounding is not the
-limit. The activation matters: with GELU for ReLU (`gelu-mlp`) it scores 0.93 at 1–5% drops and 0.98 at 1–7 images,
-where TRAK scores 0.52 and 0.37. On 5,000 Fashion-MNIST images (ReLU MLP, T = 790 steps) it still leads (0.44 against
-0.21 for TRAK, 0.04–0.05 for TracIn and Grad-Cos) but is far below the 0.8 goal. On the digits CNN (ReLU, BatchNorm)
-it fails: 0.00 over 84 retrains (the run stopped at its deadline), with every method at 0.11 or below; the
-CNN's margins move 8× more than the MLP's for the same drops (mean |change| 1.10 against 0.14), so this run is far
-outside the regime a derivative describes. The derivative itself is right (finite differences of retraining agree to
-1e-3 on a small BatchNorm CNN, tests/test_exact.py); what a smooth-activation or lower-learning-rate CNN scores was not
-measured. Removal (Fashion-MNIST): dropping the top-20 exact proponents of the wrong class flips 12 of 20
+limit. What decides the score is how smooth the training run is, as MAGIC and "Optimizing ML Training with
+Metagradient Descent" (Engstrom et al. 2025) prescribe ("metasmooth" training): a smooth activation and a lower
+learning rate. The ≥ 0.8 goal is met on a digits CNN and on 5,000 Fashion-MNIST images with metasmooth recipes: the
+digits CNN with GELU, average pooling and BatchNorm at lr 0.01 (`smooth-cnn-lr0.01`) scores 0.990 (TRAK-10 0.743,
+TracIn-10 0.491, Grad-Cos-10 0.494; test accuracy 0.975 against 0.978 for the default CNN), and the Fashion-MNIST
+GELU MLP at lr 0.01 (`fashion-gelu-mlp-lr0.01`) 0.992 (TRAK-10 0.480, TracIn 0.190, Grad-Cos 0.224; test accuracy
+0.803 against 0.838 for the ReLU MLP at lr 0.05). Both factors count: the default CNN (ReLU, max pooling) goes from
+0.00 at lr 0.05 to 0.71 at lr 0.01 (`digits-cnn-lr0.01`); GELU and average pooling at lr 0.05 give 0.47
+(`smooth-cnn`); both give 0.99. On Fashion-MNIST GELU alone gives 0.67 (`fashion-gelu-mlp`, against 0.44 for ReLU),
+GELU and lr 0.01 0.99. In the ablations (20 test points, 20–30 retrains) the smooth CNN's LDS falls with the learning
+rate's rise, 0.99 / 0.84 / 0.52 at lr 0.01 / 0.02 / 0.05; at lr 0.05 GroupNorm or LayerNorm for BatchNorm does not
+help (0.63, 0.51) and no normalisation is worse (0.11; at lr 0.01 that CNN does not learn, accuracy 0.24, so its
+LDS of 1.00 means nothing). The mean |margin change| tracks the LDS: 1.10 for the default CNN, 0.28 for `smooth-cnn`,
+0.08 for `smooth-cnn-lr0.01`; a lower learning rate keeps the retrains in the regime a derivative describes. The
+derivative itself is right in every case (finite differences of retraining agree to 1e-3 on a small BatchNorm CNN,
+tests/test_exact.py). A smooth CNN on Fashion-MNIST (`fashion-smooth-cnn-lr0.01`) was not measured: one ablation
+with 20 retrains ran out of time (over 14 CPU-minutes) and was stopped. Removal (Fashion-MNIST): dropping the top-20
+exact proponents of the wrong class flips 12 of 20
 misclassifications (10 to the true class), against 11 for TRAK's top-20 and 3 for 20 random images; at k = 10, 12
 against 8 and 3. Cost: one query alone costs several training runs and a batch of 8 about 1–3.4 per query; these
 timings were taken under heavy load and vary by 2× between runs. Memory: with √T checkpointing the states held grow
