@@ -8,8 +8,10 @@ and the per-example training loss of that checkpoint (eval mode, no augmentation
 learning rate in force during the epoch that ended there goes to ``OUT/meta.json`` (the TracInCP weight: the lr at
 the end of the last epoch is 0 under the one-cycle schedule, so the weight is the mean lr over that epoch).
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/cifar10_mislabel_ckpts.py --data /work/runs/cifar10/flip10.npz \
-        --out runs/flip10_ckpts --epochs 16 --keep 2,4,8,12,16 --cpu
+    PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/cifar10_mislabel_ckpts.py --data runs/cifar10/flip10.npz \
+        --out runs/flip10_ckpts --epochs 24 --keep 2,4,8,12,16,20,24 --cpu
+    PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/cifar10_mislabel_ckpts.py --data runs/cifar10/flip10.npz \
+        --out runs/flip10_ckpts --epochs 24 --cpu --cv
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10_train import logits_of, train  # noqa: E402  (the trainer's own loop, so the recipe is the same)
+from cifar10_train import FOLDS, logits_of, train  # noqa: E402  (the trainer's own loop, so the recipe is the same)
 
 
 def main() -> int:
@@ -37,6 +39,9 @@ def main() -> int:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--cpu", action="store_true")
+    p.add_argument("--cv", action="store_true",
+                   help="instead: the 4-fold out-of-fold probabilities of cifar10_train.py's mis_fold jobs (same folds and "
+                        "seeds) into OUT/oof_probs.npz, the cross-validated confidence baseline")
     a = p.parse_args()
     dev = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
     d = np.load(a.data)
@@ -46,6 +51,17 @@ def main() -> int:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    if a.cv:
+        probs = np.zeros((len(x), 10), dtype=np.float32)
+        for f in range(FOLDS):
+            fold = np.random.default_rng(11).permutation(len(x)) % FOLDS == f
+            tr = torch.from_numpy(np.nonzero(~fold)[0]).to(dev)
+            model, _ = train(x[tr], y[tr], width=a.width, epochs=a.epochs, seed=20 + f)
+            held = np.nonzero(fold)[0]
+            probs[held] = logits_of(model, x[torch.from_numpy(held).to(dev)]).softmax(1).numpy()
+            print(f"fold {f} {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+        np.savez(out / "oof_probs.npz", probs=probs, cv_s=np.float32(time.perf_counter() - t0))
+        return 0
     # the trainer keeps the lr at each kept epoch's end; the mean lr over that epoch is recomputed here
     steps = len(x) // 128
     total, peak = steps * a.epochs, steps * a.epochs // 4

@@ -6,13 +6,13 @@ script's ``losses.npz``; ranks the training rows by
 - self-influence of TracIn and TRAK (``Influence.open(store).self_influence(method)``: all the store's checkpoints,
   TracInCP weighted by the store's ``--lr-weights``; Pruthi et al., 2020) and the same scorer restricted to the final
   checkpoint alone and to other subsets (its ``ckpts``, recomputed from the stored features, nothing rebuilt);
-- the final model's training loss, and the mean training loss over the same checkpoints (an "area under the
+- the final model's training loss, the 4-fold cross-validated confidence when ``--cv`` wrote it, and the mean training loss over the same checkpoints (an "area under the
   margin"-style ranking in the spirit of Pleiss et al., 2020, from saved checkpoints only);
 
 and prints AUC (sklearn's ``roc_auc_score``) and the share of the flipped rows found among the top 10% / 20% as JSON
 lines. Grad-Cos self-influence is 1 for every row (each checkpoint's block is normalised), so it ranks nothing.
 
-    PYTHONPATH=. python scripts/cifar10_mislabel_ckpts_eval.py --data /work/runs/cifar10/flip10.npz \
+    PYTHONPATH=. python scripts/cifar10_mislabel_ckpts_eval.py --data runs/cifar10/flip10.npz \
         --ckpts runs/flip10_ckpts --store runs/flip10_store
 """
 
@@ -63,6 +63,9 @@ def main() -> int:
         f"training loss (final model, e{epoch[final]})": losses[f"e{epoch[final]}"],
         f"mean training loss over {tag(order)}": np.mean([losses[f"e{e}"] for e in eps], axis=0),
     }
+    if (Path(a.ckpts) / "oof_probs.npz").is_file():  # cifar10_mislabel_ckpts.py --cv
+        oof = np.load(Path(a.ckpts) / "oof_probs.npz")["probs"]
+        rows["4-fold CV confidence (1 − out-of-fold p(label))"] = 1.0 - oof[np.arange(len(oof)), d["y"]]
     early = [c for c in order if epoch[c] <= max(eps) // 2]
     if early:
         rows[f"mean training loss over {tag(early)}"] = np.mean([losses[f"e{epoch[c]}"] for c in early], axis=0)
