@@ -31,6 +31,7 @@ import json
 import queue
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,8 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train(x: torch.Tensor, y: torch.Tensor, *, width: int, epochs: int, seed: int, lr: float = 0.05,
-          batch: int = 128, keep: tuple[int, ...] = (), amp: bool = False) -> tuple[nn.Module, list[tuple[int, float, dict]]]:
+          batch: int = 128, keep: tuple[int, ...] = (), amp: bool = False,
+          on_epoch: Callable[[int], None] | None = None) -> tuple[nn.Module, list[tuple[int, float, dict]]]:
     """SGD (Nesterov, one-cycle linear schedule, wd 5e-4) on uint8 images; returns the model and kept checkpoints."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -93,6 +95,8 @@ def train(x: torch.Tensor, y: torch.Tensor, *, width: int, epochs: int, seed: in
             loss.backward()
             opt.step()
             step += 1
+        if on_epoch is not None:
+            on_epoch(epoch)
         if epoch in keep:
             kept.append((epoch, lr_at(step), {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}))
     return model.eval(), kept
