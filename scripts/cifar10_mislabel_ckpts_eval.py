@@ -1,6 +1,6 @@
 """Mislabel detection with checkpoints taken during training, against loss baselines of the same run.
 
-Reads a store built by ``influence build`` over the checkpoints of ``scripts/cifar10_mislabel_ckpts.py`` and that
+Reads a store built by ``influence build`` over the checkpoints of ``scripts/cifar10_train.py mislabel-ckpts`` and that
 script's ``losses.npz``; ranks the training rows by
 
 - self-influence of TracIn and TRAK (``Influence.open(store).self_influence(method)``: all the store's checkpoints,

@@ -114,7 +114,7 @@ def test_help_and_usage_errors_import_nothing_heavy(tmp_path):
 
     doc = json.loads(done.stdout)
     assert doc["heavy"] == []
-    assert len(doc["codes"]) == 13  # the 12 commands and the bad value
+    assert len(doc["codes"]) == 14  # the 13 commands (add included) and the bad value
     assert all(code == 0 and size > 100 for name, (code, size) in doc["codes"].items() if name != "bad"), doc["codes"]
     assert doc["codes"]["bad"][0] == 2
 
