@@ -25,22 +25,19 @@ from pathlib import Path
 
 import numpy as np
 
+from influence.evaluation.mislabel import mislabel_metrics
+
 
 def detection(score: np.ndarray, positive: np.ndarray) -> dict:
-    """AUC, and the fraction of positives among the top 10% / 20% of the ranking (descending score)."""
-    from sklearn.metrics import roc_auc_score
-
-    order = np.argsort(-score, kind="stable")
-    n, pos = len(score), positive.sum()
-    return {"auc": round(float(roc_auc_score(positive, score)), 4),
-            "found_at_10%": round(float(positive[order[: n // 10]].sum() / pos), 4),
-            "found_at_20%": round(float(positive[order[: n // 5]].sum() / pos), 4)}
+    """AUC and the share of flipped rows among the top 10% / 20% (``influence.evaluation.mislabel``), as JSON keys."""
+    m = mislabel_metrics(score, positive)
+    return {"auc": round(m["auc"], 4), "found_at_10%": round(m["recall@10%"], 4), "found_at_20%": round(m["recall@20%"], 4)}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="flipN.npz (its 'flipped' array names the flipped rows)")
-    p.add_argument("--ckpts", required=True, help="the folder of cifar10_mislabel_ckpts.py (losses.npz, meta.json)")
+    p.add_argument("--ckpts", required=True, help="the --out folder of `cifar10_train.py mislabel-ckpts` (losses.npz, meta.json)")
     p.add_argument("--store", required=True)
     p.add_argument("--out", default="", help="also append the JSON lines here")
     a = p.parse_args()
@@ -63,7 +60,7 @@ def main() -> int:
         f"training loss (final model, e{epoch[final]})": losses[f"e{epoch[final]}"],
         f"mean training loss over {tag(order)}": np.mean([losses[f"e{e}"] for e in eps], axis=0),
     }
-    if (Path(a.ckpts) / "oof_probs.npz").is_file():  # cifar10_mislabel_ckpts.py --cv
+    if (Path(a.ckpts) / "oof_probs.npz").is_file():  # cifar10_train.py mislabel-ckpts --cv
         oof = np.load(Path(a.ckpts) / "oof_probs.npz")["probs"]
         rows["4-fold CV confidence (1 − out-of-fold p(label))"] = 1.0 - oof[np.arange(len(oof)), d["y"]]
     early = [c for c in order if epoch[c] <= max(eps) // 2]
