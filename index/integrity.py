@@ -57,10 +57,10 @@ def sha256_of(path: Path) -> str:
 def data_files(root: Path, attrs: dict[str, Any] | None = None) -> Iterator[str]:
     """Every file the manifest covers, as a '/'-separated path relative to ``root``.
 
-    With ``attrs``: not the files of generations they do not name (an array's previous generation, kept only for
-    readers of the previous state and deleted by the next writer, must not be recorded as part of this one).
+    With ``attrs``: only the files of the generations they name (:func:`is_live`), so a generation kept only for
+    readers of an earlier state, or an orphan of a killed write, is never recorded as part of this one.
     """
-    live = (attrs or {}).get("matrices") or {}
+    matrices = (attrs or {}).get("matrices") or {}
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
         if not p.is_file() or rel.parts[0] in _SKIP_DIRS or len(rel.parts) == 1:
@@ -68,16 +68,18 @@ def data_files(root: Path, attrs: dict[str, Any] | None = None) -> Iterator[str]
         if p.name.endswith((".tmp", ".partial")):
             continue
         path = rel.as_posix()
-        if isinstance(live, dict) and any(_stale(path, key, actual) for key, actual in live.items()):
+        if attrs is not None and not is_live(_array_of(path), matrices):
             continue
         yield path
 
 
-def _stale(rel: str, key: str, actual: object) -> bool:
-    """``rel`` belongs to a generation of array ``key`` other than the live ``actual``."""
-    if not isinstance(actual, str) or rel.startswith(f"{actual}/"):
-        return False
-    return rel.startswith((f"{key}/", f"{key}."))
+def is_live(array: str, matrices: Any) -> bool:
+    """Whether ``array`` is the generation the ``matrices`` attribute names for its key (``trak/c0.<token>`` for
+    ``trak/c0``); a key it does not map lives at its own plain name. One rule for superseded generations, orphans
+    of a killed write, and an array's first generation once an add has grown it into a new one."""
+    key = _GENERATION.sub("", array)
+    live = matrices.get(key, key) if isinstance(matrices, dict) else key
+    return array == live
 
 
 def write_manifest(root: Path, attrs: dict[str, Any], previous: Any = None) -> dict[str, str]:
@@ -89,10 +91,7 @@ def write_manifest(root: Path, attrs: dict[str, Any], previous: Any = None) -> d
     ``previous`` (the last complete state's integrity record) names holds exactly these bytes, it is reused:
     re-running a finished build leaves the store byte-identical.
     """
-    matrices = attrs.get("matrices", {})
-    named = set(matrices.values()) if isinstance(matrices, dict) else set()
-    files = {rel: [(root / rel).stat().st_size, sha256_of(root / rel)] for rel in data_files(root, attrs)
-             if not (is_generation(_array_of(rel)) and _array_of(rel) not in named)}
+    files = {rel: [(root / rel).stat().st_size, sha256_of(root / rel)] for rel in data_files(root, attrs)}
     covered = {k: v for k, v in attrs.items() if k not in _UNCOVERED}
     body = json.dumps({"format": 1, "attrs_sha256": attrs_digest(attrs), "attrs": covered, "files": files},
                       sort_keys=True).encode()
