@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from index.atomic import atomic_write
-from index.search import EXACT, IndexSpec, SearchIndex, build_index
+from index.search import EXACT, IndexSpec, SearchIndex, build_index, load_index
 from index.store import FEATURE_DTYPES, FeatureStore, writer_lock
 from influence.distributed import ShardPlan, check_partition, ranks, rank_device
 from influence.data import ConcatRows, Preprocessing, SizedDataset, batch_of, fingerprint_dataset
@@ -527,19 +527,16 @@ def extend_method_index(store: FeatureStore, method: str, record: dict[str, Any]
     old rows' vectors stay valid and an add costs the new rows only; a trained quantizer (IVF centroids, PQ
     codebooks) is kept as trained on the build's sample.
     """
-    from index.search import load_index
-
     factory = str(record.get("factory", EXACT))
-    rerank = int((record.get("spec") or {}).get("rerank", RERANK))
     spec = IndexSpec.from_dict(record["spec"]) if isinstance(record.get("spec"), dict) else None
     if factory == EXACT or not isinstance(record.get("path"), str) or spec is None or spec.ntotal != first:
+        rerank = spec.rerank if spec is not None else RERANK
         return build_method_index(store, method, factory, int(store.attrs["projector"].get("seed", 0)), rerank)
     index = load_index(store.root / record["path"], record)
     scorer = get_method(method)(store)
     for s, e in store.iter_chunks():
         if e > first:
-            block = scorer.train_vectors(max(s, first), e) if s < first else scorer.train_vectors(s, e)
-            index.index.add(np.ascontiguousarray(block, dtype=np.float32))
+            index.index.add(np.ascontiguousarray(scorer.train_vectors(max(s, first), e), dtype=np.float32))
     grown = SearchIndex(index.index, replace(spec, ntotal=int(index.index.ntotal)))
     return store.write_index(method, grown, {"factory": factory})
 
