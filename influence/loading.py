@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from influence.data import ArrayDataset, Preprocessing, SizedDataset, preprocess, with_preprocessing
+from influence.data import ArrayDataset, Preprocessing, SizedDataset, fingerprint_dataset, preprocess, with_preprocessing
 from influence.demo.digits import load_digits_split
-from influence.errors import BadCheckpointError, BadDataError, BadSpecError
+from influence.errors import BadCheckpointError, BadDataError, BadSpecError, StoreMismatchError
 from influence.models import BUILTIN_MODELS
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -488,6 +488,39 @@ class ImageFolder(Dataset[tuple[torch.Tensor, int]]):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[i]
         return load_image(path, self.preprocessing, self.shape, self.reference, self.advice), label
+
+
+def load_recorded_data(
+    attrs: dict[str, Any], where: str, *, base: bool = True, code_refusal: str | None = None,
+) -> list[SizedDataset]:
+    """The data sets a store's rows came from, reloaded from the specs it recorded: the build's (unless ``base`` is
+    False) and then each ``influence add``'s, in row order, with the store's preprocessing, class names and shape.
+
+    Each is checked against the content fingerprint recorded with it, so that data changed after it was featurized
+    (a re-saved .npz of the same length, a folder whose first, middle or last image was replaced: what
+    :func:`influence.data.fingerprint_dataset` hashes) is refused rather than shown beside rows it no longer matches.
+    ``code_refusal``, when given, is the error for a spec that imports code (``module:function``); ``where`` names
+    the store in messages.
+    """
+    records = ([{"data_spec": attrs.get("data_spec"), "dataset_fingerprint": attrs.get("dataset_fingerprint")}] if base else [])
+    records += list(attrs.get("added") or [])
+    pre = Preprocessing.from_attrs(attrs.get("preprocessing"))
+    shape = attrs.get("input_shape")
+    parts = []
+    for rec in records:
+        spec = rec.get("data_spec")
+        if spec is None:
+            raise BadSpecError(f"store {where} holds rows featurized from an in-memory data set; their images cannot be reloaded")
+        if code_refusal is not None and data_spec_runs_code(spec):
+            raise BadSpecError(code_refusal.replace("{spec}", repr(spec)))
+        part = load_data(spec, pre, classes=attrs.get("classes"), shape=shape)
+        expected = rec.get("dataset_fingerprint")
+        if expected is not None and fingerprint_dataset(part) != expected:
+            raise StoreMismatchError(
+                f"data {spec} has changed since store {where} featurized it (its content fingerprint differs), so its "
+                "rows no longer match these images: restore the data, or build a new store from it")
+        parts.append(part)
+    return parts
 
 
 def data_spec_runs_code(spec: object) -> bool:

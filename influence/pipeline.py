@@ -34,7 +34,7 @@ from influence.errors import (
 )
 from influence.features import ClassificationTask, Projector, ProjectorSpec, Task, make_projector, select_parameters
 from influence.features.specs import BuildSpec, TrakSpec, task_ref
-from influence.loading import data_spec_runs_code, load_checkpoint, load_data, load_model, model_fingerprint, sha256_file
+from influence.loading import load_checkpoint, load_data, load_model, load_recorded_data, model_fingerprint, sha256_file
 from influence.scoring import METHOD_NAMES, get_method
 
 log = logging.getLogger(__name__)
@@ -393,20 +393,9 @@ def _with_added_rows(out: Path, dataset: SizedDataset, fingerprint: str) -> Size
     added = attrs.get("added") or []
     if not added or attrs.get("dataset_fingerprint") != fingerprint:
         return dataset
-    parts = [dataset]
-    for rec in added:
-        spec = rec.get("data_spec")
-        if spec is None or data_spec_runs_code(spec):
-            raise BadSpecError(
-                f"store {out} holds rows added from {repr(spec) if spec else 'an in-memory data set'}, which a build does "
-                "not reload; build all the data and checkpoints into a new --out")
-        part = load_data(spec, Preprocessing.from_attrs(attrs.get("preprocessing")), classes=attrs.get("classes"),
-                         shape=attrs.get("input_shape"))
-        if fingerprint_dataset(part) != rec.get("dataset_fingerprint"):
-            raise StoreMismatchError(
-                f"data {spec} added to store {out} has changed since it was added; build all the data and checkpoints "
-                "into a new --out")
-        parts.append(part)
+    refusal = (f"store {out} holds rows added from {{spec}}, which a build does not reload; build all the data and "
+               "checkpoints into a new --out")
+    parts = [dataset, *load_recorded_data(attrs, str(out), base=False, code_refusal=refusal)]
     return ConcatRows(parts)
 
 

@@ -33,7 +33,7 @@ from influence.errors import BadDataError, BadSpecError, StoreDamagedError, Stor
 from influence.features import ProjectorSpec, Task, make_projector
 from influence.features.encoder import Checkpoint, QueryEncoder
 from influence.features.specs import resolve_task
-from influence.loading import data_spec_runs_code, load_checkpoint, load_data, load_model, model_fingerprint
+from influence.loading import load_checkpoint, load_data, load_model, load_recorded_data, model_fingerprint
 from influence.models import BUILTIN_MODELS
 from influence.scoring import ScoringMethod, get_method
 
@@ -404,17 +404,10 @@ class Influence:
         """Training images and labels by row id, from the data spec the store was built on."""
         if self._train_data is None:
             # the build's data, then each appended set (influence add) in the order its rows were appended
-            specs = [self.store.attrs.get("data_spec")] + [a.get("data_spec") for a in self.store.attrs.get("added", [])]
-            parts = []
-            for spec in specs:
-                if spec is None:
-                    raise BadSpecError("this store was built from an in-memory dataset; training images are not available")
-                if data_spec_runs_code(spec) and not self.trust_store:
-                    raise BadSpecError(
-                        f"store {self.store.root} records data spec {spec!r}, which is code and is not imported unless you "
-                        f"ask: if you trust this store, add --trust-store (trust_store=True)"
-                    )
-                parts.append(load_data(spec, self.preprocessing, classes=self.class_names, shape=self.input_shape))
+            refusal = None if self.trust_store else (
+                f"store {self.store.root} records data spec {{spec}}, which is code and is not imported unless you "
+                f"ask: if you trust this store, add --trust-store (trust_store=True)")
+            parts = load_recorded_data(self.store.attrs, str(self.store.root), code_refusal=refusal)
             self._train_data = parts[0] if len(parts) == 1 else ConcatRows(parts)
         dataset = self._train_data
         if len(dataset) != self.store.n:

@@ -239,6 +239,28 @@ def test_explain_report_and_flags_show_names_and_paths(mixed_store, user, tmp_pa
         assert f["label_name"] == CLASSES[f["label"]] and f["path"].startswith(f["label_name"] + "/")
 
 
+def test_training_images_changed_after_the_build_are_refused_not_shown(user, tmp_path, capsys):
+    import shutil
+
+    from influence import Influence
+    from influence.errors import StoreMismatchError
+
+    train = tmp_path / "train"
+    shutil.copytree(user.uniform, train)
+    out = tmp_path / "store"
+    _build(capsys, user, train, out)
+    code, _, err = run(capsys, "explain", out, "--data", user.test, "--ids", "0", "--k", 1, "--attribution", "saliency",
+                       "--out", tmp_path / "before")
+    assert code == 0, err
+    first = train / CLASSES[0] / "img_00.png"  # the folder's first image: what a user replaces when re-exporting
+    Image.fromarray(np.full((SIZE, SIZE, 3), 7, dtype=np.uint8)).save(first)
+    with pytest.raises(StoreMismatchError, match="has changed since store"):
+        Influence.open(out, trust_store=True).training_examples([0])
+    code, _, err = run(capsys, "explain", out, "--data", user.test, "--ids", "0", "--k", 1, "--attribution", "saliency",
+                       "--out", tmp_path / "after")
+    assert code == 2 and "has changed since store" in err and "Traceback" not in err
+
+
 # ----------------------------------------------------------------------------- test data mapped by name
 
 def test_test_folder_missing_a_class_keeps_the_right_labels(mixed_store, user, capsys):
