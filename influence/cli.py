@@ -100,8 +100,6 @@ _fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")  # a sh
 def _methods(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     methods = _choices("scoring")
-    rankings = _choices("mislabel-ranking")
-    mislabel_choices = list(dict.fromkeys([*rankings, *methods]))  # gradcos parses, and is refused with the reason
     bad = [n for n in names if n not in methods]
     if bad or not names:
         raise argparse.ArgumentTypeError(f"unknown method {bad or text!r}; choose from {', '.join(methods)} (comma-separated)")
@@ -153,7 +151,8 @@ def _preprocessing(args: argparse.Namespace) -> Preprocessing:
 
 
 def _parser() -> _Parser:
-    methods, tfas = _choices("scoring"), _choices("tfa")
+    methods, tfas, rankings = _choices("scoring"), _choices("tfa"), _choices("mislabel-ranking")
+    mislabel_choices = list(dict.fromkeys([*rankings, *methods]))  # gradcos parses, and is refused with the reason
     p = _Parser(prog="influence", description="Which training images, and which regions of them, made my model predict this?")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True

@@ -47,7 +47,8 @@ def normalised_rank(score: np.ndarray) -> np.ndarray:
 
 def rank_mean(*scores: np.ndarray) -> np.ndarray:
     """The mean of the scores' normalised ranks: a combination insensitive to each score's scale."""
-    return np.mean([normalised_rank(s) for s in scores], axis=0)
+    mean: np.ndarray = np.mean([normalised_rank(s) for s in scores], axis=0)
+    return mean
 
 
 def self_influence_method(session: "Influence") -> str:
@@ -57,7 +58,8 @@ def self_influence_method(session: "Influence") -> str:
 
 def _summed(session: "Influence", column: str) -> np.ndarray:
     store = session.store
-    return np.sum([store.column(column, c).astype(np.float64) for c in store.checkpoint_ids], axis=0)
+    total: np.ndarray = np.sum([store.column(column, c).astype(np.float64) for c in store.checkpoint_ids], axis=0)
+    return total
 
 
 def mislabel_scores(session: "Influence", method: str, *, progress: bool = False) -> np.ndarray:

@@ -41,7 +41,7 @@ def main() -> int:
     p.add_argument("--data", required=True, help="flipN.npz (its 'flipped' array names the flipped rows)")
     p.add_argument("--ckpts", required=True, help="the --out folder of `cifar10_train.py mislabel-ckpts` (losses.npz, meta.json)")
     p.add_argument("--store", required=True)
-    p.add_argument("--out", default="", help="also append the JSON lines here")
+    p.add_argument("--out", default="", help="also append the JSON lines here, and save every ranking's scores to OUT.scores.npz")
     p.add_argument("--candidates", action="store_true", help="add the rows of every `influence flag` mislabel ranking")
     p.add_argument("--no-subsets", action="store_true", help="skip self-influence over subsets of the checkpoints")
     a = p.parse_args()
@@ -86,6 +86,8 @@ def main() -> int:
             scorer.eta = {c: 1.0 for c in ids}
             rows[f"ours: tracin self-influence, {tag(order)}, equal weights"] = scorer._self_influence(False)
     lr = {f"e{epoch[c]}": r.get("lr_weight") for c, r in zip(ids, records)}
+    if a.out:
+        np.savez(f"{a.out}.scores.npz", flipped=flipped, **{k: np.asarray(v) for k, v in rows.items()})
     for name, score in rows.items():
         line = json.dumps({"ranking": name, **detection(np.asarray(score), flipped), "data": a.data, "store": a.store,
                            "lr_weights": lr})

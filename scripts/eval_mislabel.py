@@ -46,7 +46,6 @@ def noisy_data(seed: int, noise: str) -> tuple[ArrayDataset, np.ndarray]:
     return ArrayDataset(patched.x, torch.as_tensor(y), patched.name), flipped
 
 
-@torch.no_grad()
 def cv_confidence(data: ArrayDataset, seed: int) -> np.ndarray:
     """1 − the out-of-fold probability of each row's given label, 4 folds, demo recipe."""
     fold = np.random.default_rng(seed).permutation(len(data)) % FOLDS
@@ -56,8 +55,8 @@ def cv_confidence(data: ArrayDataset, seed: int) -> np.ndarray:
         model = DigitsCNN()
         torch.manual_seed(100 + f)
         train_classifier(model, index_subset(data, train_ids.tolist()), seed=100 + f)
-        model.eval()
-        p = model(data.x[held]).softmax(-1)
+        with torch.no_grad():
+            p = model.eval()(data.x[held]).softmax(-1)
         out[held] = 1.0 - p[torch.arange(len(held)), data.y[held]].numpy()
     return out
 
@@ -70,6 +69,7 @@ def run(seed: int, noise: str, work: Path, cv: bool) -> dict:
     scores = candidate_rankings(sess)
     if cv:
         scores["4-fold CV confidence (baseline, 4 more trainings)"] = cv_confidence(noisy, seed)
+    np.savez(work / "mislabel_scores.npz", flipped=mask, **scores)
     return {"seed": seed, "noise": noise, "flipped": int(mask.sum()), "n": len(noisy),
             "metrics": {m: mislabel_metrics(s, mask) for m, s in scores.items()}}
 
