@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 DEFAULT_TFA = "two_step"  # influence.tfa.DEFAULT_TFA: what tfa=None means
-DEFAULT_MISLABEL_HELP = "trak when the store has it, else tracin"  # influence.mislabel_rank.DEFAULT_HELP
+DEFAULT_MISLABEL_HELP = "loss, the final checkpoint's training loss, the measured best"  # influence.mislabel_rank.DEFAULT_HELP
 DEFAULT_KS = (10, 50)  # influence.index_check.DEFAULT_KS: the recalls index-check reports
 
 # "module:qualname" of each API function whose defaults the CLI shows

@@ -70,10 +70,10 @@ def test_self_influence_writes_one_value_per_training_example(store, session, di
 
 
 def test_self_influence_defaults_to_the_mislabel_ranking_of_flag(store, tmp_path, capsys):
-    """Without --method, self-influence is the score `flag --kind mislabel` ranks by (TRAK: this store has it)."""
+    """Without --method, self-influence writes the score `flag --kind mislabel` ranks by (the final training loss)."""
     code, _, err = run(capsys, "self-influence", store, "--out", tmp_path / "default.npy")
     assert code == 0, err
-    assert "(trak)" in err
+    assert "(loss)" in err
     code, out, err = run(capsys, "flag", store, "--kind", "mislabel", "--top", "10", "--json")
     assert code == 0, err
     values = np.load(tmp_path / "default.npy")
