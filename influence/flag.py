@@ -179,7 +179,7 @@ def mislabel_method(session: Influence) -> str:
     loss had the highest worst-case and mean AUC. Digits, 3 seeds: uniform flips 0.9993 (TRAK self-influence
     0.9965, 4-fold CV confidence 0.9996), class-dependent flips 0.987 (TRAK 0.949, CV 0.983). CIFAR-10 10,000-image
     subset, narrow ResNet, one run each: 10% uniform 0.953 (TRAK 0.937, margin over checkpoints 0.959, CV 0.957 in
-    an earlier run), 20% uniform FLIP20_DOC, 10% class-dependent 0.874 (TRAK 0.732, margin 0.848, CV 0.827).
+    an earlier run), 20% uniform 0.951 (TRAK 0.919, margin 0.960, CV 0.953 in an earlier run), 10% class-dependent 0.874 (TRAK 0.732, margin 0.848, CV 0.827).
     Self-influence ranked below the loss in every setting. ``DEFAULT_RANKING`` of ``influence.mislabel_rank``; were it
     TRAK or TracIn, this resolves to the self-influence the store has.
     """

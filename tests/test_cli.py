@@ -324,7 +324,7 @@ def test_bad_query_inputs(store, digits, tmp_path, capsys):
     assert_refused(capsys, ["query", store, "--data", digits.test_npz, "--ids", "0", "--target", "11"], "--target", "11", "index 0..9")
     assert_refused(capsys, ["query", tmp_path, "--data", digits.test_npz], "not an influence store")
     assert_refused(capsys, ["self-influence", store, "--method", "gradcos", "--out", tmp_path / "x.npy"],
-                   "gradcos", "use --method tracin or trak")
+                   "gradcos", "constant", "use --method loss or combined or trak or tracin")
     assert_refused(capsys, ["self-influence", store, "--method", "shapley", "--out", tmp_path / "x.npy"],
                    "invalid choice")
     assert_refused(capsys, ["frobnicate"], "invalid choice")
