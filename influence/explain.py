@@ -69,12 +69,12 @@ def influencer_flags(session: Influence, ids: Sequence[int]) -> dict[int, list[s
     from influence.flag import mislabel_method
     from influence.mislabel_rank import mislabel_scores
 
-    selfinf = mislabel_scores(session, mislabel_method(session))
-    cut = float(np.quantile(selfinf, MISLABEL_QUANTILE))
+    score = mislabel_scores(session, mislabel_method(session))
+    cut = float(np.quantile(score, MISLABEL_QUANTILE))
     prob = session.label_probability()
     flags: dict[int, list[str]] = {}
     for i in ids:
-        if selfinf[i] >= cut and prob[i] < 0.5:
+        if score[i] >= cut and prob[i] < 0.5:
             flags[int(i)] = ["likely mislabelled"]
     return flags
 
