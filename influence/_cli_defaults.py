@@ -15,6 +15,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "attribution": ("gradcam", "input_x_gradient", "integrated_gradients", "saliency", "smoothgrad", "var", "wam"),
     "tfa": ("gradcos", "gradcos_two_step", "occlusion", "two_step"),
     "flag-kind": ("mislabel", "harmful", "shortcut"),
+    "mislabel-ranking": ("loss", "combined", "trak", "tracin", "loss-sum", "margin"),  # influence.mislabel_rank.RANKINGS
     "projector": ("none", "sparse", "gaussian", "rademacher", "factorized"),
     "dtype": ("float16", "float32"),
     "repair-action": ("drop", "relabel"),
@@ -22,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 DEFAULT_TFA = "two_step"  # influence.tfa.DEFAULT_TFA: what tfa=None means
+DEFAULT_MISLABEL_HELP = "loss, the final checkpoint's training loss, the measured best"  # influence.mislabel_rank.DEFAULT_HELP
 DEFAULT_KS = (10, 50)  # influence.index_check.DEFAULT_KS: the recalls index-check reports
 
 # "module:qualname" of each API function whose defaults the CLI shows

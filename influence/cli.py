@@ -151,7 +151,8 @@ def _preprocessing(args: argparse.Namespace) -> Preprocessing:
 
 
 def _parser() -> _Parser:
-    methods, tfas = _choices("scoring"), _choices("tfa")
+    methods, tfas, rankings = _choices("scoring"), _choices("tfa"), _choices("mislabel-ranking")
+    mislabel_choices = list(dict.fromkeys([*rankings, *methods]))  # gradcos parses, and is refused with the reason
     p = _Parser(prog="influence", description="Which training images, and which regions of them, made my model predict this?")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -230,11 +231,12 @@ def _parser() -> _Parser:
         else:
             q.add_argument("--out", required=True, help="where to write the .npy matrix")
 
-    s = sub.add_parser("self-influence", help="per-training-example self-influence (the mislabel detector's score)")
+    s = sub.add_parser("self-influence", help="per-training-example mislabel score (self-influence, loss, ...: what `flag` ranks by)")
     s.add_argument("store")
     _store_args(s)
-    s.add_argument("--method", choices=methods, default=None,
-                   help="default: the one `influence flag` ranks mislabels by (trak when the store has it, else tracin)")
+    s.add_argument("--method", choices=mislabel_choices, default=None,
+                   help=f"default: the one `influence flag` ranks mislabels by ({_cli_defaults.DEFAULT_MISLABEL_HELP}); "
+                        "trak or tracin for self-influence proper")
     s.add_argument("--out", required=True)
 
     i = sub.add_parser("info", help="what a store holds: model, checkpoints, projector, N, status")
@@ -274,8 +276,9 @@ def _parser() -> _Parser:
     f.add_argument("--test", default=None, help="DATA SPEC of test images (their failures drive harmful and shortcut)")
     f.add_argument("--kind", choices=[*_choices("flag-kind"), "all"], default="all")
     f.add_argument("--top", type=_positive_int, default=_default("run_flags", "top"))
-    f.add_argument("--method", choices=methods, default=_default("run_flags", "method"),
-                   help="override the measured defaults: trak for mislabel, tracin for harmful, gradcos for shortcut")
+    f.add_argument("--method", choices=mislabel_choices, default=_default("run_flags", "method"),
+                   help=f"override the measured defaults: {_cli_defaults.DEFAULT_MISLABEL_HELP} for mislabel, tracin for "
+                        f"harmful, gradcos for shortcut; {', '.join(r for r in rankings if r not in methods)} rank mislabels only")
     f.add_argument("--tfa", default=_default("run_flags", "tfa"), choices=tfas, help=f"map on training images for shortcut search (default {_cli_defaults.DEFAULT_TFA})")
     _preprocessing_args(f, build=False)
     f.add_argument("--json", action="store_true")
@@ -290,8 +293,8 @@ def _parser() -> _Parser:
                    help="share of training examples flagged as mislabels (default %(default)s)")
     r.add_argument("--mask-scope", choices=_choices("mask-scope"), default=_default("run_repair", "mask_scope"),
                    help="mask the shortcut box on the flagged images only, or on every image of its class (default %(default)s)")
-    r.add_argument("--method", choices=methods, default=_default("run_repair", "method"),
-                   help="self-influence used to flag mislabels (default: as `influence flag`, trak when the store has it, else tracin)")
+    r.add_argument("--method", choices=mislabel_choices, default=_default("run_repair", "method"),
+                   help=f"ranking used to flag mislabels (default: as `influence flag`, {_cli_defaults.DEFAULT_MISLABEL_HELP})")
     r.add_argument("--seed", type=_non_negative_int, default=_default("run_repair", "seed"))
     r.add_argument("--json", action="store_true")
 
@@ -485,12 +488,13 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_self_influence(args: argparse.Namespace) -> int:
     from influence.flag import mislabel_method
+    from influence.mislabel_rank import mislabel_scores
 
     session = _open(args)
     method = args.method or mislabel_method(session)  # the mislabel ranking's default, as in `flag`
-    values = session.self_influence(method)
+    values = mislabel_scores(session, method, progress=True)
     _save_npy(args.out, values)
-    print(f"wrote {args.out}: self-influence of {len(values)} training examples ({method})", file=sys.stderr)
+    print(f"wrote {args.out}: mislabel score of {len(values)} training examples ({method})", file=sys.stderr)
     return 0
 
 

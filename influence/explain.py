@@ -60,19 +60,21 @@ def _peak(m: torch.Tensor) -> list[int]:
 
 
 def influencer_flags(session: Influence, ids: Sequence[int]) -> dict[int, list[str]]:
-    """"likely mislabelled" where an example is in the top 10% of self-influence and the final model gives its label p < 0.5.
+    """"likely mislabelled" where an example is in the top 10% of the mislabel ranking (``influence flag``'s default,
+    ``mislabel_method``) and the final model gives its label p < 0.5.
 
     Only the conjunction is a tag: high self-influence alone also marks rare but correct examples, and on the
     digits demo it tagged most influencers of a failure (docs/BENCHMARKS.md, "explain defaults").
     """
     from influence.flag import mislabel_method
+    from influence.mislabel_rank import mislabel_scores
 
-    selfinf = session.self_influence(mislabel_method(session))
-    cut = float(np.quantile(selfinf, MISLABEL_QUANTILE))
+    score = mislabel_scores(session, mislabel_method(session))
+    cut = float(np.quantile(score, MISLABEL_QUANTILE))
     prob = session.label_probability()
     flags: dict[int, list[str]] = {}
     for i in ids:
-        if selfinf[i] >= cut and prob[i] < 0.5:
+        if score[i] >= cut and prob[i] < 0.5:
             flags[int(i)] = ["likely mislabelled"]
     return flags
 
@@ -98,6 +100,7 @@ def explain(
     """
     from influence.attribution import run_attribute
     from influence.flag import mislabel_method
+    from influence.mislabel_rank import mislabel_scores
     from influence.tfa import DEFAULT_TFA, get_tfa
 
     tfa = tfa or DEFAULT_TFA
@@ -111,7 +114,7 @@ def explain(
                else [[] for _ in results])
     model = session.model_at(-1)  # this call's own copy of the final checkpoint: nothing else touches it
     explainer = tfa_cls(model, task=session.task)
-    session.self_influence(mislabel_method(session), progress=progress)  # the flags' input, loaded once, before the bar
+    mislabel_scores(session, mislabel_method(session), progress=progress)  # the flags' input, loaded before the bar
     out = []
     for xi, r, sim in tqdm(list(zip(x, results, similar)), desc="explain", unit="image", disable=None if progress else True):
         pixel_map, _ = run_attribute(model, xi, method=attribution, target=r.target)

@@ -9,8 +9,9 @@ Written under ``--dest``:
 - ``cifar10-jpg/{train,test}/``: the image folders, exactly what a user points ``--data`` at;
 - ``cifar2/{train,test}/{cat,dog}/``: the CIFAR-2 (cat vs dog) image folders of the LDS benchmark (links);
 - with ``--derived RUNS``: ``subset10k.npz`` (the first 1,000 training images per class), ``flip10.npz`` and
-  ``flip20.npz`` (the same with 10% / 20% labels flipped, as in ``scripts/cifar10_train.py``) and one
-  ``shortcut_<patch>_s<seed>.npz`` per planted-patch run.
+  ``flip20.npz`` (the same with 10% / 20% labels flipped, as in ``scripts/cifar10_train.py``), ``flipc10.npz``
+  (10% of all labels flipped along confusable pairs instead: truck → automobile, bird → airplane, deer → horse,
+  cat ↔ dog; ``influence.evaluation.label_noise``) and one ``shortcut_<patch>_s<seed>.npz`` per planted-patch run.
 
     python scripts/cifar10_data.py --archive PATH/cifar10-jpg.tar.gz --dest runs/cifar10 --derived
 """
@@ -28,6 +29,7 @@ import numpy as np
 from influence.evaluation.cifar10 import (
     CIFAR2, FLIP_RATES, PATCHES, SHORTCUT_SEEDS, SUBSET_PER_CLASS, apply_patch, flip_labels, read_folder, shortcut_plan, subset_ids,
 )
+from influence.evaluation.label_noise import CIFAR10_CONFUSABLE, flip_confusable
 
 SHA256 = "b59e4472a315c71d8417303786187aad293bc71d536412bf402ef132b0c54c91"
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.gz"
@@ -70,6 +72,8 @@ def write_derived(root: Path, dest: Path, per_class: int = SUBSET_PER_CLASS) -> 
     for rate in FLIP_RATES:
         noisy, flipped = flip_labels(ys, rate)
         np.savez(dest / f"flip{int(rate * 100)}.npz", x=xs, y=noisy, clean_y=ys, flipped=flipped)
+    noisy, flipped = flip_confusable(ys, 0.1, CIFAR10_CONFUSABLE)  # class-dependent noise
+    np.savez(dest / "flipc10.npz", x=xs, y=noisy, clean_y=ys, flipped=flipped)
     for name in PATCHES:
         for s in SHORTCUT_SEEDS:
             cls, ids = shortcut_plan(ys, name, s)

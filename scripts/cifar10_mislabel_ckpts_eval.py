@@ -8,6 +8,8 @@ script's ``losses.npz``; ranks the training rows by
   checkpoint alone and to other subsets (its ``ckpts``, recomputed from the stored features, nothing rebuilt);
 - the final model's training loss, the 4-fold cross-validated confidence when ``--cv`` wrote it, and the mean training loss over the same checkpoints (an "area under the
   margin"-style ranking in the spirit of Pleiss et al., 2020, from saved checkpoints only);
+- with ``--candidates``, every ranking ``influence flag --kind mislabel --method NAME`` offers, read from the store
+  (``influence.evaluation.mislabel.candidate_rankings``), as rows ``flag --method NAME``;
 
 and prints AUC (sklearn's ``roc_auc_score``) and the share of the flipped rows found among the top 10% / 20% as JSON
 lines. Grad-Cos self-influence is 1 for every row (each checkpoint's block is normalised), so it ranks nothing.
@@ -39,7 +41,9 @@ def main() -> int:
     p.add_argument("--data", required=True, help="flipN.npz (its 'flipped' array names the flipped rows)")
     p.add_argument("--ckpts", required=True, help="the --out folder of `cifar10_train.py mislabel-ckpts` (losses.npz, meta.json)")
     p.add_argument("--store", required=True)
-    p.add_argument("--out", default="", help="also append the JSON lines here")
+    p.add_argument("--out", default="", help="also append the JSON lines here, and save every ranking's scores to OUT.scores.npz")
+    p.add_argument("--candidates", action="store_true", help="add the rows of every `influence flag` mislabel ranking")
+    p.add_argument("--no-subsets", action="store_true", help="skip self-influence over subsets of the checkpoints")
     a = p.parse_args()
     from influence.query import Influence
     from influence.scoring import get_method
@@ -66,7 +70,11 @@ def main() -> int:
     early = [c for c in order if epoch[c] <= max(eps) // 2]
     if early:
         rows[f"mean training loss over {tag(early)}"] = np.mean([losses[f"e{epoch[c]}"] for c in early], axis=0)
-    for method in ("tracin", "trak"):
+    if a.candidates:
+        from influence.evaluation.mislabel import candidate_rankings
+
+        rows.update({f"flag --method {k}": v for k, v in candidate_rankings(session).items()})
+    for method in () if a.no_subsets else ("tracin", "trak"):
         rows[f"ours: {method} self-influence, all checkpoints {tag(order)} (store)"] = session.self_influence(method)
         subsets = [[final]] + ([early] if early else []) + [[c] for c in order if c != final]
         for cs in subsets:
@@ -78,8 +86,11 @@ def main() -> int:
             scorer.eta = {c: 1.0 for c in ids}
             rows[f"ours: tracin self-influence, {tag(order)}, equal weights"] = scorer._self_influence(False)
     lr = {f"e{epoch[c]}": r.get("lr_weight") for c, r in zip(ids, records)}
+    if a.out:
+        np.savez(f"{a.out}.scores.npz", flipped=flipped, **{k: np.asarray(v) for k, v in rows.items()})
     for name, score in rows.items():
-        line = json.dumps({"ranking": name, **detection(np.asarray(score), flipped), "store": a.store, "lr_weights": lr})
+        line = json.dumps({"ranking": name, **detection(np.asarray(score), flipped), "data": a.data, "store": a.store,
+                           "lr_weights": lr})
         print(line, flush=True)
         if a.out:
             with open(a.out, "a") as f:

@@ -70,10 +70,10 @@ def test_self_influence_writes_one_value_per_training_example(store, session, di
 
 
 def test_self_influence_defaults_to_the_mislabel_ranking_of_flag(store, tmp_path, capsys):
-    """Without --method, self-influence is the score `flag --kind mislabel` ranks by (TRAK: this store has it)."""
+    """Without --method, self-influence writes the score `flag --kind mislabel` ranks by (the final training loss)."""
     code, _, err = run(capsys, "self-influence", store, "--out", tmp_path / "default.npy")
     assert code == 0, err
-    assert "(trak)" in err
+    assert "(loss)" in err
     code, out, err = run(capsys, "flag", store, "--kind", "mislabel", "--top", "10", "--json")
     assert code == 0, err
     values = np.load(tmp_path / "default.npy")
@@ -324,7 +324,7 @@ def test_bad_query_inputs(store, digits, tmp_path, capsys):
     assert_refused(capsys, ["query", store, "--data", digits.test_npz, "--ids", "0", "--target", "11"], "--target", "11", "index 0..9")
     assert_refused(capsys, ["query", tmp_path, "--data", digits.test_npz], "not an influence store")
     assert_refused(capsys, ["self-influence", store, "--method", "gradcos", "--out", tmp_path / "x.npy"],
-                   "gradcos", "use --method tracin or trak")
+                   "gradcos", "constant", "use --method loss or combined or trak or tracin")
     assert_refused(capsys, ["self-influence", store, "--method", "shapley", "--out", tmp_path / "x.npy"],
                    "invalid choice")
     assert_refused(capsys, ["frobnicate"], "invalid choice")

@@ -26,12 +26,13 @@ def _sources() -> dict[str, list[str]]:
     from influence.attribution import METHODS as ATTRIBUTION
     from influence.features.projectors import ProjectorKind
     from influence.flag import KINDS
+    from influence.mislabel_rank import RANKINGS
     from influence.repair import ACTIONS, MASK_SCOPES
     from influence.scoring import METHOD_NAMES
     from influence.tfa import TFA_METHODS
 
     return {"scoring": list(METHOD_NAMES), "attribution": sorted(ATTRIBUTION), "tfa": sorted(TFA_METHODS),
-            "flag-kind": list(KINDS), "projector": [k.value for k in ProjectorKind], "dtype": list(FEATURE_DTYPES),
+            "flag-kind": list(KINDS), "mislabel-ranking": list(RANKINGS), "projector": [k.value for k in ProjectorKind], "dtype": list(FEATURE_DTYPES),
             "repair-action": list(ACTIONS), "mask-scope": list(MASK_SCOPES)}
 
 
@@ -52,7 +53,9 @@ def test_defaults_are_the_signatures(api):
 
 def test_named_constants_are_the_modules():
     from influence.index_check import DEFAULT_KS
+    from influence.mislabel_rank import DEFAULT_HELP
     from influence.tfa import DEFAULT_TFA
 
     assert _cli_defaults.DEFAULT_TFA == DEFAULT_TFA
     assert _cli_defaults.DEFAULT_KS == DEFAULT_KS
+    assert _cli_defaults.DEFAULT_MISLABEL_HELP == DEFAULT_HELP

@@ -22,6 +22,7 @@ from influence.demo.training import DEMO_EPOCHS, predict, train_classifier
 from influence.errors import BadDataError, BadSpecError
 from influence.flag import mislabel_method
 from influence.loading import load_checkpoint, load_model
+from influence.mislabel_rank import mislabel_scores
 from influence.query import Influence
 from influence.repair import ACTIONS, _shortcut_records, apply_repair, mask_box, relabel_targets
 
@@ -39,8 +40,8 @@ def run_repair(
 ) -> dict[str, Any]:
     """Repair a finished demo run, retrain with the demo recipe and report before/after; writes ``repair.json``.
 
-    - mislabels: the top ``mislabel_fraction`` of training examples by self-influence (``method``,
-      from the run's store; default as ``influence flag``: TRAK when the store has it, else TracIn)
+    - mislabels: the top ``mislabel_fraction`` of training examples by the mislabel ranking ``method``
+      (``influence.mislabel_rank``, from the run's store; default as ``influence flag``: ``mislabel_method``)
       are dropped (``action="drop"``) or relabelled to the final model's most likely other class
       (``"relabel"``, see :func:`influence.repair.relabel_targets`);
     - shortcuts: the boxes in ``flags.json["shortcuts"]`` (or ``boxes=``, which overrides them:
@@ -78,7 +79,7 @@ def run_repair(
         before["patched_accuracy"] = _accuracy(final, patched)
     n = len(train)
     n_flag = int(round(mislabel_fraction * n))
-    self_inf = session.self_influence(method, progress=progress)
+    self_inf = mislabel_scores(session, method, progress=progress)
     flagged = np.argsort(-self_inf, kind="stable")[:n_flag].tolist()
     relabel: dict[int, int] = {}
     drop: list[int] = []
@@ -89,7 +90,7 @@ def run_repair(
             probs = torch.softmax(final.eval()(train.x), -1)
         relabel = relabel_targets(probs, train.y.tolist(), flagged)
     shortcuts = _shortcut_records(boxes if boxes is not None else flags.get("shortcuts", []))
-    print(f"[repair] {action} {len(flagged)} flagged mislabels (top {mislabel_fraction:.0%} by {method} self-influence); "
+    print(f"[repair] {action} {len(flagged)} flagged mislabels (top {mislabel_fraction:.0%} by {method}); "
           f"masking {len(shortcuts)} shortcut box(es) ({mask_scope} scope)" + ("" if shortcuts else ": no shortcut found"), file=log)
     x2, y2, kept = apply_repair(train.x, train.y, drop=drop, relabel=relabel, boxes=shortcuts, mask_scope=mask_scope)
     masked = np.flatnonzero((x2 != train.x[torch.as_tensor(kept)]).flatten(1).any(1).numpy())

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from influence.errors import BadDataError
+
+if TYPE_CHECKING:
+    from influence.query import Influence
 
 
 def _check(scores: np.ndarray, flipped: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,4 +42,43 @@ def mislabel_metrics(scores: np.ndarray, flipped: np.ndarray, fractions: tuple[f
     out = {"auc": mislabel_auc(scores, flipped)}
     for f in fractions:
         out[f"recall@{round(100 * f)}%"] = recall_at_fraction(scores, flipped, f)
+    return out
+
+
+def trak_leverage(session: "Influence", ckpt: str | None = None) -> np.ndarray:
+    """φ_c(i)ᵀ (Φ_cᵀΦ_c + λI)⁻¹ φ_c(i) of every row at checkpoint ``ckpt`` (default: the final one), (N,) float64.
+
+    TRAK's self-influence at that checkpoint is this leverage times 1 − p; here it is read for other weightings.
+    """
+    from influence.scoring import TRAK
+
+    store = session.store
+    ckpt = ckpt or store.checkpoint_ids[-1]
+    inv = TRAK(store).inverse(ckpt)
+    out = np.zeros(store.n)
+    for start, stop in store.iter_chunks():
+        phi = store.read_features(ckpt, start, stop)
+        out[start:stop] = ((phi @ inv) * phi).sum(1)
+    return out
+
+
+def candidate_rankings(session: "Influence") -> dict[str, np.ndarray]:
+    """Every mislabel ranking measured for ``influence flag``'s default, by name, from one store.
+
+    The tool's own rankings (``influence.mislabel_rank.RANKINGS``, under their CLI names) and, for comparison only,
+    self-influence at the final checkpoint alone and TRAK's leverage times the final loss.
+    """
+    from influence.mislabel_rank import RANKINGS, mislabel_scores
+    from influence.scoring import get_method
+
+    out = {m: mislabel_scores(session, m) for m in RANKINGS if m not in ("trak", "tracin") or m in session.methods}
+    final = session.store.checkpoint_ids[-1]
+    if len(session.store.checkpoint_ids) > 1:
+        for m in ("tracin", "trak"):
+            if m in session.methods:
+                scorer = get_method(m)(session.store)
+                scorer.ckpts = [final]
+                out[f"{m} (final checkpoint only)"] = scorer._self_influence(False)
+    if "trak" in session.methods:
+        out["leverage x loss (final checkpoint)"] = trak_leverage(session, final) * out["loss"]
     return out
