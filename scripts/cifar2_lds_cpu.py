@@ -8,7 +8,7 @@ batch 128 with the last partial batch dropped, wd 5e-4, crops and flips) with ``
 
 Writes, under ``--work``, what ``scripts/cifar10_eval.py lds`` reads (``--models WORK --work WORK``):
 
-- ``train.npz`` (x uint8 N×3×32×32, y, classes): the training subset, the ``--data`` of ``influence build``;
+- ``train.npz`` (x uint8 N×3×32×32, y: 0 = cat, 1 = dog; ids into the folder): the training subset, the ``--data`` of ``influence build``;
 - ``lds.npz``: ``masks`` (M, N) from ``influence.evaluation.lds.subset_masks`` (seed 12345), ``margins`` (M, T) of
   each retrain (seed = 100 + subset index) on the test subset (``influence.evaluation.lds.margins``), ``test_ids``
   (indices into the CIFAR-2 test folder), ``seconds`` per retrain;
@@ -22,6 +22,7 @@ the markdown table of a results JSONL that ``cifar10_eval.py lds`` wrote (last r
         --lds-train /work/runs/lds_c2/train.npz --cifar2 /work/runs/cifar10/cifar2 --results /work/runs/lds_c2/results.jsonl \
         --sets "1 model" --lds-fresh --peers traker dattri captum
     PYTHONPATH=. python scripts/cifar2_lds_cpu.py --report /work/runs/lds_c2/results.jsonl
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/cifar2_lds_cpu.py --lambda-sweep /work/runs/lds_c2/stores/lds_1_model_k2048
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cifar10_train import train  # noqa: E402  (the trainer's recipe, not a copy)
 
-from influence.evaluation.cifar10 import CIFAR2, read_folder  # noqa: E402
+from influence.evaluation.cifar10 import read_folder  # noqa: E402
 from influence.evaluation.lds import margins, subset_masks  # noqa: E402
 
 
@@ -68,6 +69,30 @@ def report(path: Path) -> None:
         print(f"| {name} | {tool} | {method} | {proj} | {r['lds']:.3f} | {r['ci'][0]:.3f}–{r['ci'][1]:.3f} | {secs} |")
 
 
+def lambda_sweep(store: Path, work: Path, cifar2: Path, rels: list[float]) -> None:
+    """LDS of TRAK at several relative λ from one store's features (``lds.trak_scores_dual``), on WORK's ground truth."""
+    from influence.evaluation.lds import lds, trak_scores_dual
+    from influence.loading import ImageFolder
+    from influence.query import Influence
+
+    t = np.load(work / "lds.npz")
+    test = ImageFolder(cifar2 / "test")
+    xt = torch.stack([test[i][0] for i in t["test_ids"]])
+    yt = torch.tensor([test[i][1] for i in t["test_ids"]])
+    s = Influence.open(store)
+    st = s.store
+    phi = [st.read_features(c).astype(np.float64) for c in st.checkpoint_ids]
+    q = [-st.column("loss_weight", c).astype(np.float64) for c in st.checkpoint_ids]
+    pt = [s.projector.featurize(s.model_at(i), s.task, s.names, xt, yt).detach().double().numpy() for i in range(len(phi))]
+    ref = s.scores(xt, yt, method="trak")
+    for rel in rels:
+        sc = trak_scores_dual(phi, q, pt, rel)
+        row = {"store": str(store), "lambda_rel": rel, **lds(sc, t["masks"], t["margins"])}
+        if rel == st.attrs.get("trak_lambda_rel"):
+            row["corr_with_store_trak"] = float(np.corrcoef(sc.ravel(), ref.ravel())[0, 1])
+        print(json.dumps(row), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cifar2", default="/work/runs/cifar10/cifar2", help="CIFAR-2 folder with train/ and test/")
@@ -80,7 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full-models", type=int, default=5)
     p.add_argument("--only", choices=["all", "models", "retrains"], default="all")
     p.add_argument("--report", default=None, help="print the table of this results JSONL and exit")
+    p.add_argument("--lambda-sweep", default=None, metavar="STORE", help="print TRAK's LDS at --rels from STORE's features and exit")
+    p.add_argument("--rels", default="0.001,0.01,0.1,1,10")
     a = p.parse_args(argv)
+    if a.lambda_sweep:
+        torch.set_num_threads(1)
+        lambda_sweep(Path(a.lambda_sweep), Path(a.work), Path(a.cifar2), [float(r) for r in a.rels.split(",")])
+        return 0
     if a.report:
         report(Path(a.report))
         return 0
@@ -93,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     xt_all, yt_all = read_folder(Path(a.cifar2) / "test")
     ids, tid = first_per_class(y_all, a.train_per_class), first_per_class(yt_all, a.test_per_class)
     x, y, xt, yt = x_all[ids], y_all[ids], xt_all[tid], yt_all[tid]
-    np.savez(work / "train.npz", x=x, y=y, classes=np.array(CIFAR2), ids=ids)
+    np.savez(work / "train.npz", x=x, y=y, ids=ids)  # no classes array: the 10-way model would refuse 2 names
     log(f"data: {len(x)} train / {len(xt)} test images in {time.perf_counter() - t0:.1f}s")
     xtr, ytr = torch.from_numpy(x), torch.from_numpy(y)
     xte, yte = torch.from_numpy(xt).float() / 255, torch.from_numpy(yt)
