@@ -3,7 +3,7 @@
 The GPU-trained CIFAR-2 models of ``scripts/cifar10_train.py`` are gone, so this rebuilds a smaller study that a
 2-core CPU can train in well under an hour: the first ``--train-per-class`` training images of each class (cat, dog;
 sorted file order, the index ``influence build --data FOLDER`` uses) and the first ``--test-per-class`` test images.
-Every model is the trainer's own recipe (``cifar10_train.train``: resnet9-narrow, SGD Nesterov, one-cycle lr 0.05,
+Every model is the trainer's own recipe (``influence.evaluation.cifar10_recipe.train``, what ``scripts/cifar10_train.py`` runs: resnet9-narrow, SGD Nesterov, one-cycle lr 0.05,
 batch 128 with the last partial batch dropped, wd 5e-4, crops and flips) with ``--epochs`` epochs.
 
 Writes, under ``--work``, what ``scripts/cifar10_eval.py lds`` reads (``--models WORK --work WORK``):
@@ -36,11 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10_train import train  # noqa: E402  (the trainer's recipe, not a copy)
-
-from influence.evaluation.cifar10 import read_folder  # noqa: E402
-from influence.evaluation.lds import margins, subset_masks  # noqa: E402
+from influence.evaluation.cifar10 import read_folder
+from influence.evaluation.cifar10_recipe import train  # the trainer's recipe, not a copy
+from influence.evaluation.lds import margins, subset_masks
 
 
 def log(*a: object) -> None:
