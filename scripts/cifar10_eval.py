@@ -2,14 +2,14 @@
 
 Everything that is "ours" goes through the shipped entry points a user has: ``influence build`` (the CLI, run as a
 subprocess with the exact command logged) over an image folder or an .npz, then ``Influence.open(...)`` with
-``scores`` / ``self_influence`` and ``influence.flag.flag_mislabels`` / ``flag_shortcuts``. The metrics at the end of
-this file are kept small and local (Spearman-based LDS, scikit-learn AUC / average precision) so that they can move
-to a shared evaluation package later.
+``scores`` / ``self_influence`` and ``influence.flag.flag_mislabels`` / ``flag_shortcuts``. LDS is the
+shared ``influence.evaluation.lds.lds``; the other metrics at the end of this file are kept small and local
+(scikit-learn AUC / average precision) so that they can move to a shared evaluation package later.
 
 Stages (results appended as JSON lines to ``--results``):
 
     python scripts/cifar10_eval.py export    # checkpoints out of the trainer's .npz files, as .pt state dicts
-    python scripts/cifar10_eval.py lds       # CIFAR-2 LDS against the retrained half-subset margins
+    python scripts/cifar10_eval.py lds       # CIFAR-2 LDS against the retrained half-subset margins (--peers: + traker...)
     python scripts/cifar10_eval.py mislabel  # 10% / 20% flips: AUC, found in top 10% / 20%, against baselines
     python scripts/cifar10_eval.py shortcut  # planted patches: detector found / clean alarms, AUPRC, TFA peak-in-patch
     python scripts/cifar10_eval.py harmful-plan   # flag_harmful's top-k for 20 misclassified CIFAR-2 test images
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -91,33 +92,72 @@ def stage_export(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------------------------- stage: lds
 def stage_lds(args: argparse.Namespace) -> None:
-    from influence.loading import ImageFolder
+    """LDS of ours (and, with ``--peers``, of peer libraries on the same checkpoints) against ``MODELS/lds.npz``.
+
+    ``lds.npz`` holds the retrains' ``masks`` (M, N) and ``margins`` (M, T); when it also holds ``test_ids`` (indices
+    into the CIFAR-2 test folder, as ``scripts/cifar2_lds_cpu.py`` writes) those are the test points, else
+    ``--test-points`` random ones. ``--lds-train`` is the training data the masks index (default: the CIFAR-2 train
+    folder); the checkpoints are ``WORK/ckpt/lds_seed{s}_ep{--lds-epoch}.pt``.
+    """
+    from influence.data import ArrayDataset
+    from influence.evaluation import peers
+    from influence.evaluation.lds import lds
+    from influence.evaluation.lds_study import grad_sq_from_store
+    from influence.loading import ImageFolder, load_data
+    from influence.models import NarrowResNet9
     from influence.query import Influence
 
     work = Path(args.work)
     truth = np.load(Path(args.models) / "lds.npz")
     masks, margins = truth["masks"], truth["margins"]  # (M, N), (M, T)
     test = ImageFolder(Path(args.cifar2) / "test")
-    rng = np.random.default_rng(0)
-    tid = np.sort(rng.choice(len(test), args.test_points, replace=False))
+    if "test_ids" in truth.files:
+        tid, actual = truth["test_ids"], margins
+    else:
+        tid = np.sort(np.random.default_rng(0).choice(len(test), args.test_points, replace=False))
+        actual = margins[:, tid]
     xt = torch.stack([test[i][0] for i in tid])
     yt = torch.tensor([test[i][1] for i in tid])
-    sets = {"1 model": ["lds_seed0_ep24"], "5 models": [f"lds_seed{s}_ep24" for s in range(5)],
-            "1 run, 3 checkpoints": ["lds_seed0_ep12", "lds_seed0_ep18", "lds_seed0_ep24"]}
+    train_spec = args.lds_train or str(Path(args.cifar2) / "train")
+    e = args.lds_epoch
+    sets = {"1 model": [f"lds_seed0_ep{e}"], "5 models": [f"lds_seed{s}_ep{e}" for s in range(5)],
+            "1 run, 3 checkpoints": [f"lds_seed0_ep{e // 2}", f"lds_seed0_ep{3 * e // 4}", f"lds_seed0_ep{e}"]}
+    common = {"stage": "lds", "k": args.k, "n_train": int(masks.shape[1]), "retrains": int(masks.shape[0])}
     for name in args.sets:
         ckpts = [work / "ckpt" / f"{c}.pt" for c in sets[name]]
         # "5 models" extends the "1 model" store (re-running the command with more checkpoints adds them)
         store = work / "stores" / (f"lds_ckpts_k{args.k}" if "checkpoints" in name else f"lds_models_k{args.k}")
-        cmd, build_s = cli_build(str(Path(args.cifar2) / "train"), ckpts, store, "--proj-dim", str(args.k))
+        if args.lds_fresh:  # one store per set, built from scratch, so its time compares with a peer's on that set
+            store = work / "stores" / f"lds_{name.replace(' ', '_').replace(',', '')}_k{args.k}"
+            shutil.rmtree(store, ignore_errors=True)
+        cmd, build_s = cli_build(train_spec, ckpts, store, "--proj-dim", str(args.k))
         session = Influence.open(store)
         for method in args.methods:
             t0 = time.perf_counter()
             s = session.scores(xt, yt, method=method)
             score_s = time.perf_counter() - t0
-            append(Path(args.results), {"stage": "lds", "set": name, "method": method, "k": args.k, "n_train": int(masks.shape[1]),
-                                        "retrains": int(masks.shape[0]), "build_s": round(build_s, 1),
-                                        "score_s": round(score_s, 1), "command": " ".join(cmd),
-                                        **lds(s, masks, margins[:, tid])})
+            append(Path(args.results), {**common, "set": name, "tool": "ours", "method": method, "build_s": round(build_s, 1),
+                                        "score_s": round(score_s, 1), "seconds": round(build_s + score_s, 1),
+                                        "command": " ".join(cmd), **lds(s, masks, actual)})
+        if not args.peers:
+            continue
+        # the peers get the same tensors: the training data as the CLI loads it, the same test images
+        data = load_data(train_spec)
+        items = [data[i] for i in range(len(data))]
+        train = ArrayDataset(torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items]))
+        test_ds = ArrayDataset(xt, yt)
+        grad_sq = grad_sq_from_store(store, len(ckpts))
+        lrs = [1.0] * len(ckpts)
+        for tool in args.peers:
+            kw: dict = {"exact": True} if tool == "captum" else {"grad_sq": grad_sq}
+            for method, res in peers.run(tool, NarrowResNet9, ckpts, lrs, train, test_ds, k=args.k, threads=1, **kw):
+                row = {**common, "set": name, "tool": tool, "method": method}
+                if res is None:
+                    append(Path(args.results), {**row, "failed": True})
+                    continue
+                s, secs, note = res
+                append(Path(args.results), {**row, "projector": note["projector"], "k": note["k"],
+                                            "seconds": round(secs, 1), **lds(s, masks, actual)})
 
 
 # --------------------------------------------------------------------------------------------- stage: mislabel
@@ -278,18 +318,6 @@ def stage_harmful_eval(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------- local metrics
-def lds(scores: np.ndarray, masks: np.ndarray, actual: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Linear datamodeling score (Park et al., 2023): mean over test points of Spearman(Σ_{i∈S} τ(i, t), margin_S(t))."""
-    from scipy.stats import spearmanr
-
-    pred = masks.astype(np.float64) @ scores.astype(np.float64)  # (M, T)
-    rho = np.array([spearmanr(pred[:, t], actual[:, t])[0] for t in range(pred.shape[1])])
-    rho = np.nan_to_num(rho)
-    boots = rho[np.random.default_rng(seed).integers(0, len(rho), (n_boot, len(rho)))].mean(1)
-    return {"lds": round(float(rho.mean()), 4), "ci95": [round(float(np.percentile(boots, q)), 4) for q in (2.5, 97.5)],
-            "n_test": int(len(rho))}
-
-
 def detection(score: np.ndarray, positive: np.ndarray) -> dict:
     """AUC, and the fraction of positives among the top 10% / 20% of the ranking (descending score)."""
     from sklearn.metrics import roc_auc_score
@@ -333,6 +361,10 @@ def main() -> int:
     p.add_argument("--results", default="runs/cifar10/results.jsonl")
     p.add_argument("--k", type=int, default=2048)
     p.add_argument("--test-points", type=int, default=500)
+    p.add_argument("--lds-train", default=None, help="lds: training data spec the masks index (default CIFAR2/train)")
+    p.add_argument("--lds-epoch", type=int, default=24, help="lds: epoch in the checkpoint names lds_seed{s}_ep{E}")
+    p.add_argument("--lds-fresh", action="store_true", help="lds: build each set's store from scratch (default: 5 models extends 1)")
+    p.add_argument("--peers", nargs="*", default=[], help="lds: peer tools to run on the same checkpoints (traker captum dattri)")
     p.add_argument("--sets", nargs="+", default=["1 model", "5 models"])
     p.add_argument("--methods", nargs="+", default=["tracin", "gradcos", "trak"])
     p.add_argument("--mis-ckpts", nargs="+", default=["ep24"])

@@ -77,6 +77,18 @@ python scripts/eval_lds.py report                             # this file and do
 ```"""
 
 
+def grad_sq_from_store(path: str | os.PathLike[str], n_checkpoints: int | None = None) -> float:
+    """Σ_i ||margin gradient_i||², mean over a store's first ``n_checkpoints`` (default all), from its sparse features.
+
+    CountSketch keeps norms, so this is what the peers' relative λ (``peers.run(grad_sq=...)``) needs.
+    """
+    from index.store import FeatureStore
+
+    st = FeatureStore.open(path)
+    ids = st.checkpoint_ids[:n_checkpoints] if n_checkpoints else st.checkpoint_ids
+    return float(np.mean([(st.read_features(c).astype(np.float64) ** 2).sum() for c in ids]))
+
+
 def log(*a: object) -> None:
     print(*a, file=sys.stderr, flush=True)
 
@@ -288,13 +300,9 @@ class LdsStudy:
     # --- stage: peers
     def _grad_sq(self, model: str, set_name: str) -> float:
         """Σ_i ||margin gradient_i||², mean over the set's checkpoints, estimated from our sparse features (CountSketch keeps norms)."""
-        from index.store import FeatureStore
-
         have = [self.store_path(model, set_name, "sparse", k) for k in KS]
         have = [p for p in have if (p / "zarr.json").is_file()]
-        path = have[0] if have else self.build_store(model, set_name, "sparse", 2048)[0]
-        st = FeatureStore.open(path)
-        return float(np.mean([(st.read_features(c).astype(np.float64) ** 2).sum() for c in st.checkpoint_ids]))
+        return grad_sq_from_store(have[0] if have else self.build_store(model, set_name, "sparse", 2048)[0])
 
     def stage_peers(self, model: str, tools: list[str], sets: list[str], ks: list[int]) -> None:
         from influence.evaluation import peers

@@ -248,9 +248,9 @@ RUNNERS: dict[str, Callable[..., Iterator[Row]]] = {"traker": run_traker, "captu
 
 
 def run(tool: str, model_cls: Callable[[], nn.Module], ckpts: Sequence[str | os.PathLike[str]], lrs: Sequence[float],
-        train: ArrayDataset, test: ArrayDataset, *, k: int, **kw: Any) -> Iterator[Row]:
-    """``kw``: ``grad_sq`` (Σ_i ||margin gradient_i||², mean over checkpoints, for relative λ), ``rels``, ``exact``. Rows ``(method, (scores, seconds, note) | None)`` of one peer tool on one model set at projection size k."""
+        train: ArrayDataset, test: ArrayDataset, *, k: int, threads: int = 2, **kw: Any) -> Iterator[Row]:
+    """``kw``: ``grad_sq`` (Σ_i ||margin gradient_i||², mean over checkpoints, for relative λ), ``rels``, ``exact``. Rows ``(method, (scores, seconds, note) | None)`` of one peer tool on one model set at projection size k, on ``threads`` torch threads."""
     if tool not in RUNNERS:
         raise ValueError(f"unknown peer {tool!r}; choose one of {', '.join(RUNNERS)}")
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     yield from RUNNERS[tool](model_cls, [str(c) for c in ckpts], list(lrs), train, test, k=k, **kw)
