@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from influence.errors import BadSpecError
-from influence.mislabel_rank import DEFAULT_RANKING, RANKINGS, mislabel_scores, self_influence_method
+from influence.mislabel_rank import DEFAULT_RANKING, RANKINGS, check_ranking, mislabel_scores
 from influence.query import Influence
 from influence.scoring import METHOD_NAMES
 from influence.shortcut import Shortcut
@@ -145,13 +145,13 @@ def run_flags(
     if test is None and not any(k == "mislabel" for k in kinds):  # before any work, so it fails fast
         raise BadSpecError("--kind harmful and shortcut need test images: pass --test SPEC (e.g. your failing images)")
     out: dict[str, Any] = {}
-    if method is not None and "mislabel" in kinds and method not in RANKINGS:
-        mislabel_scores(session, method)  # gradcos or unknown: the BadSpecError naming the choices, before any work
+    if method is not None and "mislabel" in kinds:
+        check_ranking(method)  # gradcos or unknown: the error naming the choices, before any work
     if method in RANKINGS and method not in METHOD_NAMES and test is not None and any(k != "mislabel" for k in kinds):
         raise BadSpecError(f"--method {method} ranks mislabels only; add --kind mislabel (harmful and shortcut take "
                            f"{', '.join(METHOD_NAMES)})")
     if "mislabel" in kinds:
-        out["mislabel"] = [f.to_json() for f in flag_mislabels(session, method=method or mislabel_method(session), top=top,
+        out["mislabel"] = [f.to_json() for f in flag_mislabels(session, method=method, top=top,
                                                                progress=progress)]
     if "harmful" in kinds and test is not None:
         out["harmful"] = [f.to_json() for f in flag_harmful(session, *test, method=method or "tracin", top=top, progress=progress)]
@@ -180,7 +180,7 @@ def mislabel_method(session: Influence) -> str:
     0.9965, 4-fold CV confidence 0.9996), class-dependent flips 0.987 (TRAK 0.949, CV 0.983). CIFAR-10 10,000-image
     subset, narrow ResNet, one run each: 10% uniform 0.953 (TRAK 0.937, margin over checkpoints 0.959, CV 0.957 in
     an earlier run), 20% uniform 0.951 (TRAK 0.919, margin 0.960, CV 0.953 in an earlier run), 10% class-dependent 0.874 (TRAK 0.732, margin 0.848, CV 0.827).
-    Self-influence ranked below the loss in every setting. ``DEFAULT_RANKING`` of ``influence.mislabel_rank``; were it
-    TRAK or TracIn, this resolves to the self-influence the store has.
+    Self-influence ranked below the loss in every setting. ``DEFAULT_RANKING`` of ``influence.mislabel_rank``: every
+    store has the loss column, so the default does not depend on the store's methods.
     """
-    return DEFAULT_RANKING if DEFAULT_RANKING not in ("trak", "tracin") else self_influence_method(session)
+    return DEFAULT_RANKING

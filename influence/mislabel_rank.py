@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from influence.query import Influence
 
 SELF_INFLUENCE = ("trak", "tracin")
-COLUMN_RANKINGS = ("loss", "loss-sum", "margin")
 RANKINGS = ("loss", "combined", "trak", "tracin", "loss-sum", "margin")
 """Every mislabel ranking by name (``influence flag --kind mislabel --method``)."""
 DEFAULT_RANKING = "loss"
@@ -65,8 +64,18 @@ def _summed(session: "Influence", column: str) -> np.ndarray:
     return total
 
 
+def check_ranking(method: str) -> None:
+    """Refuse a name that is not one of ``RANKINGS``, saying why for gradcos (a scoring method, not a ranking)."""
+    if method == "gradcos":
+        raise BadSpecError("mislabel ranking needs self-influence, which is constant under gradcos; "
+                           f"use --method {' or '.join(RANKINGS)}")
+    if method not in RANKINGS:
+        raise BadSpecError(f"unknown mislabel ranking {method!r}; choose from {', '.join(RANKINGS)}")
+
+
 def mislabel_scores(session: "Influence", method: str, *, progress: bool = False) -> np.ndarray:
     """The (N,) float64 suspicion score of ranking ``method`` (one of ``RANKINGS``) for every training row."""
+    check_ranking(method)
     store = session.store
     if method in SELF_INFLUENCE:
         return np.asarray(session.self_influence(method, progress=progress), dtype=np.float64)
@@ -76,10 +85,5 @@ def mislabel_scores(session: "Influence", method: str, *, progress: bool = False
         return _summed(session, "loss")
     if method == "margin":
         return -_summed(session, "margin")
-    if method == "combined":
-        return rank_mean(mislabel_scores(session, "loss"),
-                         mislabel_scores(session, self_influence_method(session), progress=progress))
-    if method == "gradcos":
-        raise BadSpecError("mislabel ranking needs self-influence, which is constant under gradcos; "
-                           f"use --method {' or '.join(RANKINGS)}")
-    raise BadSpecError(f"unknown mislabel ranking {method!r}; choose from {', '.join(RANKINGS)}")
+    return rank_mean(mislabel_scores(session, "loss"),  # combined
+                     mislabel_scores(session, self_influence_method(session), progress=progress))
