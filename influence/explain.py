@@ -59,17 +59,19 @@ def _peak(m: torch.Tensor) -> list[int]:
     return [int(r), int(c)]
 
 
-def influencer_flags(session: Influence, ids: Sequence[int]) -> dict[int, list[str]]:
+def influencer_flags(session: Influence, ids: Sequence[int], score: np.ndarray | None = None) -> dict[int, list[str]]:
     """"likely mislabelled" where an example is in the top 10% of the mislabel ranking (``influence flag``'s default,
     ``mislabel_method``) and the final model gives its label p < 0.5.
 
     Only the conjunction is a tag: high self-influence alone also marks rare but correct examples, and on the
-    digits demo it tagged most influencers of a failure (docs/BENCHMARKS.md, "explain defaults").
+    digits demo it tagged most influencers of a failure (docs/BENCHMARKS.md, "explain defaults"). ``score``: that
+    ranking's scores when the caller has them (``explain`` reads them once for all its images).
     """
     from influence.flag import mislabel_method
     from influence.mislabel_rank import mislabel_scores
 
-    score = mislabel_scores(session, mislabel_method(session))
+    if score is None:
+        score = mislabel_scores(session, mislabel_method(session))
     cut = float(np.quantile(score, MISLABEL_QUANTILE))
     prob = session.label_probability()
     flags: dict[int, list[str]] = {}
@@ -114,7 +116,7 @@ def explain(
                else [[] for _ in results])
     model = session.model_at(-1)  # this call's own copy of the final checkpoint: nothing else touches it
     explainer = tfa_cls(model, task=session.task)
-    mislabel_scores(session, mislabel_method(session), progress=progress)  # the flags' input, loaded before the bar
+    suspicion = mislabel_scores(session, mislabel_method(session), progress=progress)  # the flags' input, read once
     out = []
     for xi, r, sim in tqdm(list(zip(x, results, similar)), desc="explain", unit="image", disable=None if progress else True):
         pixel_map, _ = run_attribute(model, xi, method=attribution, target=r.target)
@@ -132,7 +134,7 @@ def explain(
         out.append(Explanation(
             result=r, image=xi.cpu(), pixel_map=pixel_map.detach().cpu(),
             tfa_maps=tfa_maps, train_images=train_images,
-            flags=influencer_flags(session, ids), attribution=attribution, tfa=tfa, similar=sim, similar_method=alt or "",
+            flags=influencer_flags(session, ids, suspicion), attribution=attribution, tfa=tfa, similar=sim, similar_method=alt or "",
         ))
     return out
 
