@@ -291,17 +291,24 @@ class TRAK(ScoringMethod, name="trak"):
         lams = [(self.damping(self.store, c) or {}).get("lambda") for c in self.ckpts]
         return hashlib.sha256(f"{super()._self_stamp()} lambda={lams}".encode()).hexdigest()
 
+    def leverage(self, ckpt: str, bar: "tqdm[None] | None" = None) -> np.ndarray:
+        """φᵢᵀ (ΦᵀΦ + λI)⁻¹ φᵢ of every row at checkpoint ``ckpt``, (N,) float32 (the stored rows' and the inverse's
+        precision): self-influence before the 1 − p weight."""
+        inv = self.inverse(ckpt)
+        out = np.zeros(self.store.n, dtype=np.float32)
+        for start, stop in self.store.iter_chunks():
+            phi = self.store.read_features(ckpt, start, stop)
+            # a whole chunk as one matrix product (BLAS), not a per-row einsum contraction
+            out[start:stop] = ((phi @ inv) * phi).sum(1)
+            if bar is not None:
+                bar.update(stop - start)
+        return out
+
     def _self_influence(self, progress: bool) -> np.ndarray:
         out = np.zeros(self.store.n)
         with self._bar(progress, len(self.ckpts)) as bar:
             for c in self.ckpts:
-                inv = self.inverse(c)
-                for start, stop in self.store.iter_chunks():
-                    phi = self.store.read_features(c, start, stop)
-                    q = self._q(c)[start:stop]
-                    # φᵢᵀ M φᵢ for a whole chunk as one matrix product (BLAS), not a per-row einsum contraction
-                    out[start:stop] += ((phi @ inv) * phi).sum(1) * q / len(self.ckpts)
-                    bar.update(stop - start)
+                out += self.leverage(c, bar) * self._q(c) / len(self.ckpts)
         return out
 
 

@@ -45,23 +45,6 @@ def mislabel_metrics(scores: np.ndarray, flipped: np.ndarray, fractions: tuple[f
     return out
 
 
-def trak_leverage(session: "Influence", ckpt: str | None = None) -> np.ndarray:
-    """φ_c(i)ᵀ (Φ_cᵀΦ_c + λI)⁻¹ φ_c(i) of every row at checkpoint ``ckpt`` (default: the final one), (N,) float64.
-
-    TRAK's self-influence at that checkpoint is this leverage times 1 − p; here it is read for other weightings.
-    """
-    from influence.scoring import TRAK
-
-    store = session.store
-    ckpt = ckpt or store.checkpoint_ids[-1]
-    inv = TRAK(store).inverse(ckpt)
-    out = np.zeros(store.n)
-    for start, stop in store.iter_chunks():
-        phi = store.read_features(ckpt, start, stop)
-        out[start:stop] = ((phi @ inv) * phi).sum(1)
-    return out
-
-
 def candidate_rankings(session: "Influence") -> dict[str, np.ndarray]:
     """Every mislabel ranking measured for ``influence flag``'s default, by name, from one store.
 
@@ -69,7 +52,7 @@ def candidate_rankings(session: "Influence") -> dict[str, np.ndarray]:
     self-influence at the final checkpoint alone and TRAK's leverage times the final loss.
     """
     from influence.mislabel_rank import RANKINGS, mislabel_scores
-    from influence.scoring import get_method
+    from influence.scoring import TRAK, get_method
 
     out = {m: mislabel_scores(session, m) for m in RANKINGS if m not in ("trak", "tracin") or m in session.methods}
     final = session.store.checkpoint_ids[-1]
@@ -80,5 +63,5 @@ def candidate_rankings(session: "Influence") -> dict[str, np.ndarray]:
                 scorer.ckpts = [final]
                 out[f"{m} (final checkpoint only)"] = scorer._self_influence(False)
     if "trak" in session.methods:
-        out["leverage x loss (final checkpoint)"] = trak_leverage(session, final) * out["loss"]
+        out["leverage x loss (final checkpoint)"] = TRAK(session.store).leverage(final) * out["loss"]
     return out
