@@ -99,7 +99,7 @@ def stage_lds(args: argparse.Namespace) -> None:
     ``--test-points`` random ones. ``--lds-train`` is the training data the masks index (default: the CIFAR-2 train
     folder); the checkpoints are ``WORK/ckpt/lds_seed{s}_ep{--lds-epoch}.pt``.
     """
-    from influence.data import ArrayDataset
+    from influence.data import ArrayDataset, batch_of
     from influence.evaluation import peers
     from influence.evaluation.lds import lds
     from influence.evaluation.lds_study import grad_sq_from_store
@@ -143,8 +143,7 @@ def stage_lds(args: argparse.Namespace) -> None:
             continue
         # the peers get the same tensors: the training data as the CLI loads it, the same test images
         data = load_data(train_spec)
-        items = [data[i] for i in range(len(data))]
-        train = ArrayDataset(torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items]))
+        train = ArrayDataset(*batch_of(data, 0, len(data)))
         test_ds = ArrayDataset(xt, yt)
         grad_sq = grad_sq_from_store(store, len(ckpts))
         lrs = [1.0] * len(ckpts)

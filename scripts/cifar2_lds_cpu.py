@@ -36,17 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from influence.evaluation.cifar10 import read_folder
+from influence.evaluation.cifar10 import read_folder, subset_ids
 from influence.evaluation.cifar10_recipe import train  # the trainer's recipe, not a copy
 from influence.evaluation.lds import margins, subset_masks
 
 
 def log(*a: object) -> None:
     print(*a, file=sys.stderr, flush=True)
-
-
-def first_per_class(y: np.ndarray, per_class: int) -> np.ndarray:
-    return np.concatenate([np.nonzero(y == c)[0][:per_class] for c in range(int(y.max()) + 1)])
 
 
 def report(path: Path) -> None:
@@ -120,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     x_all, y_all = read_folder(Path(a.cifar2) / "train")
     xt_all, yt_all = read_folder(Path(a.cifar2) / "test")
-    ids, tid = first_per_class(y_all, a.train_per_class), first_per_class(yt_all, a.test_per_class)
+    ids, tid = subset_ids(y_all, a.train_per_class), subset_ids(yt_all, a.test_per_class)
     x, y, xt, yt = x_all[ids], y_all[ids], xt_all[tid], yt_all[tid]
     np.savez(work / "train.npz", x=x, y=y, ids=ids)  # no classes array: the 10-way model would refuse 2 names
     log(f"data: {len(x)} train / {len(xt)} test images in {time.perf_counter() - t0:.1f}s")
