@@ -15,7 +15,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "attribution": ("gradcam", "input_x_gradient", "integrated_gradients", "saliency", "smoothgrad", "var", "wam"),
     "tfa": ("gradcos", "gradcos_two_step", "occlusion", "two_step"),
     "flag-kind": ("mislabel", "harmful", "shortcut"),
-    "mislabel-ranking": ("loss", "combined", "trak", "tracin", "loss-sum", "margin"),  # influence.mislabel_rank.RANKINGS
+    "mislabel-ranking": ("loss", "combined", "trak", "tracin", "loss-sum", "margin", "loss-margin"),  # influence.mislabel_rank.RANKINGS
     "projector": ("none", "sparse", "gaussian", "rademacher", "factorized"),
     "dtype": ("float16", "float32"),
     "repair-action": ("drop", "relabel"),

@@ -9,6 +9,8 @@ is retrained. The names are ``influence flag --method``'s choices for ``--kind m
 - ``margin``: minus the margin ``logit_y − logsumexp(other logits)`` summed over the store's checkpoints (an
   area-under-the-margin ranking, Pleiss et al., 2020, from saved checkpoints; the margin with ``max`` in place of
   ``logsumexp`` is not stored). At one checkpoint it ranks exactly as the loss: cross-entropy is softplus(−margin);
+- ``loss-margin``: the mean of the normalised ranks of ``loss`` and ``margin``: the final model's view and the
+  whole saved trajectory's, each of which wins where the other loses (uniform vs class-dependent flips);
 - ``combined``: the mean of the normalised ranks of ``loss`` and self-influence (TRAK when the store has it, else
   TracIn): rank-averaging puts the two signals on one scale without calibrating either.
 
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from influence.query import Influence
 
 SELF_INFLUENCE = ("trak", "tracin")
-RANKINGS = ("loss", "combined", "trak", "tracin", "loss-sum", "margin")
+RANKINGS = ("loss", "combined", "trak", "tracin", "loss-sum", "margin", "loss-margin")
 """Every mislabel ranking by name (``influence flag --kind mislabel --method``)."""
 DEFAULT_RANKING = "loss"
 """The ranking ``influence flag`` uses when none is named (``influence.flag.mislabel_method``): see its docstring."""
@@ -85,5 +87,7 @@ def mislabel_scores(session: "Influence", method: str, *, progress: bool = False
         return _summed(session, "loss")
     if method == "margin":
         return -_summed(session, "margin")
+    if method == "loss-margin":
+        return rank_mean(mislabel_scores(session, "loss"), mislabel_scores(session, "margin"))
     return rank_mean(mislabel_scores(session, "loss"),  # combined
                      mislabel_scores(session, self_influence_method(session), progress=progress))

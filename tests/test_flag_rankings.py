@@ -59,6 +59,14 @@ def test_combined_is_the_rank_mean_of_loss_and_trak_self_influence(session):
     assert [f.score for f in flags] == pytest.approx(np.sort(want)[::-1].tolist())
 
 
+def test_loss_margin_is_the_rank_mean_of_final_loss_and_summed_margin(session):
+    store = session.store
+    loss = np.asarray(store.column("loss", store.checkpoint_ids[-1]), dtype=np.float64)
+    margin = np.sum([np.asarray(store.column("margin", c), dtype=np.float64) for c in store.checkpoint_ids], axis=0)
+    assert len(np.unique(loss)) == len(np.unique(margin)) == N_TRAIN, "guard: distinct values, so sorting ranks them"
+    np.testing.assert_allclose(mislabel_scores(session, "loss-margin"), (_ranks(loss) + _ranks(-margin)) / 2, atol=1e-12)
+
+
 @pytest.mark.parametrize("method", RANKINGS)
 def test_every_ranking_flags_in_descending_order(session, method):
     flags = flag_mislabels(session, method=method, top=10)
