@@ -120,13 +120,14 @@ def _report_and_flags(
 ) -> dict[str, Any]:
     """Flag mislabels, harmful examples and the shortcut; write the report; say how much ground truth was found."""
     from influence.explain import explain
-    from influence.flag import flag_harmful, flag_mislabels, flag_shortcuts
+    from influence.flag import flag_harmful, flag_mislabels, flag_shortcuts, mislabel_method
     from influence.report import write_report
 
     n = session.n_train
     flipped = set(truth["flipped"])
     top = len(flipped)
-    mislabels = flag_mislabels(session, method="trak", top=n, progress=progress)
+    ranking = mislabel_method(session)  # what `influence flag` ranks by, so the demo shows what users get
+    mislabels = flag_mislabels(session, method=ranking, top=n, progress=progress)
     order = [m.train_id for m in mislabels]
     found_at = {p: sum(1 for i in order[: int(p * n)] if i in flipped) / len(flipped) for p in (0.1, 0.2)}
     harmful = flag_harmful(session, test.x, test.y, top=20, progress=progress)
@@ -146,7 +147,7 @@ def _report_and_flags(
     top_ids = [m.train_id for m in mislabels[:8]]
     mislabel_images = dict(zip(top_ids, session.training_examples(top_ids)[0]))
     notes = [
-        f"Label noise: {len(flipped)} training labels flipped; self-influence (TRAK) ranks {found_at[0.1]:.0%} of them in its "
+        f"Label noise: {len(flipped)} training labels flipped; the mislabel ranking ({ranking}) puts {found_at[0.1]:.0%} of them in its "
         f"top 10% and {found_at[0.2]:.0%} in its top 20%.",
         f"Patch shortcut: injected on {len(truth['patched'])} class-{truth['patch_class']} training images at box {box}; "
         + (f"detected at {hit.box} with {len(hit.train_ids)} supporting images." if hit else "not detected."),
