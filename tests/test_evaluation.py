@@ -203,6 +203,19 @@ def test_trak_dual_form_hand_case():
     assert trak_scores_dual(phi, q, test, 1.0) == pytest.approx(np.array([[1.0], [0.0]]))
 
 
+@pytest.mark.parametrize("n, k", [(5, 12), (12, 5)])
+def test_trak_dual_form_equals_the_library_inverse_at_the_same_relative_lambda(n, k):
+    """The dual form of a λ sweep and the store's k×k inverse turn a relative λ into the same absolute one
+    (trace/min(N, k)), with fewer rows than k and with more."""
+    from influence.scoring import trak_inverse
+
+    rng = np.random.default_rng(0)
+    phi, test, q = rng.standard_normal((n, k)), rng.standard_normal((3, k)), rng.random(n)
+    inv, _ = trak_inverse(phi.T @ phi, 0.5, n=n)
+    want = (phi @ inv @ test.T) * q[:, None]
+    np.testing.assert_allclose(trak_scores_dual([phi], [q], [test], 0.5), want, rtol=1e-9, atol=1e-12)
+
+
 def test_margins_of_known_logits():
     net = torch.nn.Linear(2, 3, bias=False)
     with torch.no_grad():
