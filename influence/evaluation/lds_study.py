@@ -81,18 +81,6 @@ python scripts/eval_lds.py report                             # this file and do
 ```"""
 
 
-def grad_sq_from_store(path: str | os.PathLike[str], n_checkpoints: int | None = None) -> float:
-    """Σ_i ||margin gradient_i||², mean over a store's first ``n_checkpoints`` (default all), from its sparse features.
-
-    CountSketch keeps norms, so this is what the peers' relative λ (``peers.run(grad_sq=...)``) needs.
-    """
-    from index.store import FeatureStore
-
-    st = FeatureStore.open(path)
-    ids = st.checkpoint_ids[:n_checkpoints] if n_checkpoints else st.checkpoint_ids
-    return float(np.mean([(st.read_features(c).astype(np.float64) ** 2).sum() for c in ids]))
-
-
 def log(*a: object) -> None:
     print(*a, file=sys.stderr, flush=True)
 
@@ -312,12 +300,6 @@ class LdsStudy:
                     self.append(model, row)
 
     # --- stage: peers
-    def _grad_sq(self, model: str, set_name: str) -> float:
-        """Σ_i ||margin gradient_i||², mean over the set's checkpoints, estimated from our sparse features (CountSketch keeps norms)."""
-        have = [self.store_path(model, set_name, "sparse", k) for k in KS]
-        have = [p for p in have if (p / "zarr.json").is_file()]
-        return grad_sq_from_store(have[0] if have else self.build_store(model, set_name, "sparse", 2048)[0])
-
     def stage_peers(self, model: str, tools: list[str], sets: list[str], ks: list[int]) -> None:
         from influence.evaluation import peers
 
@@ -325,17 +307,16 @@ class LdsStudy:
         masks, actual = self.truth(model)
         for set_name in sets:
             ckpts, lrs, extra = self.model_set(model, set_name)
-            grad_sq = self._grad_sq(model, set_name)
             for tool in tools:
                 for k in ks:
-                    kw = {"exact": k == ks[0]} if tool == "captum" else {"grad_sq": grad_sq}
+                    kw = {"exact": k == ks[0]} if tool == "captum" else {}
                     for method, res in peers.run(tool, MODELS[model][0], ckpts, lrs, train, test, k=k, **kw):
                         if res is None:
                             continue
                         s, secs, note = res
                         row: Row = {"tool": tool, "model": model, "set": set_name, "n_models": len(ckpts), "projector": note.get("projector"),
                                "k": note.get("k", k), "method": method, "seconds": round(secs, 2), "extra_train_s": round(extra, 1),
-                               **lds(s, masks, actual)}
+                               **({"lambdas": note["lambdas"]} if "lambdas" in note else {}), **lds(s, masks, actual)}
                         self.append(model, row)
 
     # --- stage: report
