@@ -317,3 +317,28 @@ def test_grid_canvas_places_each_digit_in_its_quadrant():
     assert canvas[0, 0, 16:, 16:].eq(1).all() and canvas[0].sum() == 256
     assert canvas[1, 0, :16, :16].eq(2).all() and canvas[1].sum() == 512
 
+
+
+def test_peer_dattri_lambda_follows_each_checkpoints_own_features():
+    """The dattri adapter's projection wrapper: after a checkpoint's rows, ``regularization`` is rel · trace/min(N, k)
+    of exactly those rows (dattri damps ΦᵀΦ then), per checkpoint; the real projection is put back afterwards."""
+    from types import SimpleNamespace
+
+    from influence.evaluation.peers import _measuring_projection
+
+    rng = np.random.default_rng(0)
+    rows = {0: rng.standard_normal((7, 4)), 1: 3 * rng.standard_normal((7, 4))}  # N = 7 > k = 4 and two batches each
+
+    def random_project(feature, batch_size, **kw):
+        return lambda f, ensemble_id=0: torch.as_tensor(f)
+
+    module, att = SimpleNamespace(random_project=random_project), SimpleNamespace(regularization=0.0)
+    applied = []
+    with _measuring_projection(module, att, 2.0) as lams:
+        for c, x in rows.items():
+            for batch in (x[:4], x[4:]):
+                module.random_project(batch, len(batch))(batch, ensemble_id=c)
+            applied.append(att.regularization)  # what dattri would add to this checkpoint's ΦᵀΦ
+    want = [2.0 * (x ** 2).sum() / 4 for x in rows.values()]
+    assert applied == pytest.approx(want) and lams() == pytest.approx(want)
+    assert module.random_project is random_project and att.regularization == 0.0
