@@ -181,7 +181,8 @@ def _parser() -> _Parser:
     b.add_argument("--seed", type=_non_negative_int, default=_default("build", "seed"), help="projection seed")
     b.add_argument("--dtype", choices=_choices("dtype"), default=_default("build", "dtype"), help="feature storage type")
     b.add_argument("--trak-lambda", type=_non_negative_float, default=_default("build", "trak_lambda"),
-                   help="TRAK ridge λ relative to trace(ΦᵀΦ)/k (default %(default)s, measured best)")
+                   help="TRAK ridge λ relative to the mean nonzero eigenvalue of ΦᵀΦ, trace/min(N, k) "
+                        "(default %(default)s, measured best)")
     b.add_argument("--chunk-rows", type=_positive_int, default=_default("build", "rows_per_chunk"),
                    help="rows per store chunk (rounded to a multiple of the batch size)")
     b.add_argument("--device", default=_default("build", "device"))

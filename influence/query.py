@@ -464,7 +464,23 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         "paths": (a.get("paths") or {}).get("count"),
         "checkpoints": [{k: c[k] for k in ("id", "path", "lr_weight", "sha256")} for c in store.checkpoints],
         "indexes": {m: {"factory": r.get("factory"), "size": r.get("size")} for m, r in a.get("indexes", {}).items()},
+        "trak": _describe_trak(store),
     }
+
+
+def _describe_trak(store: FeatureStore) -> dict[str, Any] | None:
+    """TRAK's λ as its stored inverses were computed: relative, absolute per checkpoint, and the unit between them
+    (``scoring.TRAK_LAMBDA_UNIT``; ``trace/k`` for inverses from before the unit was recorded); None without them.
+    ``lambda_rel`` and ``lambda_unit`` are lists only where checkpoints differ (a rebuild that did not finish)."""
+    from influence.scoring import TRAK
+
+    done = {c: d for c in store.checkpoint_ids if (d := TRAK.damping(store, c)) is not None}
+    if not done:
+        return None
+    rels = sorted({d["lambda_rel"] for d in done.values()})
+    units = sorted({str(TRAK.lambda_unit(store, c)) for c in done})
+    return {"lambda_rel": rels[0] if len(rels) == 1 else rels, "lambda": {c: d["lambda"] for c, d in done.items()},
+            "lambda_unit": units[0] if len(units) == 1 else units}
 
 
 @dataclass(frozen=True)

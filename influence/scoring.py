@@ -210,7 +210,10 @@ class TRAK(ScoringMethod, name="trak"):
     """TRAK: mean over checkpoints of φ_c(t)ᵀ (Φ_cᵀΦ_c + λI)⁻¹ φ_c(i) · (1 − p_c(i)), on margin gradients.
 
     The inverse of each checkpoint is stored as ``trak/<ckpt>`` with its λ in that array's own attributes
-    (``lambda_rel`` as asked, ``lambda`` as applied): the one place both are written and read.
+    (``lambda_rel`` as asked, ``lambda`` as applied, ``lambda_unit`` the rule between them, :data:`TRAK_LAMBDA_UNIT`):
+    the one place they are written and read. An inverse without ``lambda_unit`` was made by a build that took
+    λ = lambda_rel · trace/k; queries still use it as it is (it is consistent with its own ``lambda``), and the next
+    build or ``influence add`` on the store recomputes it in the current unit.
     """
 
     def __init__(self, store: "FeatureStore") -> None:
@@ -229,13 +232,23 @@ class TRAK(ScoringMethod, name="trak"):
             return None
         return {k: float(attrs[k]) for k in ("lambda_rel", "lambda")} if "lambda_rel" in attrs else None
 
+    @classmethod
+    def lambda_unit(cls, store: "FeatureStore", ckpt: str) -> str | None:
+        """The rule that turned ``lambda_rel`` into ``lambda`` for the stored inverse of ``ckpt``: :data:`TRAK_LAMBDA_UNIT`,
+        or :data:`OLD_TRAK_LAMBDA_UNIT` for an inverse written before the unit was recorded; None if there is none."""
+        attrs = store.matrix_attrs(cls._key(ckpt))
+        if attrs is None or "lambda_rel" not in attrs:
+            return None
+        return str(attrs.get("lambda_unit", OLD_TRAK_LAMBDA_UNIT))
+
     @staticmethod
     def _gram_key(ckpt: str) -> str:
         return f"trak_gram/{ckpt}"
 
     @classmethod
     def prepare(cls, store: "FeatureStore", spec: TrakSpec) -> None:
-        """(Φ_cᵀΦ_c + λI)⁻¹ per checkpoint, recomputed when missing, computed with another λ, or for fewer rows.
+        """(Φ_cᵀΦ_c + λI)⁻¹ per checkpoint, recomputed when missing, computed with another λ or in another unit of λ
+        (an inverse from before ``lambda_unit`` was recorded), or for fewer rows.
 
         Φ_cᵀΦ_c is kept too (float64, with the rows it covers), so rows appended later (``influence add``) update it
         by their own ΦᵀΦ without rereading the old features.
@@ -243,13 +256,15 @@ class TRAK(ScoringMethod, name="trak"):
         for ckpt in store.checkpoint_ids:
             done = cls.damping(store, ckpt)
             rows = (store.matrix_attrs(cls._key(ckpt)) or {}).get("rows", store.n)  # stores before appends: all rows
-            if done is not None and done["lambda_rel"] == spec.lambda_rel and rows == store.n:
+            if (done is not None and done["lambda_rel"] == spec.lambda_rel and rows == store.n
+                    and cls.lambda_unit(store, ckpt) == TRAK_LAMBDA_UNIT):
                 continue
             gram = cls._gram(store, ckpt)
-            inv, lam = trak_inverse(gram, spec.lambda_rel)
+            inv, lam = trak_inverse(gram, spec.lambda_rel, n=store.n)
             # Written beside the live inverse with its λ, then switched in: a killed build leaves the old one live.
             store.write_matrix(cls._key(ckpt), inv.astype(np.float32),
-                               attrs={"lambda_rel": spec.lambda_rel, "lambda": lam, "rows": store.n})
+                               attrs={"lambda_rel": spec.lambda_rel, "lambda": lam, "lambda_unit": TRAK_LAMBDA_UNIT,
+                                      "rows": store.n})
         super().prepare(store, spec)  # self-influence, after the inverses it uses
 
     @classmethod
@@ -312,15 +327,38 @@ class TRAK(ScoringMethod, name="trak"):
         return out
 
 
-def trak_inverse(gram: np.ndarray, lam_rel: float) -> tuple[np.ndarray, float]:
-    """(ΦᵀΦ + λI)⁻¹ with λ relative to the spectrum: λ = lam_rel · trace(ΦᵀΦ)/k (never 0: ΦᵀΦ is singular when k ≥ N).
+TRAK_LAMBDA_UNIT = "trace/min(n,k)"
+"""The unit of TRAK's relative λ, recorded as ``lambda_unit`` beside every stored inverse: λ = lambda_rel · trace(ΦᵀΦ) /
+min(N, k), the mean nonzero eigenvalue of ΦᵀΦ (Φ the N×k features of one checkpoint)."""
 
-    The default lam_rel = 1 (the mean eigenvalue) is measured: on the digits MLP, LDS peaks at 0.3–3 and
-    falls on both sides (0.320 at 0.01, 0.446 at 1, 0.347 at 10; 10 half-data models, k = 512), and it
-    removes the "larger k scores worse" effect seen with small λ (docs/BENCHMARKS.md, LDS section).
+OLD_TRAK_LAMBDA_UNIT = "trace/k"
+"""The unit of an inverse stored without ``lambda_unit`` (builds before it was recorded): λ = lambda_rel · trace/k."""
+
+
+def trak_lambda(lam_rel: float, trace: float, n: int, k: int) -> float:
+    """The absolute ridge λ of a relative one: ``lam_rel · trace / min(n, k)`` (:data:`TRAK_LAMBDA_UNIT`).
+
+    ``trace`` is trace(ΦᵀΦ) = trace(ΦΦᵀ) of an ``n``×``k`` feature matrix Φ. ΦᵀΦ has at most min(n, k) nonzero
+    eigenvalues, so this is lam_rel times their mean: with fewer rows than k (n < k), trace/k would be smaller by k/n
+    and lam_rel = 1 far weaker than meant. The one rule every caller uses (the store's k×k inverse, the N×N dual form
+    of λ sweeps, the peers' adapters), so a relative λ means the same everywhere.
+    """
+    if n < 1 or k < 1:
+        raise BadSpecError(f"TRAK's λ needs at least one row and one feature column; got n = {n}, k = {k}")
+    return float(lam_rel * trace / min(n, k))
+
+
+def trak_inverse(gram: np.ndarray, lam_rel: float, *, n: int) -> tuple[np.ndarray, float]:
+    """(ΦᵀΦ + λI)⁻¹ with λ relative to the spectrum: λ = lam_rel · trace(ΦᵀΦ)/min(n, k) (:func:`trak_lambda`), for
+    ``gram`` = ΦᵀΦ (k×k) of ``n`` rows; never 0 (ΦᵀΦ is singular when k ≥ N). Returns the inverse and λ.
+
+    The default lam_rel = 1 (the mean nonzero eigenvalue) is measured: on the digits MLP, LDS peaks at 0.3–3 and
+    falls on both sides (0.320 at 0.01, 0.446 at 1, 0.347 at 10; 10 half-data models, k = 512 < N = 1,437, where
+    trace/k and trace/min(N, k) agree), and it removes the "larger k scores worse" effect seen with small λ
+    (docs/BENCHMARKS.md, LDS section).
     """
     k = gram.shape[0]
-    lam = float(lam_rel * np.trace(gram) / k) or 1e-8
+    lam = trak_lambda(lam_rel, float(np.trace(gram)), n, k) or 1e-8
     return _spd_inverse(gram + lam * np.eye(k)), lam
 
 

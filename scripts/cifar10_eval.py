@@ -102,7 +102,6 @@ def stage_lds(args: argparse.Namespace) -> None:
     from influence.data import ArrayDataset, batch_of
     from influence.evaluation import peers
     from influence.evaluation.lds import lds
-    from influence.evaluation.lds_study import grad_sq_from_store
     from influence.loading import ImageFolder, load_data
     from influence.models import NarrowResNet9
     from influence.query import Influence
@@ -145,10 +144,9 @@ def stage_lds(args: argparse.Namespace) -> None:
         data = load_data(train_spec)
         train = ArrayDataset(*batch_of(data, 0, len(data)))
         test_ds = ArrayDataset(xt, yt)
-        grad_sq = grad_sq_from_store(store, len(ckpts))
         lrs = [1.0] * len(ckpts)
         for tool in args.peers:
-            kw: dict = {"exact": True} if tool == "captum" else {"grad_sq": grad_sq}
+            kw: dict = {"exact": True} if tool == "captum" else {}
             for method, res in peers.run(tool, NarrowResNet9, ckpts, lrs, train, test_ds, k=args.k, threads=1, **kw):
                 row = {**common, "set": name, "tool": tool, "method": method}
                 if res is None:

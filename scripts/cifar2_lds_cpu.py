@@ -64,10 +64,12 @@ def report(path: Path) -> None:
 
 
 def lambda_sweep(store: Path, work: Path, cifar2: Path, rels: list[float]) -> None:
-    """LDS of TRAK at several relative λ from one store's features (``lds.trak_scores_dual``), on WORK's ground truth."""
+    """LDS of TRAK at several relative λ (λ = rel · trace(ΦᵀΦ)/min(N, k), ``scoring.trak_lambda``) from one store's
+    features (``lds.trak_scores_dual``), on WORK's ground truth."""
     from influence.evaluation.lds import lds, trak_scores_dual
     from influence.loading import ImageFolder
     from influence.query import Influence
+    from influence.scoring import TRAK, TRAK_LAMBDA_UNIT
 
     t = np.load(work / "lds.npz")
     test = ImageFolder(cifar2 / "test")
@@ -79,10 +81,11 @@ def lambda_sweep(store: Path, work: Path, cifar2: Path, rels: list[float]) -> No
     q = [-st.column("loss_weight", c).astype(np.float64) for c in st.checkpoint_ids]
     pt = [s.projector.featurize(s.model_at(i), s.task, s.names, xt, yt).detach().double().numpy() for i in range(len(phi))]
     ref = s.scores(xt, yt, method="trak")
+    stored_rel = (TRAK.damping(st, st.checkpoint_ids[0]) or {}).get("lambda_rel")
     for rel in rels:
         sc = trak_scores_dual(phi, q, pt, rel)
-        row = {"store": str(store), "lambda_rel": rel, **lds(sc, t["masks"], t["margins"])}
-        if rel == st.attrs.get("trak_lambda_rel"):
+        row = {"store": str(store), "lambda_rel": rel, "lambda_unit": TRAK_LAMBDA_UNIT, **lds(sc, t["masks"], t["margins"])}
+        if rel == stored_rel and TRAK.lambda_unit(st, st.checkpoint_ids[0]) == TRAK_LAMBDA_UNIT:
             row["corr_with_store_trak"] = float(np.corrcoef(sc.ravel(), ref.ravel())[0, 1])
         print(json.dumps(row), flush=True)
 

@@ -46,6 +46,8 @@ def test_info_json(store, cnn_ckpts, capsys):
     assert info["n"] == N_TRAIN
     assert info["projector"] == {"kind": "sparse", "k": PROJ_DIM, "seed": 0}
     assert info["k"] == PROJ_DIM
+    assert info["trak"]["lambda_rel"] == 1.0 and info["trak"]["lambda_unit"] == "trace/min(n,k)"
+    assert sorted(info["trak"]["lambda"]) == [c["id"] for c in info["checkpoints"]]
     assert [c["path"] for c in info["checkpoints"]] == [str(p.resolve()) for p in cnn_ckpts.paths]
     assert [c["lr_weight"] for c in info["checkpoints"]] == cnn_ckpts.lrs
     assert set(info["indexes"]) == {"tracin", "gradcos", "trak"}

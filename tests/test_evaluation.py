@@ -203,6 +203,19 @@ def test_trak_dual_form_hand_case():
     assert trak_scores_dual(phi, q, test, 1.0) == pytest.approx(np.array([[1.0], [0.0]]))
 
 
+@pytest.mark.parametrize("n, k", [(5, 12), (12, 5)])
+def test_trak_dual_form_equals_the_library_inverse_at_the_same_relative_lambda(n, k):
+    """The dual form of a λ sweep and the store's k×k inverse turn a relative λ into the same absolute one
+    (trace/min(N, k)), with fewer rows than k and with more."""
+    from influence.scoring import trak_inverse
+
+    rng = np.random.default_rng(0)
+    phi, test, q = rng.standard_normal((n, k)), rng.standard_normal((3, k)), rng.random(n)
+    inv, _ = trak_inverse(phi.T @ phi, 0.5, n=n)
+    want = (phi @ inv @ test.T) * q[:, None]
+    np.testing.assert_allclose(trak_scores_dual([phi], [q], [test], 0.5), want, rtol=1e-9, atol=1e-12)
+
+
 def test_margins_of_known_logits():
     net = torch.nn.Linear(2, 3, bias=False)
     with torch.no_grad():
@@ -304,3 +317,28 @@ def test_grid_canvas_places_each_digit_in_its_quadrant():
     assert canvas[0, 0, 16:, 16:].eq(1).all() and canvas[0].sum() == 256
     assert canvas[1, 0, :16, :16].eq(2).all() and canvas[1].sum() == 512
 
+
+
+def test_peer_dattri_lambda_follows_each_checkpoints_own_features():
+    """The dattri adapter's projection wrapper: after a checkpoint's rows, ``regularization`` is rel · trace/min(N, k)
+    of exactly those rows (dattri damps ΦᵀΦ then), per checkpoint; the real projection is put back afterwards."""
+    from types import SimpleNamespace
+
+    from influence.evaluation.peers import _measuring_projection
+
+    rng = np.random.default_rng(0)
+    rows = {0: rng.standard_normal((7, 4)), 1: 3 * rng.standard_normal((7, 4))}  # N = 7 > k = 4 and two batches each
+
+    def random_project(feature, batch_size, **kw):
+        return lambda f, ensemble_id=0: torch.as_tensor(f)
+
+    module, att = SimpleNamespace(random_project=random_project), SimpleNamespace(regularization=0.0)
+    applied = []
+    with _measuring_projection(module, att, 2.0) as lams:
+        for c, x in rows.items():
+            for batch in (x[:4], x[4:]):
+                module.random_project(batch, len(batch))(batch, ensemble_id=c)
+            applied.append(att.regularization)  # what dattri would add to this checkpoint's ΦᵀΦ
+    want = [2.0 * (x ** 2).sum() / 4 for x in rows.values()]
+    assert applied == pytest.approx(want) and lams() == pytest.approx(want)
+    assert module.random_project is random_project and att.regularization == 0.0

@@ -7,7 +7,7 @@ example on a float64 copy of each checkpoint, then the published formulas with d
 - Grad-Cos: the cosine of the checkpoint-concatenated, √η_c-weighted loss gradients;
 - TRAK (Park et al. 2023): the mean over checkpoints of φ_c(t)ᵀ(Φ_cᵀΦ_c + λ_c I)⁻¹φ_c(i)·(1 − p_c(i)),
   with φ the gradient of the margin m = logit_y − logsumexp_{j≠y} logit_j and
-  λ_c = lam_rel · trace(Φ_cᵀΦ_c)/k (one λ per checkpoint).
+  λ_c = lam_rel · trace(Φ_cᵀΦ_c)/min(N, k), the mean nonzero eigenvalue (one λ per checkpoint; here N < k).
 
 The store is built with ``projector="none"`` (exact gradients) and ``dtype="float32"``, so the only gap
 left is float32 arithmetic (features, the stored k×k inverse, the scores): RTOL below is measured slack
@@ -32,7 +32,7 @@ PARAMS = "features.1,head.3"
 LR_WEIGHTS = [0.5, 0.2, 0.05]  # distinct, so a missing or misplaced η shows
 LAM_REL = 0.1  # not the default, so the test also sees that trak_lambda reaches the solve
 # float32 against float64: the largest gap measured here was 4e-7 of max|S| for TracIn and Grad-Cos and 2e-6
-# for TRAK (the condition number of ΦᵀΦ + λI is at most 1 + k/lam_rel ≈ 6600); 2e-5 leaves 10× room.
+# for TRAK (the condition number of ΦᵀΦ + λI is at most 1 + trace/λ = 1 + N/lam_rel = 1601); 2e-5 leaves 10× room.
 RTOL = 2e-5
 
 
@@ -118,12 +118,13 @@ def gradcos(o: Oracle) -> np.ndarray:
     return (gi / np.linalg.norm(gi, axis=1, keepdims=True)) @ (gt / np.linalg.norm(gt, axis=1, keepdims=True)).T
 
 
-def trak(o: Oracle, lam_rel: float = LAM_REL) -> np.ndarray:
+def trak(o: Oracle, lam_rel: float = LAM_REL, old_unit: bool = False) -> np.ndarray:
+    """``old_unit``: λ = lam_rel · trace/k, the rule before trace/min(N, k) (a variant the library must not match)."""
     total = 0.0
     for phi, phi_t, p in zip(o.margin_train, o.margin_test, o.prob_train):
         gram = phi.T @ phi
-        k = gram.shape[0]
-        lam = lam_rel * np.trace(gram) / k
+        n, k = phi.shape
+        lam = lam_rel * np.trace(gram) / (k if old_unit else min(n, k))
         solved = np.linalg.solve(gram + lam * np.eye(k), phi_t.T)  # (k, n_test) = (ΦᵀΦ + λI)⁻¹ φ(t)
         total = total + (phi @ solved) * (1.0 - p)[:, None]
     return total / len(o.margin_train)
@@ -135,8 +136,10 @@ def _close(got: np.ndarray, want: np.ndarray) -> None:
 
 
 def test_oracle_inputs_are_not_degenerate(exact_store, oracle):
-    """Guard: exact gradients (k = p), three distinct checkpoints, and labels the models do not all fit."""
+    """Guard: exact gradients (k = p) with fewer rows than k (so trace/min(N, k) ≠ trace/k), three distinct
+    checkpoints, and labels the models do not all fit."""
     assert influence.describe_store(exact_store)["k"] == oracle.margin_train[0].shape[1] == 658
+    assert oracle.margin_train[0].shape[0] < 658
     assert not np.allclose(oracle.margin_train[0], oracle.margin_train[-1])
     assert 0.05 < (1 - oracle.prob_train[-1]).mean() < 0.95
 
@@ -156,11 +159,24 @@ def test_default_target_is_the_final_checkpoint_prediction(exact, models, digits
 
 
 def test_trak_oracle_tells_plausible_variants_apart(exact, oracle, digits):
-    """Guard: a sum over checkpoints instead of the mean, or the default λ instead of the one asked for, would fail."""
+    """Guard: a sum over checkpoints instead of the mean, the default λ instead of the one asked for, or λ in the old
+    unit trace/k instead of trace/min(N, k), would fail."""
     got = exact.scores(digits.x_test, digits.y_test, method="trak")
     want = trak(oracle)
     assert not np.allclose(got, want * len(LR_WEIGHTS), atol=RTOL * np.abs(want).max() * 10)
     assert not np.allclose(got, trak(oracle, lam_rel=1.0), atol=RTOL * np.abs(want).max() * 10)
+    assert not np.allclose(got, trak(oracle, old_unit=True), atol=RTOL * np.abs(want).max() * 10)
+
+
+def test_stored_trak_lambda_is_relative_to_the_mean_nonzero_eigenvalue(exact, oracle):
+    """N < k here: λ_c = lam_rel · trace(Φ_cᵀΦ_c)/N, recorded with its unit beside the inverse."""
+    from influence.scoring import TRAK, TRAK_LAMBDA_UNIT
+
+    for c, phi in zip(exact.store.checkpoint_ids, oracle.margin_train):
+        done = TRAK.damping(exact.store, c)
+        assert done is not None and done["lambda_rel"] == LAM_REL
+        assert done["lambda"] == pytest.approx(LAM_REL * (phi * phi).sum() / len(phi), rel=1e-5)  # float32 features
+        assert TRAK.lambda_unit(exact.store, c) == TRAK_LAMBDA_UNIT == "trace/min(n,k)"
 
 
 def test_self_influence_equals_float64_oracle(exact, oracle):
@@ -179,8 +195,25 @@ def test_trak_inverse_by_cholesky_equals_numpy_inv_and_falls_back_on_an_indefini
     rng = np.random.default_rng(0)
     phi = rng.standard_normal((60, 40))
     gram = phi.T @ phi
-    inv, lam = trak_inverse(gram, 1.0)
-    assert lam == np.trace(gram) / 40
+    inv, lam = trak_inverse(gram, 1.0, n=60)
+    assert lam == np.trace(gram) / 40  # N ≥ k: the mean nonzero eigenvalue is trace/k
     assert np.allclose(inv, np.linalg.inv(gram + lam * np.eye(40)), rtol=1e-12, atol=1e-15) and np.array_equal(inv, inv.T)
     indefinite = np.diag([1.0, -2.0, 3.0])  # Cholesky fails: LU's inverse instead
     assert np.allclose(_spd_inverse(indefinite), np.diag([1.0, -0.5, 1 / 3]))
+
+
+@pytest.mark.parametrize("lam_rel", [1.0, 0.1])
+def test_trak_lambda_with_fewer_rows_than_k_is_relative_to_the_mean_nonzero_eigenvalue(lam_rel):
+    """N < k: ΦᵀΦ has N nonzero eigenvalues, so λ = lam_rel · trace/N (their mean), not trace/k."""
+    from influence.scoring import trak_inverse, trak_lambda
+
+    rng = np.random.default_rng(1)
+    n, k = 30, 80
+    phi = rng.standard_normal((n, k))
+    gram = phi.T @ phi
+    nonzero = np.linalg.eigvalsh(gram)[-n:]
+    assert np.isclose(nonzero.mean(), np.trace(gram) / n) and np.allclose(np.linalg.eigvalsh(gram)[:-n], 0, atol=1e-9)
+    inv, lam = trak_inverse(gram, lam_rel, n=n)
+    assert lam == lam_rel * np.trace(gram) / n == trak_lambda(lam_rel, np.trace(gram), n, k)
+    np.testing.assert_allclose(inv, np.linalg.inv(gram + lam * np.eye(k)), rtol=1e-10, atol=1e-14)
+    assert trak_lambda(lam_rel, np.trace(gram), n=k + 5, k=k) == lam_rel * np.trace(gram) / k  # N ≥ k: unchanged

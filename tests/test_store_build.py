@@ -306,6 +306,53 @@ def test_changing_trak_lambda_recomputes_the_inverse_and_index(digits, cnn_ckpts
     assert [p.train_id for p in r.proponents] == list(np.argsort(-after[:, 0], kind="stable")[:3])
 
 
+def _write_old_unit_inverses(path: Path) -> dict[str, float]:
+    """Turn a complete store into one as a build before ``lambda_unit`` made it: every TRAK inverse recomputed with
+    λ = 1 · trace/k and written without the unit (through the writer, so the store stays intact); returns the λs."""
+    from index.store import FeatureStore
+
+    attrs = FeatureStore.open(path).attrs
+    manifest = {k: attrs[k] for k in ("model_fingerprint", "task", "params", "projector", "dataset_fingerprint",
+                                      "rows_per_chunk", "n", "k", "dtype")}
+    lams = {}
+    with FeatureStore.open_for_write(path, manifest) as w:
+        for c in w.checkpoint_ids:
+            gram = w.read_matrix(f"trak_gram/{c}").astype(np.float64)
+            lams[c] = float(np.trace(gram) / w.k)
+            inv = np.linalg.inv(gram + lams[c] * np.eye(w.k)).astype(np.float32)
+            w.write_matrix(f"trak/{c}", inv, attrs={"lambda_rel": 1.0, "lambda": lams[c], "rows": w.n})
+        w.mark_complete()
+    return lams
+
+
+def test_an_inverse_without_its_lambda_unit_is_recomputed_on_rebuild(digits, cnn_ckpts, copy_store):
+    """A store whose TRAK inverses predate ``lambda_unit`` (λ = rel · trace/k) still answers queries with them, says
+    so in ``info``, and the next build with the same --trak-lambda recomputes them as rel · trace/min(N, k)."""
+    from conftest import BATCH, CHUNK, CNN_SPEC, PROJ_DIM
+
+    from influence.scoring import TRAK, TRAK_LAMBDA_UNIT
+
+    path = copy_store()
+    fresh = influence.Influence.open(path, trust_store=True)
+    new, new_self = fresh.scores(digits.x_test[:2], method="trak"), fresh.self_influence("trak")
+    old_lams = _write_old_unit_inverses(path)
+    old = influence.Influence.open(path, trust_store=True)
+    assert N_TRAIN < PROJ_DIM  # the case where the two units differ, by k/N
+    assert {c: TRAK.lambda_unit(old.store, c) for c in old_lams} == dict.fromkeys(old_lams, "trace/k")
+    assert influence.describe_store(path)["trak"]["lambda_unit"] == "trace/k"
+    before = old.scores(digits.x_test[:2], method="trak")  # read as stored: consistent with its own λ
+    assert not np.allclose(before, new)
+    influence.build(CNN_SPEC, str(digits.train_npz), cnn_ckpts.paths, path, proj_dim=PROJ_DIM, lr_weights=cnn_ckpts.lrs,
+                    batch_size=BATCH, rows_per_chunk=CHUNK, progress=False)  # the default --trak-lambda 1, as before
+    session = influence.Influence.open(path, trust_store=True)
+    for c, lam in old_lams.items():
+        assert TRAK.lambda_unit(session.store, c) == TRAK_LAMBDA_UNIT
+        assert TRAK.damping(session.store, c) == {"lambda_rel": 1.0, "lambda": pytest.approx(lam * PROJ_DIM / N_TRAIN, rel=1e-9)}
+    assert influence.describe_store(path)["trak"]["lambda_unit"] == TRAK_LAMBDA_UNIT
+    np.testing.assert_allclose(session.scores(digits.x_test[:2], method="trak"), new, rtol=1e-5, atol=1e-6 * np.abs(new).max())
+    np.testing.assert_allclose(session.self_influence("trak"), new_self, rtol=1e-5)  # the cache follows the new λ
+
+
 def test_opponents_answer_the_true_label_when_it_is_known(session, digits):
     """The default: proponents for the predicted class, opponents for the true label when given."""
     x = digits.x_test[:4]

@@ -16,6 +16,7 @@ from scipy.stats import rankdata
 
 from influence.errors import BadDataError
 from influence.features import ClassificationTask
+from influence.scoring import trak_lambda
 
 M_SUBSETS = 100
 SUBSET_SEED = 12345
@@ -64,7 +65,8 @@ def lds(scores: np.ndarray, masks: np.ndarray, actual: np.ndarray, n_boot: int =
 
 
 def trak_scores_dual(phi: list[np.ndarray], q: list[np.ndarray], phi_test: list[np.ndarray], rel: float) -> np.ndarray:
-    """TRAK scores (n_train, n_test) at λ = rel·trace(ΦᵀΦ)/k, averaged over checkpoints, via the N×N dual form.
+    """TRAK scores (n_train, n_test) at λ = rel·trace(ΦᵀΦ)/min(N, k) (``influence.scoring.trak_lambda``, the rule of
+    the store's own inverses), averaged over checkpoints, via the N×N dual form.
 
     Φ(ΦᵀΦ + λI)⁻¹φ_t = (ΦΦᵀ + λI)⁻¹Φφ_t, so one eigendecomposition of ΦΦᵀ per checkpoint serves every λ of a sweep
     (the library's TRAK solves the k×k form once per store). ``phi``: per checkpoint (N, k) training features;
@@ -76,7 +78,7 @@ def trak_scores_dual(phi: list[np.ndarray], q: list[np.ndarray], phi_test: list[
     for P, Q, T in zip(phi, q, phi_test):
         K = P @ P.T
         w, V = np.linalg.eigh(K)
-        lam = rel * np.trace(K) / P.shape[1]
+        lam = trak_lambda(rel, float(np.trace(K)), *P.shape)
         B = V.T @ (P @ T.T)
         out = out + Q[:, None] * (V @ (B / (w + lam)[:, None]))
     return np.asarray(out) / len(phi)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +35,10 @@ from influence.evaluation.digits import DEMO_CHECKPOINTS, ArrayDataset, index_su
 from influence.evaluation.docs import write_section
 from influence.evaluation.lds import M_SUBSETS, SUBSET_SEED, lds, margins, subset_masks, trak_scores_dual
 from influence.models import DigitsCNN, DigitsMLP
+from influence.scoring import OLD_TRAK_LAMBDA_UNIT, TRAK, TRAK_LAMBDA_UNIT
+
+if TYPE_CHECKING:
+    from index.store import FeatureStore
 
 MODELS = {"cnn": (DigitsCNN, "digits-cnn"), "mlp": (DigitsMLP, "digits-mlp")}
 EPOCHS = 10          # the short recipe: train_classifier(epochs=10), lr 0.05, batch 64, other defaults
@@ -77,20 +81,16 @@ python scripts/eval_lds.py report                             # this file and do
 ```"""
 
 
-def grad_sq_from_store(path: str | os.PathLike[str], n_checkpoints: int | None = None) -> float:
-    """Σ_i ||margin gradient_i||², mean over a store's first ``n_checkpoints`` (default all), from its sparse features.
-
-    CountSketch keeps norms, so this is what the peers' relative λ (``peers.run(grad_sq=...)``) needs.
-    """
-    from index.store import FeatureStore
-
-    st = FeatureStore.open(path)
-    ids = st.checkpoint_ids[:n_checkpoints] if n_checkpoints else st.checkpoint_ids
-    return float(np.mean([(st.read_features(c).astype(np.float64) ** 2).sum() for c in ids]))
-
-
 def log(*a: object) -> None:
     print(*a, file=sys.stderr, flush=True)
+
+
+def _trak_lambda(store: "FeatureStore") -> dict[str, Any]:
+    """The relative λ and its unit that a store's TRAK inverses were computed with (its first checkpoint's), as row
+    fields ``trak_lambda_rel`` / ``trak_lambda_unit``; empty for a store without TRAK."""
+    ckpt = store.checkpoint_ids[0]
+    done = TRAK.damping(store, ckpt)
+    return {"trak_lambda_rel": done["lambda_rel"], "trak_lambda_unit": TRAK.lambda_unit(store, ckpt)} if done else {}
 
 
 def _fmt(r: Mapping[str, Any] | None) -> str:
@@ -262,7 +262,7 @@ class LdsStudy:
                                "projector": projector, "k": int(session.store.k), "method": method,
                                "build_s": round(build_s, 2), "score_s": round(score_s, 2), "seconds": round(build_s + score_s, 2),
                                "extra_train_s": round(self.model_set(model, set_name)[2], 1),
-                               "trak_lambda_rel": session.store.attrs.get("trak_lambda_rel"), **lds(s, masks, actual)}
+                               **_trak_lambda(session.store), **lds(s, masks, actual)}
                         self.append(model, row)
                     session.store.close() if hasattr(session.store, "close") else None
                     if not keep and not (set_name in ("ckpt1", "half10") and projector == "sparse"):
@@ -288,22 +288,18 @@ class LdsStudy:
                     net = session.model_at(i)
                     pt.append(session.projector.featurize(net, session.task, session.names, test.x, test.y).detach().double().numpy())
                 ref = session.scores(test.x, test.y, method="trak")
+                stored = _trak_lambda(st)
                 for rel in rels:
                     s = trak_scores_dual(phi, q, pt, rel)
-                    if rel == st.attrs.get("trak_lambda_rel"):
+                    if (rel, TRAK_LAMBDA_UNIT) == (stored.get("trak_lambda_rel"), stored.get("trak_lambda_unit")):
                         c = np.corrcoef(s.ravel(), ref.ravel())[0, 1]
                         log(f"[lambda] dual form vs library at λ_rel={rel}: correlation {c:.5f}")
                     row: Row = {"tool": "ours-lambda", "model": model, "set": set_name, "n_models": len(phi), "projector": "sparse",
-                           "k": k, "method": "trak", "lambda_rel": rel, "seconds": 0.0, **lds(s, masks, actual)}
+                           "k": k, "method": "trak", "lambda_rel": rel, "lambda_unit": TRAK_LAMBDA_UNIT, "seconds": 0.0,
+                           **lds(s, masks, actual)}
                     self.append(model, row)
 
     # --- stage: peers
-    def _grad_sq(self, model: str, set_name: str) -> float:
-        """Σ_i ||margin gradient_i||², mean over the set's checkpoints, estimated from our sparse features (CountSketch keeps norms)."""
-        have = [self.store_path(model, set_name, "sparse", k) for k in KS]
-        have = [p for p in have if (p / "zarr.json").is_file()]
-        return grad_sq_from_store(have[0] if have else self.build_store(model, set_name, "sparse", 2048)[0])
-
     def stage_peers(self, model: str, tools: list[str], sets: list[str], ks: list[int]) -> None:
         from influence.evaluation import peers
 
@@ -311,17 +307,16 @@ class LdsStudy:
         masks, actual = self.truth(model)
         for set_name in sets:
             ckpts, lrs, extra = self.model_set(model, set_name)
-            grad_sq = self._grad_sq(model, set_name)
             for tool in tools:
                 for k in ks:
-                    kw = {"exact": k == ks[0]} if tool == "captum" else {"grad_sq": grad_sq}
+                    kw = {"exact": k == ks[0]} if tool == "captum" else {}
                     for method, res in peers.run(tool, MODELS[model][0], ckpts, lrs, train, test, k=k, **kw):
                         if res is None:
                             continue
                         s, secs, note = res
                         row: Row = {"tool": tool, "model": model, "set": set_name, "n_models": len(ckpts), "projector": note.get("projector"),
                                "k": note.get("k", k), "method": method, "seconds": round(secs, 2), "extra_train_s": round(extra, 1),
-                               **lds(s, masks, actual)}
+                               **({"lambdas": note["lambdas"]} if "lambdas" in note else {}), **lds(s, masks, actual)}
                         self.append(model, row)
 
     # --- stage: report
@@ -332,7 +327,8 @@ class LdsStudy:
         last: dict[tuple[Any, ...], Row] = {}
         for line in p.read_text().splitlines():
             r = json.loads(line)
-            key = (r.get("tool"), r["set"], r.get("projector"), r.get("k"), r["method"], r.get("lambda_rel"))
+            key = (r.get("tool"), r["set"], r.get("projector"), r.get("k"), r["method"], r.get("lambda_rel"),
+                   r.get("lambda_unit", OLD_TRAK_LAMBDA_UNIT) if "lambda_rel" in r else None)
             last[key] = r
         return list(last.values())
 
@@ -366,14 +362,17 @@ class LdsStudy:
                              f"{_fmt(by.get('trak'))} | {any_r['seconds']:.1f} | {any_r.get('extra_train_s', 0):.0f} |")
             parts.append("\n".join(lines))
             lam = [r for r in rows if r.get("tool") == "ours-lambda"]
-            if lam:
-                rels = sorted({r["lambda_rel"] for r in lam})
-                lines = [f"### TRAK λ ({model.upper()}, sparse projector)", "",
-                         "λ = rel · trace(ΦᵀΦ)/k (`trak_lambda=rel`); scores from the store's features in the N×N dual form "
+            for unit in sorted({r.get("lambda_unit", OLD_TRAK_LAMBDA_UNIT) for r in lam}, key=lambda u: u != TRAK_LAMBDA_UNIT):
+                sweep = [r for r in lam if r.get("lambda_unit", OLD_TRAK_LAMBDA_UNIT) == unit]
+                rels = sorted({r["lambda_rel"] for r in sweep})
+                rule = ("trace(ΦᵀΦ)/min(N, k), the mean nonzero eigenvalue of ΦᵀΦ" if unit == TRAK_LAMBDA_UNIT
+                        else "trace(ΦᵀΦ)/k (the unit before trace/min(N, k); the same where N ≥ k)")
+                lines = [f"### TRAK λ ({model.upper()}, sparse projector{'' if unit == TRAK_LAMBDA_UNIT else ', λ in trace/k'})", "",
+                         f"λ = rel · {rule} (`trak_lambda=rel`); scores from the store's features in the N×N dual form "
                          "(identical to the library's TRAK at the store's λ, checked by correlation).", "",
                          "| models | k | " + " | ".join(f"rel = {x:g}" for x in rels) + " |", "|---|---|" + "---|" * len(rels)]
-                for set_name, k in sorted({(r["set"], r["k"]) for r in lam}, key=lambda t: (MODEL_SETS.index(t[0]), t[1])):
-                    by = {r["lambda_rel"]: r for r in lam if (r["set"], r["k"]) == (set_name, k)}
+                for set_name, k in sorted({(r["set"], r["k"]) for r in sweep}, key=lambda t: (MODEL_SETS.index(t[0]), t[1])):
+                    by = {r["lambda_rel"]: r for r in sweep if (r["set"], r["k"]) == (set_name, k)}
                     lines.append(f"| {set_name} | {k} | " + " | ".join(_fmt(by.get(x)) for x in rels) + " |")
                 parts.append("\n".join(lines))
             peer = [r for r in rows if r.get("tool") not in ("ours", "ours-lambda")]

@@ -8,15 +8,25 @@ for the same LDS code. ``None`` instead of the tuple means the peer could not ru
 
 Peers (all CPU, 2 threads):
 - ``traker`` (TRAK reference, ``pip install traker``; no fast_jl, so its CPU ``BasicProjector``
-  with ``ProjectionType.rademacher``): TRAK at its default λ = 0 and at λ = 0.01·trace/k (ours' default).
+  with ``ProjectionType.rademacher``): TRAK at its default λ = 0 and at relative λs in our unit.
 - ``captum`` (``captum.influence``): ``TracInCP`` (exact full gradients, no projection; equal to our
   TracInCP with projector none) and ``TracInCPFastRandProj`` (last layer only, projected to k).
 - ``dattri`` (``pip install dattri``): ``TRAKAttributor`` (normal projection, regularization 0 and
-  the same relative λ) and ``TracInAttributor`` (projected to k, lr-weighted).
+  the same relative λs) and ``TracInAttributor`` (projected to k, lr-weighted).
+
+TRAK's λ (``rels``) is in our unit: per checkpoint, λ_peer = rel · trace(Φ_peerᵀΦ_peer)/min(N, k)
+(``influence.scoring.trak_lambda``), with the trace of the peer's own projected training features, measured as
+it makes them. The peers scale their features differently, so one absolute λ means different damping in each:
+traker (0.3.2) divides the gradients by √p and projects with ±1 entries (``TRAKer.normalize_factor``,
+``BasicProjector``), so trace/k ≈ Σ_i‖g_i‖²/p; dattri (0.3.0) divides them by √p and projects with N(0, 1)
+entries divided by √k (``TRAKAttributor.norm_scaler``, ``BasicProjector.project``), so trace/k ≈ Σ_i‖g_i‖²/(p·k).
+The relative λ is invariant to such scales, so rel = 1 damps every tool, ours included, by its mean nonzero
+eigenvalue.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import shutil
@@ -32,13 +42,19 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from influence.data import ArrayDataset
+from influence.scoring import trak_lambda
 
 
-class PeerNote(TypedDict):
-    """How a peer projected: its projector's name and size (``None``: no projection)."""
-
+class _Projection(TypedDict):
     projector: str
     k: int | None
+
+
+class PeerNote(_Projection, total=False):
+    """How a peer projected: its projector's name and size (``None``: no projection); for its TRAK rows, the
+    absolute λ it was given per checkpoint (``rel`` · trace/min(N, k) of its own features)."""
+
+    lambdas: list[float]
 
 
 PeerResult = tuple[np.ndarray, float, PeerNote]
@@ -67,14 +83,21 @@ def _final_linear(net: nn.Module) -> nn.Module:
     return [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
 
 
+def _trak_name(rel: float) -> str:
+    """A TRAK row's method name: λ = 0, or λ = rel times the mean nonzero eigenvalue of the peer's ΦᵀΦ."""
+    return "trak(λ=0)" if not rel else f"trak(λ={rel:g}·mean eig)"
+
+
 # ----------------------------------------------------------------------------- traker
 
 def run_traker(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[float], train: ArrayDataset, test: ArrayDataset,
-               *, k: int, grad_sq: float | None = None, rels: Sequence[float] = (0.0, 0.01)) -> Iterator[Row]:
+               *, k: int, rels: Sequence[float] = (0.0, 1.0)) -> Iterator[Row]:
     """TRAK reference: featurize each checkpoint once with its CPU rademacher projector, then solve and score per λ.
 
-    traker's projector has ±1 entries (no 1/√k), so trace(ΦᵀΦ)/k ≈ Σ_i ||g_i||² = ``grad_sq`` and
-    λ = rel·grad_sq matches our relative λ. Seconds for each λ = featurize + that λ's solve and scoring.
+    ``rels`` in our unit: each checkpoint's ``lambda_reg`` = rel · trace(ΦᵀΦ)/min(N, k), taken from the very ΦᵀΦ
+    traker is about to damp (its score computer's ``get_x_xtx_inv(grads, xtx)``, wrapped to set ``lambda_reg``
+    first), so every checkpoint gets its own λ, as ours does. Seconds for each λ = featurize + that λ's solve and
+    scoring.
     """
     TRAKer = _peer("trak").TRAKer
     projectors = _peer("trak.projectors")
@@ -101,15 +124,26 @@ def run_traker(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[f
         shutil.rmtree(save, ignore_errors=True)
         yield ("trak", None)
         return
+    computer = tr.score_computer
+    solve = computer.get_x_xtx_inv
+    lams: list[float] = []  # this λ's per checkpoint, appended as finalize_features solves each
+    rel_now = [0.0]
+
+    def damped(grads: torch.Tensor, xtx: torch.Tensor) -> torch.Tensor:
+        computer.lambda_reg = trak_lambda(rel_now[0], float(torch.trace(xtx.double())), *grads.shape)
+        lams.append(computer.lambda_reg)
+        features: torch.Tensor = solve(grads, xtx)
+        return features
+
+    computer.get_x_xtx_inv = damped  # finalize_features calls it once per checkpoint
     for i, rel in enumerate(rels):
-        name = f"trak(λ={'0' if not rel else f'{rel}·tr/k'})"
-        if rel and grad_sq is None:
-            continue
+        name = _trak_name(rel)
         try:
             t0 = time.perf_counter()
+            rel_now[0] = float(rel)
+            lams.clear()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                tr.score_computer.lambda_reg = float(rel * grad_sq) if rel and grad_sq is not None else 0.0
                 for mid in range(len(ckpts)):
                     tr.saver.model_ids[mid]["is_finalized"] = 0
                 tr.finalize_features()
@@ -119,7 +153,7 @@ def run_traker(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[f
                     for x, y in _loader(test):
                         tr.score(batch=(x, y), num_samples=len(y))
                 scores = np.asarray(tr.finalize_scores(exp_name=f"lds{i}"), dtype=np.float32)
-            yield (name, (scores, featurize_s + time.perf_counter() - t0, {"projector": "rademacher", "k": k}))
+            yield (name, (scores, featurize_s + time.perf_counter() - t0, {"projector": "rademacher", "k": k, "lambdas": list(lams)}))
         except Exception as e:
             print(f"[peers] traker k={k} rel={rel}: {type(e).__name__}: {e}")
             yield (name, None)
@@ -182,24 +216,31 @@ def run_captum(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[f
 # ----------------------------------------------------------------------------- dattri
 
 def run_dattri(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[float], train: ArrayDataset, test: ArrayDataset,
-               *, k: int, grad_sq: float | None = None, rels: Sequence[float] = (0.0, 0.01)) -> Iterator[Row]:
-    """dattri TRAK (margin target, normal projection) at regularization 0 and rel·tr/k, then lr-weighted TracIn.
+               *, k: int, rels: Sequence[float] = (0.0, 1.0)) -> Iterator[Row]:
+    """dattri TRAK (margin target, normal projection) at regularization 0 and at ``rels`` in our unit, then
+    lr-weighted TracIn.
 
-    dattri divides gradients by √p and projects with N(0, 1) entries, so trace(ΦᵀΦ)/k ≈ grad_sq/p.
-    Each λ is a full ``cache`` (featurize + solve): dattri does not separate the two.
+    ``regularization`` = rel · trace(ΦᵀΦ)/min(N, k) per checkpoint, measured on dattri's own projected training
+    features as ``cache`` makes them (:func:`_measuring_projection`): dattri adds ``self.regularization`` to each
+    checkpoint's ΦᵀΦ right after projecting that checkpoint's rows, so setting it from the rows seen so far gives
+    each checkpoint its own λ, as ours does. Each λ is a full ``cache`` (featurize + solve): dattri does not
+    separate the two.
     """
     TracInAttributor = _peer("dattri.algorithm.tracin").TracInAttributor
-    TRAKAttributor = _peer("dattri.algorithm.trak").TRAKAttributor
+    trak_module = _peer("dattri.algorithm.trak")
+    TRAKAttributor = trak_module.TRAKAttributor
     AttributionTask = _peer("dattri.task").AttributionTask
 
     net = _load(model_cls, ckpts[0])
-    p_dim = sum(p.numel() for p in net.parameters())
     ce = nn.CrossEntropyLoss()
 
     def margin(params: _Params, data: _Example) -> torch.Tensor:
+        """logit_y − logsumexp_{j≠y} logit_j from the logits (as ours and traker's): log p − log(1 − p) from the
+        cross-entropy loses all precision as p → 1."""
         x, y = data
-        logp: torch.Tensor = -ce(torch.func.functional_call(net, params, x.unsqueeze(0)), y.unsqueeze(0))
-        return logp - torch.log(1 - torch.exp(logp))
+        logits: torch.Tensor = torch.func.functional_call(net, params, x.unsqueeze(0))[0]
+        label = torch.arange(logits.shape[-1]) == y
+        return (logits * label).sum() - torch.logsumexp(logits.masked_fill(label, float("-inf")), dim=-1)
 
     def loss(params: _Params, data: _Example) -> torch.Tensor:
         x, y = data
@@ -213,19 +254,18 @@ def run_dattri(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[f
     states = [torch.load(c, map_location="cpu", weights_only=True) for c in ckpts]
     proj: dict[str, Any] = {"proj_dim": k, "proj_max_batch_size": 32, "proj_seed": 0, "device": "cpu", "proj_type": "normal"}
     for rel in rels:
-        name = f"trak(λ={'0' if not rel else f'{rel}·tr/k'})"
-        if rel and grad_sq is None:
-            continue
+        name = _trak_name(rel)
         t0 = time.perf_counter()
         try:
             task = AttributionTask(loss_func=margin, model=net, checkpoints=states)
             att = TRAKAttributor(task=task, correct_probability_func=prob, projector_kwargs=dict(proj), device="cpu",
-                                 regularization=float(rel * grad_sq / p_dim) if rel and grad_sq is not None else 0.0)
+                                 regularization=0.0)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                att.cache(_loader(train))
+                with _measuring_projection(trak_module, att, float(rel)) as lams:
+                    att.cache(_loader(train))
                 s = att.attribute(_loader(test)).numpy().astype(np.float32)
-            yield (name, (np.nan_to_num(s), time.perf_counter() - t0, {"projector": "normal", "k": k}))
+            yield (name, (np.nan_to_num(s), time.perf_counter() - t0, {"projector": "normal", "k": k, "lambdas": lams()}))
         except Exception as e:
             print(f"[peers] dattri TRAK k={k} rel={rel}: {type(e).__name__}: {e}")
             yield (name, None)
@@ -243,13 +283,43 @@ def run_dattri(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[f
         yield ("tracin", None)
 
 
-# Each runner takes its own options (grad_sq, rels, exact), so their common type names only the rows they yield.
+@contextlib.contextmanager
+def _measuring_projection(trak_module: Any, att: Any, rel: float) -> Iterator[Callable[[], list[float]]]:
+    """While ``att.cache`` runs: wrap dattri's ``random_project`` (as ``dattri.algorithm.trak`` calls it) to add up
+    each checkpoint's (``ensemble_id``'s) projected rows, trace(ΦᵀΦ) = Σ‖φ_i‖², and set ``att.regularization`` to
+    rel · trace/min(N, k) of the rows seen so far. dattri damps a checkpoint's ΦᵀΦ after projecting all its rows and
+    before projecting the next checkpoint's, so each gets its own λ. Yields a function giving the λs applied."""
+    real = trak_module.random_project
+    seen: dict[int, list[float]] = {}  # ensemble_id → [trace, rows, k]
+
+    def counting(*args: Any, **kwargs: Any) -> Callable[..., torch.Tensor]:
+        project = real(*args, **kwargs)
+
+        def measured(feature: Any, ensemble_id: int = 0) -> torch.Tensor:
+            out: torch.Tensor = project(feature, ensemble_id=ensemble_id)
+            acc = seen.setdefault(ensemble_id, [0.0, 0, out.shape[1]])
+            acc[0] += float((out.detach().double() ** 2).sum())
+            acc[1] += out.shape[0]
+            att.regularization = trak_lambda(rel, acc[0], int(acc[1]), int(acc[2])) if rel else 0.0
+            return out
+
+        return measured
+
+    trak_module.random_project = counting
+    try:
+        yield lambda: [trak_lambda(rel, t, int(n), int(k)) for t, n, k in (seen[c] for c in sorted(seen))]
+    finally:
+        trak_module.random_project = real
+        att.regularization = 0.0  # attribute() without a cached loader would damp again: not with a stale λ
+
+
+# Each runner takes its own options (rels, exact), so their common type names only the rows they yield.
 RUNNERS: dict[str, Callable[..., Iterator[Row]]] = {"traker": run_traker, "captum": run_captum, "dattri": run_dattri}
 
 
 def run(tool: str, model_cls: Callable[[], nn.Module], ckpts: Sequence[str | os.PathLike[str]], lrs: Sequence[float],
         train: ArrayDataset, test: ArrayDataset, *, k: int, threads: int = 2, **kw: Any) -> Iterator[Row]:
-    """``kw``: ``grad_sq`` (Σ_i ||margin gradient_i||², mean over checkpoints, for relative λ), ``rels``, ``exact``. Rows ``(method, (scores, seconds, note) | None)`` of one peer tool on one model set at projection size k, on ``threads`` torch threads."""
+    """``kw``: ``rels`` (TRAK's relative λs, in our unit: see the module's docstring), ``exact``. Rows ``(method, (scores, seconds, note) | None)`` of one peer tool on one model set at projection size k, on ``threads`` torch threads."""
     if tool not in RUNNERS:
         raise ValueError(f"unknown peer {tool!r}; choose one of {', '.join(RUNNERS)}")
     torch.set_num_threads(threads)

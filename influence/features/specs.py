@@ -50,7 +50,8 @@ def resolve_task(stored: str | None, given: Task | None) -> Task:
 
 @dataclass(frozen=True)
 class TrakSpec:
-    """TRAK's damping, relative to the spectrum: λ = lambda_rel · trace(ΦᵀΦ)/k."""
+    """TRAK's damping, relative to the spectrum: λ = lambda_rel · trace(ΦᵀΦ)/min(N, k), the mean nonzero eigenvalue
+    of ΦᵀΦ (``influence.scoring.trak_lambda``)."""
 
     lambda_rel: float = 1.0
 
