@@ -146,7 +146,9 @@ def stage_lds(args: argparse.Namespace) -> None:
         test_ds = ArrayDataset(xt, yt)
         lrs = [1.0] * len(ckpts)
         for tool in args.peers:
-            kw: dict = {"exact": True} if tool == "captum" else {}
+            kw: dict = {"exact": True} if tool == "captum" else {"rels": args.peer_rels}
+            if tool == "dattri":
+                kw["tracin"] = not args.peer_no_tracin
             for method, res in peers.run(tool, NarrowResNet9, ckpts, lrs, train, test_ds, k=args.k, threads=1, **kw):
                 row = {**common, "set": name, "tool": tool, "method": method}
                 if res is None:
@@ -362,6 +364,9 @@ def main() -> int:
     p.add_argument("--lds-epoch", type=int, default=24, help="lds: epoch in the checkpoint names lds_seed{s}_ep{E}")
     p.add_argument("--lds-fresh", action="store_true", help="lds: build each set's store from scratch (default: 5 models extends 1)")
     p.add_argument("--peers", nargs="*", default=[], help="lds: peer tools to run on the same checkpoints (traker captum dattri)")
+    p.add_argument("--peer-rels", type=float, nargs="+", default=[0.0, 1.0],
+                   help="lds: TRAK λs of traker and dattri, relative to the mean nonzero eigenvalue of their own ΦᵀΦ (our unit)")
+    p.add_argument("--peer-no-tracin", action="store_true", help="lds: skip dattri's TracIn (the slowest peer row)")
     p.add_argument("--sets", nargs="+", default=["1 model", "5 models"])
     p.add_argument("--methods", nargs="+", default=["tracin", "gradcos", "trak"])
     p.add_argument("--mis-ckpts", nargs="+", default=["ep24"])

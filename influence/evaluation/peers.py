@@ -216,9 +216,9 @@ def run_captum(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[f
 # ----------------------------------------------------------------------------- dattri
 
 def run_dattri(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[float], train: ArrayDataset, test: ArrayDataset,
-               *, k: int, rels: Sequence[float] = (0.0, 1.0)) -> Iterator[Row]:
+               *, k: int, rels: Sequence[float] = (0.0, 1.0), tracin: bool = True) -> Iterator[Row]:
     """dattri TRAK (margin target, normal projection) at regularization 0 and at ``rels`` in our unit, then
-    lr-weighted TracIn.
+    lr-weighted TracIn (unless ``tracin`` is False: it recomputes the test gradients per training batch, the slowest row).
 
     ``regularization`` = rel · trace(ΦᵀΦ)/min(N, k) per checkpoint, measured on dattri's own projected training
     features as ``cache`` makes them (:func:`_measuring_projection`): dattri adds ``self.regularization`` to each
@@ -269,6 +269,8 @@ def run_dattri(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[f
         except Exception as e:
             print(f"[peers] dattri TRAK k={k} rel={rel}: {type(e).__name__}: {e}")
             yield (name, None)
+    if not tracin:
+        return
     t0 = time.perf_counter()
     try:
         task = AttributionTask(loss_func=loss, model=net, checkpoints=states)
