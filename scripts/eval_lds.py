@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default="tracin,gradcos,trak")
     ap.add_argument("--tools", default="traker,captum,dattri")
     ap.add_argument("--rels", default="0.001,0.01,0.1,1.0")
+    ap.add_argument("--peer-rels", default="0,1",
+                    help="peers: TRAK λs of traker and dattri, relative, in our unit (rel · trace(ΦᵀΦ)/min(N, k) of each peer's own features)")
     ap.add_argument("--keep", action="store_true", help="keep every store (default: only ckpt1/half10 sparse ones)")
     ap.add_argument("--cache", default="runs/lds_cache", help="folder of the ground truth, models, stores and results")
     ap.add_argument("--doc", default="docs/BENCHMARKS.md", help="report: the page whose 'lds' section is rewritten")
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     elif a.stage == "lambda":
         study.stage_lambda(a.model, sets, ks, [float(r) for r in a.rels.split(",")])
     elif a.stage == "peers":
-        study.stage_peers(a.model, a.tools.split(","), sets, ks)
+        study.stage_peers(a.model, a.tools.split(","), sets, ks, [float(r) for r in a.peer_rels.split(",")])
     else:
         study.write_report(a.doc, a.plot)
 

@@ -300,7 +300,9 @@ class LdsStudy:
                     self.append(model, row)
 
     # --- stage: peers
-    def stage_peers(self, model: str, tools: list[str], sets: list[str], ks: list[int]) -> None:
+    def stage_peers(self, model: str, tools: list[str], sets: list[str], ks: list[int],
+                    rels: list[float] | None = None) -> None:
+        """``rels``: TRAK's relative λs for traker and dattri, in our unit (default: the adapters' 0 and 1)."""
         from influence.evaluation import peers
 
         train, test = self.data()
@@ -309,7 +311,9 @@ class LdsStudy:
             ckpts, lrs, extra = self.model_set(model, set_name)
             for tool in tools:
                 for k in ks:
-                    kw = {"exact": k == ks[0]} if tool == "captum" else {}
+                    kw: dict[str, Any] = {"exact": k == ks[0]} if tool == "captum" else {}
+                    if rels is not None and tool in ("traker", "dattri"):
+                        kw["rels"] = rels
                     for method, res in peers.run(tool, MODELS[model][0], ckpts, lrs, train, test, k=k, **kw):
                         if res is None:
                             continue
