@@ -69,7 +69,8 @@ def lambda_sweep(store: Path, work: Path, cifar2: Path, rels: list[float]) -> No
     from influence.evaluation.lds import lds, trak_scores_dual
     from influence.loading import ImageFolder
     from influence.query import Influence
-    from influence.scoring import TRAK, TRAK_LAMBDA_UNIT
+    from influence.evaluation.lds_study import stored_trak_lambda
+    from influence.scoring import TRAK_LAMBDA_UNIT
 
     t = np.load(work / "lds.npz")
     test = ImageFolder(cifar2 / "test")
@@ -81,11 +82,11 @@ def lambda_sweep(store: Path, work: Path, cifar2: Path, rels: list[float]) -> No
     q = [-st.column("loss_weight", c).astype(np.float64) for c in st.checkpoint_ids]
     pt = [s.projector.featurize(s.model_at(i), s.task, s.names, xt, yt).detach().double().numpy() for i in range(len(phi))]
     ref = s.scores(xt, yt, method="trak")
-    stored_rel = (TRAK.damping(st, st.checkpoint_ids[0]) or {}).get("lambda_rel")
+    stored = stored_trak_lambda(st)
     for rel in rels:
         sc = trak_scores_dual(phi, q, pt, rel)
         row = {"store": str(store), "lambda_rel": rel, "lambda_unit": TRAK_LAMBDA_UNIT, **lds(sc, t["masks"], t["margins"])}
-        if rel == stored_rel and TRAK.lambda_unit(st, st.checkpoint_ids[0]) == TRAK_LAMBDA_UNIT:
+        if (rel, TRAK_LAMBDA_UNIT) == (stored.get("trak_lambda_rel"), stored.get("trak_lambda_unit")):
             row["corr_with_store_trak"] = float(np.corrcoef(sc.ravel(), ref.ravel())[0, 1])
         print(json.dumps(row), flush=True)
 

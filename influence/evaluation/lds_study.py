@@ -85,7 +85,7 @@ def log(*a: object) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def _trak_lambda(store: "FeatureStore") -> dict[str, Any]:
+def stored_trak_lambda(store: "FeatureStore") -> dict[str, Any]:
     """The relative λ and its unit that a store's TRAK inverses were computed with (its first checkpoint's), as row
     fields ``trak_lambda_rel`` / ``trak_lambda_unit``; empty for a store without TRAK."""
     ckpt = store.checkpoint_ids[0]
@@ -262,7 +262,7 @@ class LdsStudy:
                                "projector": projector, "k": int(session.store.k), "method": method,
                                "build_s": round(build_s, 2), "score_s": round(score_s, 2), "seconds": round(build_s + score_s, 2),
                                "extra_train_s": round(self.model_set(model, set_name)[2], 1),
-                               **_trak_lambda(session.store), **lds(s, masks, actual)}
+                               **stored_trak_lambda(session.store), **lds(s, masks, actual)}
                         self.append(model, row)
                     session.store.close() if hasattr(session.store, "close") else None
                     if not keep and not (set_name in ("ckpt1", "half10") and projector == "sparse"):
@@ -288,7 +288,7 @@ class LdsStudy:
                     net = session.model_at(i)
                     pt.append(session.projector.featurize(net, session.task, session.names, test.x, test.y).detach().double().numpy())
                 ref = session.scores(test.x, test.y, method="trak")
-                stored = _trak_lambda(st)
+                stored = stored_trak_lambda(st)
                 for rel in rels:
                     s = trak_scores_dual(phi, q, pt, rel)
                     if (rel, TRAK_LAMBDA_UNIT) == (stored.get("trak_lambda_rel"), stored.get("trak_lambda_unit")):

@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from influence.data import ArrayDataset
+from influence.features import ClassificationTask
 from influence.scoring import trak_lambda
 
 
@@ -235,12 +236,12 @@ def run_dattri(model_cls: Callable[[], nn.Module], ckpts: list[str], lrs: list[f
     ce = nn.CrossEntropyLoss()
 
     def margin(params: _Params, data: _Example) -> torch.Tensor:
-        """logit_y − logsumexp_{j≠y} logit_j from the logits (as ours and traker's): log p − log(1 − p) from the
-        cross-entropy loses all precision as p → 1."""
+        """Our margin, logit_y − logsumexp_{j≠y} logit_j (``ClassificationTask.output``, as traker's): log p −
+        log(1 − p) from the cross-entropy loses all precision as p → 1."""
         x, y = data
-        logits: torch.Tensor = torch.func.functional_call(net, params, x.unsqueeze(0))[0]
-        label = torch.arange(logits.shape[-1]) == y
-        return (logits * label).sum() - torch.logsumexp(logits.masked_fill(label, float("-inf")), dim=-1)
+        logits: torch.Tensor = torch.func.functional_call(net, params, x.unsqueeze(0))
+        out: torch.Tensor = ClassificationTask().output(logits, y.unsqueeze(0))[0]
+        return out
 
     def loss(params: _Params, data: _Example) -> torch.Tensor:
         x, y = data
