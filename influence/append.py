@@ -134,8 +134,8 @@ def _prepare(w: FeatureStore, first: int, clock: StageTimer) -> None:
     """TRAK's ΦᵀΦ and inverses and self-influence caches for all rows, as the build makes them; every approximate
     index extended by rows ``first:`` (an exact search needs nothing)."""
     indexes = dict(w.attrs.get("indexes", {}))
-    lam = TRAK.damping(w, w.checkpoint_ids[0]) if "trak" in indexes else None
-    trak = TrakSpec(lam["lambda_rel"]) if lam else TrakSpec()
+    lam = TRAK.stored_lambda(w, w.checkpoint_ids[0]) if "trak" in indexes else None
+    trak = TrakSpec(lam.rel) if lam else TrakSpec()
     for m in indexes:
         get_method(m).prepare(w, trak)
         clock.lap(TRAK_SOLVE if m == "trak" else SELF_INFLUENCE)

@@ -474,12 +474,12 @@ def _describe_trak(store: FeatureStore) -> dict[str, Any] | None:
     ``lambda_rel`` and ``lambda_unit`` are lists only where checkpoints differ (a rebuild that did not finish)."""
     from influence.scoring import TRAK
 
-    done = {c: d for c in store.checkpoint_ids if (d := TRAK.damping(store, c)) is not None}
+    done = {c: d for c in store.checkpoint_ids if (d := TRAK.stored_lambda(store, c)) is not None}
     if not done:
         return None
-    rels = sorted({d["lambda_rel"] for d in done.values()})
-    units = sorted({str(TRAK.lambda_unit(store, c)) for c in done})
-    return {"lambda_rel": rels[0] if len(rels) == 1 else rels, "lambda": {c: d["lambda"] for c, d in done.items()},
+    rels = sorted({d.rel for d in done.values()})
+    units = sorted({d.unit for d in done.values()})
+    return {"lambda_rel": rels[0] if len(rels) == 1 else rels, "lambda": {c: d.value for c, d in done.items()},
             "lambda_unit": units[0] if len(units) == 1 else units}
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -225,21 +226,14 @@ class TRAK(ScoringMethod, name="trak"):
         return f"trak/{ckpt}"
 
     @classmethod
-    def damping(cls, store: "FeatureStore", ckpt: str) -> dict[str, float] | None:
-        """``{"lambda_rel", "lambda"}`` the stored inverse of ``ckpt`` was computed with; None if there is none."""
-        attrs = store.matrix_attrs(cls._key(ckpt))
-        if attrs is None:
-            return None
-        return {k: float(attrs[k]) for k in ("lambda_rel", "lambda")} if "lambda_rel" in attrs else None
-
-    @classmethod
-    def lambda_unit(cls, store: "FeatureStore", ckpt: str) -> str | None:
-        """The rule that turned ``lambda_rel`` into ``lambda`` for the stored inverse of ``ckpt``: :data:`TRAK_LAMBDA_UNIT`,
-        or :data:`OLD_TRAK_LAMBDA_UNIT` for an inverse written before the unit was recorded; None if there is none."""
+    def stored_lambda(cls, store: "FeatureStore", ckpt: str) -> "StoredLambda | None":
+        """The λ the stored inverse of ``ckpt`` was computed with, read from that array's attributes; None where
+        there is no inverse or it has no λ (a build killed between writing the two)."""
         attrs = store.matrix_attrs(cls._key(ckpt))
         if attrs is None or "lambda_rel" not in attrs:
             return None
-        return str(attrs.get("lambda_unit", OLD_TRAK_LAMBDA_UNIT))
+        return StoredLambda(float(attrs["lambda_rel"]), float(attrs["lambda"]),
+                            str(attrs.get("lambda_unit", OLD_TRAK_LAMBDA_UNIT)))
 
     @staticmethod
     def _gram_key(ckpt: str) -> str:
@@ -254,10 +248,9 @@ class TRAK(ScoringMethod, name="trak"):
         by their own ΦᵀΦ without rereading the old features.
         """
         for ckpt in store.checkpoint_ids:
-            done = cls.damping(store, ckpt)
+            done = cls.stored_lambda(store, ckpt)
             rows = (store.matrix_attrs(cls._key(ckpt)) or {}).get("rows", store.n)  # stores before appends: all rows
-            if (done is not None and done["lambda_rel"] == spec.lambda_rel and rows == store.n
-                    and cls.lambda_unit(store, ckpt) == TRAK_LAMBDA_UNIT):
+            if done is not None and done.rel == spec.lambda_rel and done.unit == TRAK_LAMBDA_UNIT and rows == store.n:
                 continue
             gram = cls._gram(store, ckpt)
             inv, lam = trak_inverse(gram, spec.lambda_rel, n=store.n)
@@ -303,7 +296,7 @@ class TRAK(ScoringMethod, name="trak"):
         return np.concatenate([feats[c] @ self.inverse(c) / n for c in self.ckpts], axis=1).astype(np.float32)
 
     def _self_stamp(self) -> str:
-        lams = [(self.damping(self.store, c) or {}).get("lambda") for c in self.ckpts]
+        lams = [d.value if (d := self.stored_lambda(self.store, c)) else None for c in self.ckpts]
         return hashlib.sha256(f"{super()._self_stamp()} lambda={lams}".encode()).hexdigest()
 
     def leverage(self, ckpt: str, bar: "tqdm[None] | None" = None) -> np.ndarray:
@@ -333,6 +326,17 @@ min(N, k), the mean nonzero eigenvalue of ΦᵀΦ (Φ the N×k features of one c
 
 OLD_TRAK_LAMBDA_UNIT = "trace/k"
 """The unit of an inverse stored without ``lambda_unit`` (builds before it was recorded): λ = lambda_rel · trace/k."""
+
+
+@dataclass(frozen=True)
+class StoredLambda:
+    """TRAK's λ as one stored inverse was computed: ``rel`` as asked (``--trak-lambda``), ``value`` as applied, and
+    ``unit``, the rule between them (:data:`TRAK_LAMBDA_UNIT`, or :data:`OLD_TRAK_LAMBDA_UNIT` for an inverse written
+    before the unit was recorded)."""
+
+    rel: float
+    value: float
+    unit: str
 
 
 def trak_lambda(lam_rel: float, trace: float, n: int, k: int) -> float:

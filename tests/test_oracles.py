@@ -173,10 +173,10 @@ def test_stored_trak_lambda_is_relative_to_the_mean_nonzero_eigenvalue(exact, or
     from influence.scoring import TRAK, TRAK_LAMBDA_UNIT
 
     for c, phi in zip(exact.store.checkpoint_ids, oracle.margin_train):
-        done = TRAK.damping(exact.store, c)
-        assert done is not None and done["lambda_rel"] == LAM_REL
-        assert done["lambda"] == pytest.approx(LAM_REL * (phi * phi).sum() / len(phi), rel=1e-5)  # float32 features
-        assert TRAK.lambda_unit(exact.store, c) == TRAK_LAMBDA_UNIT == "trace/min(n,k)"
+        done = TRAK.stored_lambda(exact.store, c)
+        assert done is not None and done.rel == LAM_REL
+        assert done.value == pytest.approx(LAM_REL * (phi * phi).sum() / len(phi), rel=1e-5)  # float32 features
+        assert done.unit == TRAK_LAMBDA_UNIT == "trace/min(n,k)"
 
 
 def test_self_influence_equals_float64_oracle(exact, oracle):

@@ -256,12 +256,12 @@ def test_trak_prepare_writes_its_inverse_and_lambda_in_one_place(copy_store):
     path = copy_store()
     store = FeatureStore(path, zarr.open_group(str(path), mode="r+"))
     kept = {c: store.read_matrix(f"trak/{c}") for c in store.checkpoint_ids}
-    lam = {c: TRAK.damping(store, c) for c in store.checkpoint_ids}
+    lam = {c: TRAK.stored_lambda(store, c) for c in store.checkpoint_ids}
     group = store.group
     del group[store.matrix_key("trak/c1")]  # as after a build killed before its inverse was written
     group[store.matrix_key("trak/c2")].attrs.clear()  # as after a build killed between the inverse and its λ
-    assert TRAK.damping(store, "c1") is None and TRAK.damping(store, "c2") is None
+    assert TRAK.stored_lambda(store, "c1") is None and TRAK.stored_lambda(store, "c2") is None
     TRAK.prepare(store, TrakSpec(1.0))
     for c in store.checkpoint_ids:
         assert np.array_equal(store.read_matrix(f"trak/{c}"), kept[c]), c
-        assert TRAK.damping(store, c) == lam[c] and lam[c]["lambda_rel"] == 1.0
+        assert TRAK.stored_lambda(store, c) == lam[c] and lam[c] is not None and lam[c].rel == 1.0

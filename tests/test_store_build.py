@@ -292,15 +292,15 @@ def test_changing_trak_lambda_recomputes_the_inverse_and_index(digits, cnn_ckpts
     path = copy_store()
     first = influence.Influence.open(path, trust_store=True)
     before = first.scores(digits.x_test[:2], method="trak")
-    lam_before = {c: TRAK.damping(first.store, c)["lambda"] for c in first.store.checkpoint_ids}
+    lam_before = {c: TRAK.stored_lambda(first.store, c).value for c in first.store.checkpoint_ids}
     influence.build(CNN_SPEC, str(digits.train_npz), cnn_ckpts.paths, path, proj_dim=PROJ_DIM, lr_weights=cnn_ckpts.lrs,
                     batch_size=BATCH, rows_per_chunk=CHUNK, trak_lambda=100.0, progress=False)
     session = influence.Influence.open(path, trust_store=True)
     after = session.scores(digits.x_test[:2], method="trak")
     assert not np.allclose(before, after)
     for c, lam in lam_before.items():  # λ is stored once, beside its inverse, and scales with lambda_rel
-        assert TRAK.damping(session.store, c)["lambda_rel"] == 100.0
-        assert TRAK.damping(session.store, c)["lambda"] == pytest.approx(100 * lam, rel=1e-9)
+        assert TRAK.stored_lambda(session.store, c).rel == 100.0
+        assert TRAK.stored_lambda(session.store, c).value == pytest.approx(100 * lam, rel=1e-9)
     assert not [k for k in session.store.attrs if "lambda" in k]
     [r] = session.query(digits.x_test[:1], k=3, method="trak")
     assert [p.train_id for p in r.proponents] == list(np.argsort(-after[:, 0], kind="stable")[:3])
@@ -338,7 +338,7 @@ def test_an_inverse_without_its_lambda_unit_is_recomputed_on_rebuild(digits, cnn
     old_lams = _write_old_unit_inverses(path)
     old = influence.Influence.open(path, trust_store=True)
     assert N_TRAIN < PROJ_DIM  # the case where the two units differ, by k/N
-    assert {c: TRAK.lambda_unit(old.store, c) for c in old_lams} == dict.fromkeys(old_lams, "trace/k")
+    assert {c: TRAK.stored_lambda(old.store, c).unit for c in old_lams} == dict.fromkeys(old_lams, "trace/k")
     assert influence.describe_store(path)["trak"]["lambda_unit"] == "trace/k"
     before = old.scores(digits.x_test[:2], method="trak")  # read as stored: consistent with its own λ
     assert not np.allclose(before, new)
@@ -346,8 +346,9 @@ def test_an_inverse_without_its_lambda_unit_is_recomputed_on_rebuild(digits, cnn
                     batch_size=BATCH, rows_per_chunk=CHUNK, progress=False)  # the default --trak-lambda 1, as before
     session = influence.Influence.open(path, trust_store=True)
     for c, lam in old_lams.items():
-        assert TRAK.lambda_unit(session.store, c) == TRAK_LAMBDA_UNIT
-        assert TRAK.damping(session.store, c) == {"lambda_rel": 1.0, "lambda": pytest.approx(lam * PROJ_DIM / N_TRAIN, rel=1e-9)}
+        done = TRAK.stored_lambda(session.store, c)
+        assert (done.rel, done.unit) == (1.0, TRAK_LAMBDA_UNIT)
+        assert done.value == pytest.approx(lam * PROJ_DIM / N_TRAIN, rel=1e-9)
     assert influence.describe_store(path)["trak"]["lambda_unit"] == TRAK_LAMBDA_UNIT
     np.testing.assert_allclose(session.scores(digits.x_test[:2], method="trak"), new, rtol=1e-5, atol=1e-6 * np.abs(new).max())
     np.testing.assert_allclose(session.self_influence("trak"), new_self, rtol=1e-5)  # the cache follows the new λ

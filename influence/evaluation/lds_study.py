@@ -88,9 +88,8 @@ def log(*a: object) -> None:
 def stored_trak_lambda(store: "FeatureStore") -> dict[str, Any]:
     """The relative λ and its unit that a store's TRAK inverses were computed with (its first checkpoint's), as row
     fields ``trak_lambda_rel`` / ``trak_lambda_unit``; empty for a store without TRAK."""
-    ckpt = store.checkpoint_ids[0]
-    done = TRAK.damping(store, ckpt)
-    return {"trak_lambda_rel": done["lambda_rel"], "trak_lambda_unit": TRAK.lambda_unit(store, ckpt)} if done else {}
+    done = TRAK.stored_lambda(store, store.checkpoint_ids[0])
+    return {"trak_lambda_rel": done.rel, "trak_lambda_unit": done.unit} if done else {}
 
 
 def _fmt(r: Mapping[str, Any] | None) -> str:
