@@ -17,12 +17,12 @@ Writes, under ``--work``, what ``scripts/cifar10_eval.py lds`` reads (``--models
 Resumable: finished retrains are kept in ``retrains/j{j}.npy`` and skipped on a re-run. ``--report RESULTS`` prints
 the markdown table of a results JSONL that ``cifar10_eval.py lds`` wrote (last row per set, tool and method).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/cifar2_lds_cpu.py --work /work/runs/lds_c2 --M 50 --epochs 24
-    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/cifar10_eval.py lds --models /work/runs/lds_c2 --work /work/runs/lds_c2 \
-        --lds-train /work/runs/lds_c2/train.npz --cifar2 /work/runs/cifar10/cifar2 --results /work/runs/lds_c2/results.jsonl \
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/cifar2_lds_cpu.py --work runs/lds_c2 --M 50 --epochs 24
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/cifar10_eval.py lds --models runs/lds_c2 --work runs/lds_c2 \
+        --lds-train runs/lds_c2/train.npz --cifar2 runs/cifar10/cifar2 --results runs/lds_c2/results.jsonl \
         --sets "1 model" --lds-fresh --peers traker dattri captum
-    PYTHONPATH=. python scripts/cifar2_lds_cpu.py --report /work/runs/lds_c2/results.jsonl
-    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/cifar2_lds_cpu.py --lambda-sweep /work/runs/lds_c2/stores/lds_1_model_k2048
+    PYTHONPATH=. python scripts/cifar2_lds_cpu.py --report runs/lds_c2/results.jsonl
+    OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/cifar2_lds_cpu.py --lambda-sweep runs/lds_c2/stores/lds_1_model_k2048
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def lambda_sweep(store: Path, work: Path, cifar2: Path, rels: list[float]) -> No
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cifar2", default="/work/runs/cifar10/cifar2", help="CIFAR-2 folder with train/ and test/")
-    p.add_argument("--work", default="/work/runs/lds_c2")
+    p.add_argument("--cifar2", default="runs/cifar10/cifar2", help="CIFAR-2 folder with train/ and test/")
+    p.add_argument("--work", default="runs/lds_c2")
     p.add_argument("--train-per-class", type=int, default=500)
     p.add_argument("--test-per-class", type=int, default=100)
     p.add_argument("--M", type=int, default=50, help="half-subset retrains")
