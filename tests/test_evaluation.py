@@ -342,3 +342,39 @@ def test_peer_dattri_lambda_follows_each_checkpoints_own_features():
     want = [2.0 * (x ** 2).sum() / 4 for x in rows.values()]
     assert applied == pytest.approx(want) and lams() == pytest.approx(want)
     assert module.random_project is random_project and att.regularization == 0.0
+
+
+def test_peer_traker_lambda_is_set_from_the_gram_traker_damps(tmp_path, monkeypatch):
+    """The traker adapter's wrap of ``get_x_xtx_inv``: for each rel and each checkpoint, ``lambda_reg`` is
+    rel · trace(xtx)/min(N, k) of the very ΦᵀΦ traker is about to damp, one λ per checkpoint (so a traker that
+    stopped calling the method would show up here, not as silently undamped scores)."""
+    trak_scores = pytest.importorskip("trak.score_computers")
+    from influence.data import ArrayDataset
+    from influence.evaluation.peers import run_traker
+
+    seen: list[tuple[float, float]] = []  # (trace of the xtx traker passes, lambda_reg in force) per call
+    solve = trak_scores.BasicScoreComputer.get_x_xtx_inv
+
+    def spy(self, grads, xtx):
+        seen.append((float(torch.trace(xtx.double())) / min(grads.shape), float(self.lambda_reg)))
+        return solve(self, grads, xtx)
+
+    monkeypatch.setattr(trak_scores.BasicScoreComputer, "get_x_xtx_inv", spy)
+    make = lambda: torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))  # noqa: E731
+    ckpts = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        ckpts.append(str(tmp_path / f"c{seed}.pt"))
+        torch.save(make().state_dict(), ckpts[-1])
+    gen = torch.Generator().manual_seed(0)
+    train = ArrayDataset(torch.randn(20, 1, 3, 4, generator=gen), torch.arange(20) % 3)
+    test = ArrayDataset(torch.randn(4, 1, 3, 4, generator=gen), torch.arange(4) % 3)
+    rows = dict(run_traker(make, ckpts, [1.0, 1.0], train, test, k=16, rels=(0.0, 1.0, 2.5)))
+    assert all(rows[name] is not None for name in rows) and len(rows) == 3
+    lams = {name: r[2]["lambdas"] for name, r in rows.items()}
+    assert len(seen) == 6 and all(len(v) == 2 for v in lams.values())  # each rel, each checkpoint, once
+    mean_eig = [m for m, _ in seen[:2]]
+    assert all(m > 0 for m in mean_eig) and mean_eig[0] != pytest.approx(mean_eig[1])  # two checkpoints' own Φ
+    assert [lam for _, lam in seen] == pytest.approx([r * m for r in (0.0, 1.0, 2.5) for m in mean_eig])
+    assert lams["trak(λ=0)"] == [0.0, 0.0] and lams["trak(λ=2.5·mean eig)"] == pytest.approx([2.5 * m for m in mean_eig])
+    assert not np.allclose(rows["trak(λ=0)"][0], rows["trak(λ=1·mean eig)"][0])  # the λ reached the scores
