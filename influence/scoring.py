@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -58,10 +59,18 @@ class ScoringMethod:
         if cls.has_self_influence:
             cls(store).cache_self_influence()
 
-    def __init__(self, store: "FeatureStore") -> None:
+    def __init__(self, store: "FeatureStore", *, checkpoints: Sequence[str] | None = None,
+                 lr_weights: Mapping[str, float] | None = None) -> None:
+        """``checkpoints`` (ids, a subset of the store's) and ``lr_weights`` (id → weight) replace the store's for an
+        ablation, e.g. self-influence from the final checkpoint alone; such a scorer never reads the store's
+        self-influence cache of the full set (its stamp differs) and never writes it."""
         self.store = store
-        self.ckpts = store.checkpoint_ids
+        self.ckpts = list(store.checkpoint_ids if checkpoints is None else checkpoints)
+        unknown = sorted(set(self.ckpts) - set(store.checkpoint_ids))
+        if unknown or not self.ckpts:
+            raise BadSpecError(f"checkpoints {unknown or '[]'} are not among the store's {store.checkpoint_ids}")
         self.eta = {c["id"]: float(c.get("lr_weight", 1.0)) for c in store.checkpoints}
+        self.eta.update(lr_weights or {})
         self._columns: dict[tuple[str, str], np.ndarray] = {}
 
     @property
@@ -138,6 +147,9 @@ class ScoringMethod:
 
     def cache_self_influence(self) -> None:
         """Compute self-influence and write it to the store, unless a valid copy is there (a build's step)."""
+        if self.ckpts != self.store.checkpoint_ids or any(
+                self.eta[c["id"]] != float(c.get("lr_weight", 1.0)) for c in self.store.checkpoints):
+            raise BadSpecError("only a scorer over the store's own checkpoints and lr weights writes its cache")
         stamp = self._self_stamp()
         if self.store.read_cache(self._self_key(), stamp) is None:
             self.store.write_cache(self._self_key(), self._self_influence(False), stamp)
@@ -148,7 +160,7 @@ class ScoringMethod:
     def _self_stamp(self) -> str:
         """What the cached values depend on beyond the store's fixed model, data and projector."""
         inputs = {"method": self.name, "n": self.store.n,
-                  "checkpoints": [[c["id"], c.get("sha256"), float(c.get("lr_weight", 1.0))] for c in self.store.checkpoints]}
+                  "checkpoints": [[c["id"], c.get("sha256"), self.eta[c["id"]]] for c in self.store.checkpoints if c["id"] in self.ckpts]}
         return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
     def _self_influence(self, progress: bool) -> np.ndarray:
@@ -217,8 +229,9 @@ class TRAK(ScoringMethod, name="trak"):
     build or ``influence add`` on the store recomputes it in the current unit.
     """
 
-    def __init__(self, store: "FeatureStore") -> None:
-        super().__init__(store)
+    def __init__(self, store: "FeatureStore", *, checkpoints: Sequence[str] | None = None,
+                 lr_weights: Mapping[str, float] | None = None) -> None:
+        super().__init__(store, checkpoints=checkpoints, lr_weights=lr_weights)
         self._inv: dict[str, np.ndarray] = {}
 
     @staticmethod

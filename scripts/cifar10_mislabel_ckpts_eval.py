@@ -78,13 +78,10 @@ def main() -> int:
         rows[f"ours: {method} self-influence, all checkpoints {tag(order)} (store)"] = session.self_influence(method)
         subsets = [[final]] + ([early] if early else []) + [[c] for c in order if c != final]
         for cs in subsets:
-            scorer = get_method(method)(session.store)
-            scorer.ckpts = list(cs)
-            rows[f"ours: {method} self-influence, {tag(cs)}"] = scorer._self_influence(False)
+            rows[f"ours: {method} self-influence, {tag(cs)}"] = get_method(method)(session.store, checkpoints=cs).self_influence()
         if method == "tracin":  # TracInCP with equal weights, against the store's lr weights
-            scorer = get_method(method)(session.store)
-            scorer.eta = {c: 1.0 for c in ids}
-            rows[f"ours: tracin self-influence, {tag(order)}, equal weights"] = scorer._self_influence(False)
+            scorer = get_method(method)(session.store, lr_weights=dict.fromkeys(ids, 1.0))
+            rows[f"ours: tracin self-influence, {tag(order)}, equal weights"] = scorer.self_influence()
     lr = {f"e{epoch[c]}": r.get("lr_weight") for c, r in zip(ids, records)}
     if a.out:
         np.savez(f"{a.out}.scores.npz", flipped=flipped, **{k: np.asarray(v) for k, v in rows.items()})

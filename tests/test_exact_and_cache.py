@@ -98,12 +98,14 @@ def test_exact_scan_answers_like_the_faiss_flat_of_older_stores(copy_store, digi
                     assert a == b or abs(sa - sb) <= tol, (method, k, j, side)  # ties aside
 
 
-def _oracle_self_influence(path, method: str) -> np.ndarray:
-    """S(i, i) row by row in float64 from the raw arrays: TracIn Σ_c η_c (dℓ/dm)² |φ|², TRAK mean_c (1−p) φᵀMφ."""
+def _oracle_self_influence(path, method: str, only: list[str] | None = None, eta: float | None = None) -> np.ndarray:
+    """S(i, i) row by row in float64 from the raw arrays: TracIn Σ_c η_c (dℓ/dm)² |φ|², TRAK mean_c (1−p) φᵀMφ
+    (over the checkpoints ``only`` when given, with every η_c = ``eta`` when given)."""
     g = zarr.open_group(str(path), mode="r")
-    ckpts = g.attrs["checkpoints"]
+    ckpts = [c for c in g.attrs["checkpoints"] if only is None or c["id"] in only]
     out = np.zeros(g.attrs["n"])
     for c in ckpts:
+        c = {**c, "lr_weight": c["lr_weight"] if eta is None else eta}
         phi = np.asarray(g[f"features/{c['id']}"][:], dtype=np.float64)
         if method == "tracin":
             w = np.asarray(g[f"loss_weight/{c['id']}"][:], dtype=np.float64)
@@ -131,6 +133,24 @@ def test_build_caches_self_influence_and_sessions_read_it(store, method, monkeyp
     got = influence.Influence.open(store, trust_store=True).self_influence(method)
     assert got.dtype == np.float32
     np.testing.assert_allclose(got, want, rtol=2e-4)
+
+
+@pytest.mark.parametrize("method", ["tracin", "trak"])
+def test_a_scorer_over_some_checkpoints_computes_its_own_self_influence(store, method):
+    """``checkpoints=`` / ``lr_weights=`` (ablations: the final checkpoint alone, TracInCP without lr weights) give
+    those checkpoints' self-influence, not the full store's cache, and may not overwrite that cache."""
+    cls, st = get_method(method), FeatureStore.open(store)
+    final = st.checkpoint_ids[-1]
+    alone = cls(st, checkpoints=[final]).self_influence()
+    np.testing.assert_allclose(alone, _oracle_self_influence(store, method, only=[final]), rtol=2e-4)
+    assert not np.allclose(alone, cls(st).self_influence(), rtol=1e-2)
+    if method == "tracin":
+        equal = cls(st, lr_weights=dict.fromkeys(st.checkpoint_ids, 1.0)).self_influence()
+        np.testing.assert_allclose(equal, _oracle_self_influence(store, method, eta=1.0), rtol=2e-4)
+    with pytest.raises(BadSpecError, match="store's own checkpoints"):
+        cls(st, checkpoints=[final]).cache_self_influence()
+    with pytest.raises(BadSpecError, match="not among the store's"):
+        cls(st, checkpoints=["nope"])
 
 
 def test_stale_or_half_written_cache_is_not_used(copy_store):

@@ -59,9 +59,7 @@ def candidate_rankings(session: "Influence") -> dict[str, np.ndarray]:
     if len(session.store.checkpoint_ids) > 1:
         for m in ("tracin", "trak"):
             if m in session.methods:
-                scorer = get_method(m)(session.store)
-                scorer.ckpts = [final]
-                out[f"{m} (final checkpoint only)"] = scorer._self_influence(False)
+                out[f"{m} (final checkpoint only)"] = get_method(m)(session.store, checkpoints=[final]).self_influence()
     if "trak" in session.methods:
         out["leverage x loss (final checkpoint)"] = TRAK(session.store).leverage(final) * out["loss"]
     return out
