@@ -299,15 +299,30 @@ def _parser() -> _Parser:
     r.add_argument("--seed", type=_non_negative_int, default=_default("run_repair", "seed"))
     r.add_argument("--json", action="store_true")
 
-    a = sub.add_parser("attribute", help="pixel attribution map on one image")
-    a.add_argument("--model", required=True)
-    a.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the model factory (repeatable)")
-    a.add_argument("--checkpoint", required=True)
+    a = sub.add_parser(
+        "attribute", help="pixel attribution map on one image",
+        description="A pixel attribution map of one image. With --store, the model, its final checkpoint, the "
+                    "preprocessing and the class names come from a store (as `query --image` reads it); without, give "
+                    "--model and --checkpoint, and --mean/--std/--size/--channels as your training transforms.")
+    a.add_argument("--store", default=None, metavar="STORE",
+                   help="take the model, final checkpoint, preprocessing and class names from this store")
+    a.add_argument("--model", default=None, metavar="SPEC",
+                   help="MODEL SPEC (required without --store; with it, the store's model as a spec you trust)")
+    a.add_argument("--trust-store", action="store_true",
+                   help="with --store: import the model spec recorded in the store (runs its code)")
+    a.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE", help="keyword argument for the model factory (repeatable; without --store)")
+    a.add_argument("--checkpoint", default=None, help="state dict to load (required without --store; default with it: the store's final checkpoint)")
     a.add_argument("--image", required=True)
     a.add_argument("--method", default=_default("run_attribute", "method"),
                    help=f"{' | '.join(_choices('attribution'))}, or var:BASE (default %(default)s)")
-    a.add_argument("--target", type=_non_negative_int, default=None)
-    a.add_argument("--size", type=_size, default=None, help="resize the image to H,W (default: keep its size)")
+    a.add_argument("--target", default=None, help="class to explain: a class name or index (default: the predicted class)")
+    a.add_argument("--mean", type=_floats, default=None, help="per-channel mean M1,M2,M3 subtracted from [0,1] images (without --store)")
+    a.add_argument("--std", type=_floats, default=None, help="per-channel std S1,S2,S3 divided by after --mean (without --store)")
+    a.add_argument("--size", type=_size, default=None, help="resize the image to H,W (default: keep its size, or the store's)")
+    a.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="convert the image to 1 or 3 channels (default: the model's first convolution's, or the store's)")
+    a.add_argument("--classes", type=_names, default=None,
+                   help="class names in the model's output order, for --target and the output (without --store)")
     a.add_argument("--out", required=True, help="PNG overlay to write (a .npy of the raw map is written beside it)")
     a.add_argument("--json", action="store_true")
     return p
@@ -541,25 +556,57 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
 
     from influence.attribution import run_attribute
     from influence.attribution._render import save_overlay
-    from influence.loading import load_checkpoint, load_model, parse_model_args, read_image
+    from influence.data import Preprocessing, preprocess
+    from influence.loading import load_checkpoint, load_image, load_model, parse_model_args, read_image
+    from influence.query import class_index
 
-    model = load_checkpoint(load_model(args.model, parse_model_args(args.model_arg)), args.checkpoint)
-    image = read_image(args.image, channels=_input_channels(model), size=args.size)
+    if args.store:
+        given = [f for f, v in (("--mean", args.mean), ("--std", args.std), ("--classes", args.classes), ("--model-arg", args.model_arg)) if v]
+        if given:
+            raise BadSpecError(f"{' and '.join(given)} come from the store with --store ({args.store}); drop them")
+        session = _open(args)
+        model = session.model_at(-1)
+        if args.checkpoint:
+            load_checkpoint(model, args.checkpoint)
+        names: list[str] | None = session.class_names
+        pre = session.preprocessing.replace(size=args.size, channels=args.channels)
+        x = load_image(args.image, pre, session.input_shape, reference=f"store {args.store}'s images")
+    else:
+        missing = [f for f, v in (("--model", args.model), ("--checkpoint", args.checkpoint)) if not v]
+        if missing:
+            raise BadSpecError(f"attribute needs {' and '.join(missing)} (or --store STORE to take them from a store)")
+        if args.trust_store:
+            raise BadSpecError("--trust-store is for --store; without it the model is the --model you give")
+        model = load_checkpoint(load_model(args.model, parse_model_args(args.model_arg)), args.checkpoint)
+        names = args.classes
+        pre = Preprocessing(mean=None if args.mean is None else tuple(args.mean), std=None if args.std is None else tuple(args.std),
+                            size=args.size, channels=args.channels or _input_channels(model))
+        x = load_image(args.image, pre)
+    shown = preprocess(read_image(args.image), Preprocessing(size=pre.size, channels=pre.channels), f"image {args.image}")  # unnormalised
     try:
         with torch.no_grad():
-            model(image[None])
+            model(x[None])
     except RuntimeError as e:
         raise InfluenceError(
-            f"the model cannot take image {args.image} of shape {tuple(image.shape)} ({str(e).splitlines()[0][:90]}); "
+            f"the model cannot take image {args.image} of shape {tuple(x.shape)} ({str(e).splitlines()[0][:90]}); "
             "pass --size H,W to resize it to the model's input size"
         ) from None
-    attribution, info = run_attribute(model, image, method=args.method, target=args.target)
-    save_overlay(image, attribution, args.out)
+    target = None if args.target is None else class_index(args.target, names)
+    attribution, info = run_attribute(model, x, method=args.method, target=target)
+    if names is not None:
+        info = {**info, "target_name": _name(info["target"], names), "predicted_name": _name(info["predicted"], names)}
+    said = {k: info.get(f"{k}_name", info.get(k)) for k in ("target", "predicted")}
+    save_overlay(shown, attribution, args.out, title=f"{args.method} for {said['target']}")
     raw = str(Path(args.out).with_suffix(".npy"))
     _save_npy(raw, attribution.detach().cpu().numpy())
     doc = {"method": args.method, **info, "png": args.out, "npy": raw}
-    _emit(doc, args.json, f"wrote {args.out} and {raw}: {args.method}, target {info.get('target')}, predicted {info.get('predicted')}")
+    _emit(doc, args.json, f"wrote {args.out} and {raw}: {args.method}, target {said['target']} (p={info['probability']:.3f}), "
+                          f"predicted {said['predicted']}")
     return 0
+
+
+def _name(c: int, names: Sequence[str]) -> str:
+    return names[c] if 0 <= c < len(names) else str(c)
 
 
 def _input_channels(model: nn.Module) -> int | None:

@@ -157,17 +157,7 @@ class Influence:
 
     def class_index(self, name: str | int, what: str = "--target") -> int:
         """A class given by name or by index → its index; anything else is an error listing the names."""
-        names = self.class_names
-        if isinstance(name, str) and name in names:
-            return names.index(name)
-        try:
-            c = int(name)
-        except ValueError:
-            c = -1
-        if not 0 <= c < len(names):
-            shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
-            raise BadSpecError(f"{what} {name!r} is not a class of this store: give a name ({shown}) or an index 0..{len(names) - 1}")
-        return c
+        return class_index(name, self.class_names, what)
 
     @property
     def preprocessing(self) -> Preprocessing:
@@ -481,6 +471,23 @@ def _describe_trak(store: FeatureStore) -> dict[str, Any] | None:
     units = sorted({d.unit for d in done.values()})
     return {"lambda_rel": rels[0] if len(rels) == 1 else rels, "lambda": {c: d.value for c, d in done.items()},
             "lambda_unit": units[0] if len(units) == 1 else units}
+
+
+def class_index(name: str | int, names: Sequence[str] | None, what: str = "--target") -> int:
+    """A class given by name (one of ``names``) or by index → its index; anything else is an error that lists the
+    names. ``names=None`` (a model without recorded names) takes any index ≥ 0."""
+    if names is not None and isinstance(name, str) and name in names:
+        return list(names).index(name)
+    try:
+        c = int(name)
+    except ValueError:
+        c = -1
+    if names is None and c < 0:
+        raise BadSpecError(f"{what} {name!r} is not a class index; give an index 0, 1, ... (or --classes to use names)")
+    if names is not None and not 0 <= c < len(names):
+        shown = ", ".join(names[:20]) + (" ..." if len(names) > 20 else "")
+        raise BadSpecError(f"{what} {name!r} is not a class of this store: give a name ({shown}) or an index 0..{len(names) - 1}")
+    return c
 
 
 @dataclass(frozen=True)

@@ -335,6 +335,44 @@ def test_normalisation_is_recorded_and_applied(user, tmp_path, capsys):
                                atol=1e-6 * np.abs(from_arrays).max())
 
 
+def test_attribute_reads_an_image_as_the_store_does(user, tmp_path, capsys):
+    """``attribute --store`` takes the model, final checkpoint, normalisation and class names from the store, and
+    gives the same map as naming them all by hand; without the normalisation the model sees another input."""
+    norm = ("--mean", ",".join(map(str, MEAN)), "--std", ",".join(map(str, STD)))
+    _build(capsys, user, user.uniform, tmp_path / "s", *norm, "--method", "tracin")
+    img = user.test / "three" / "img_01.png"
+    code, out, err = run(capsys, "attribute", "--store", tmp_path / "s", "--trust-store", "--image", img, "--target", "three",
+                         "--method", "saliency", "--out", tmp_path / "store.png", "--json")
+    assert code == 0, err
+    via_store = json.loads(out)
+    assert via_store["target_name"] == "three" and via_store["target"] == 1 and via_store["predicted_name"] in CLASSES
+    by_hand = ("attribute", "--model", user.model_spec, "--checkpoint", user.dp_ckpt, "--image", img, "--target", "three",
+               "--method", "saliency", "--classes", ",".join(CLASSES), "--json")
+    code, out, err = run(capsys, *by_hand, *norm, "--out", tmp_path / "hand.png")
+    assert code == 0, err
+    assert json.loads(out)["probability"] == pytest.approx(via_store["probability"], rel=1e-6)
+    np.testing.assert_allclose(np.load(tmp_path / "hand.npy"), np.load(tmp_path / "store.npy"), rtol=1e-5, atol=1e-8)
+    code, out, err = run(capsys, *by_hand, "--out", tmp_path / "raw.png")  # no --mean/--std: another input
+    assert code == 0, err
+    assert json.loads(out)["probability"] != pytest.approx(via_store["probability"], rel=1e-3)
+    assert (tmp_path / "store.png").stat().st_size > 0
+
+
+def test_attribute_refuses_what_it_cannot_honour(user, tmp_path, capsys):
+    _build(capsys, user, user.uniform, tmp_path / "s", "--method", "tracin")
+    img, big = user.test / "three" / "img_01.png", user.train / "three" / "img_00.png"
+    out = ("--out", tmp_path / "m.png")
+    assert "--mean" in refused(capsys, "attribute", "--store", tmp_path / "s", "--trust-store", "--image", img,
+                               "--mean", "0.5,0.5,0.5", "--std", "1,1,1", *out)
+    assert "--model and --checkpoint" in refused(capsys, "attribute", "--image", img, *out)
+    line = refused(capsys, "attribute", "--store", tmp_path / "s", "--trust-store", "--image", img, "--target", "four", *out)
+    assert "'four'" in line and "one, three, two" in line
+    line = refused(capsys, "attribute", "--store", tmp_path / "s", "--trust-store", "--image", big, *out)
+    assert "12×12" in line and "--size 8,8" in line
+    assert "--trust-store" in refused(capsys, "attribute", "--store", tmp_path / "s", "--image", img, *out)
+    assert not (tmp_path / "m.png").exists()
+
+
 def test_query_size_or_channel_mismatch_is_refused_unless_asked(user, tmp_path, capsys):
     _build(capsys, user, user.uniform, tmp_path / "s", "--method", "tracin")  # no --size: 8×8 RGB as found
     big, gray = user.train / "three" / "img_00.png", user.train / "two" / "img_00.png"

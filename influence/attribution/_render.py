@@ -18,9 +18,10 @@ def _check_pair(image: torch.Tensor, attribution: torch.Tensor) -> None:
         )
 
 
-def save_overlay(image: torch.Tensor, attribution: torch.Tensor, path: str | Path, signed: bool | None = None) -> Path:
-    """Save the image beside the map overlaid on it. ``signed=None`` decides from the map's values:
-    signed maps use 'bwr' centred at 0, non-negative ones 'inferno'."""
+def save_overlay(image: torch.Tensor, attribution: torch.Tensor, path: str | Path, signed: bool | None = None,
+                 title: str = "attribution") -> Path:
+    """Save the image beside the map overlaid on it (under ``title``). ``signed=None`` decides from the map's
+    values: signed maps use 'bwr' centred at 0, non-negative ones 'inferno'."""
     from matplotlib.figure import Figure  # a plain Figure: no pyplot, no change to the host program's backend
 
     _check_pair(image, attribution)
@@ -42,7 +43,7 @@ def save_overlay(image: torch.Tensor, attribution: torch.Tensor, path: str | Pat
     axes[0].set_title("input")
     axes[1].imshow(shown, cmap=cmap)
     mappable = axes[1].imshow(heat, alpha=0.6, **style)
-    axes[1].set_title("attribution")
+    axes[1].set_title(title)
     for ax in axes:
         ax.axis("off")
     fig.colorbar(mappable, ax=axes[1], fraction=0.046)
