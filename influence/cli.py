@@ -663,7 +663,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         mislabel_images = dict(zip(mis, session.training_examples(mis)[0])) if mis else {}
         from influence.report import write_report  # matplotlib: loaded only when a report is asked for
 
-        report = str(write_report(args.out, found, flags=flags, shortcut_images=shortcut_images, mislabel_images=mislabel_images))
+        report = str(write_report(args.out, found, flags=flags, shortcut_images=shortcut_images, mislabel_images=mislabel_images,
+                                  preprocessing=session.preprocessing))
     if args.json:
         print(json.dumps({"method": args.method, "report": report, "explanations": [e.to_json() for e in found]}))
         return 0

@@ -80,6 +80,15 @@ class Preprocessing:
         return cls(mean=floats(a.get("mean")), std=floats(a.get("std")),
                    size=None if size is None else (int(size[0]), int(size[1])), channels=a.get("channels"))
 
+    def unnormalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Model inputs back to [0, 1] pixels for display: ``x · std + mean`` per channel (identity without --mean)."""
+        if self.mean is None or self.std is None or x.shape[-3] != len(self.mean):
+            return x
+        shape = (-1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        return x * std + mean
+
     def replace(self, *, size: tuple[int, int] | None = None, channels: int | None = None) -> "Preprocessing":
         """This spec with a query's own ``--size`` / ``--channels`` (None keeps the recorded value)."""
         return Preprocessing(self.mean, self.std, size or self.size, channels or self.channels)

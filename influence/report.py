@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from index.atomic import atomic_write
+from influence.data import Preprocessing
 from influence.explain import Explanation
 from influence.query import QueryResult
 
@@ -91,8 +93,8 @@ def explanation_figure(e: Explanation, path: Path) -> None:
             flag = "\n" + ", ".join(e.flags[p.train_id]) if p.train_id in e.flags else ""
             _overlay(ax, e.train_images[p.train_id], e.tfa_maps.get(p.train_id),
                      f"#{p.train_id} y={_name(p.label_name, p.label)}\n{p.score:+.3g}{flag}")
-    away = f"; what pulled it away from {_name(r.opponents_target_name, r.opponents_target)}?" if r.opponents_target != r.target else ""
-    fig.suptitle(f"why class {_name(r.target_name, r.target)}?{away} (TFA: {e.tfa}; red = pushes towards the class, blue = against)",
+    away = f" What pulled it away from {_name(r.opponents_target_name, r.opponents_target)}?" if r.opponents_target != r.target else ""
+    fig.suptitle(f"Why class {_name(r.target_name, r.target)}?{away} (TFA: {e.tfa}; red = pushes towards the class, blue = against)",
                  fontsize=9)
     _save(fig, path)
 
@@ -144,9 +146,12 @@ def shortcut_figure(shortcut: dict[str, Any], images: torch.Tensor, path: Path, 
 def write_report(
     out: str | os.PathLike[str], explanations: Sequence[Explanation], *, flags: dict[str, Any] | None = None,
     shortcut_images: dict[int, torch.Tensor] | None = None, title: str = "influence report", notes: Sequence[str] = (),
-    mislabel_images: dict[int, torch.Tensor] | None = None,
+    mislabel_images: dict[int, torch.Tensor] | None = None, preprocessing: Preprocessing | None = None,
 ) -> Path:
     """Write ``index.html``, ``explanations.json`` and the PNG figures into ``out``; returns the HTML path.
+
+    Images are model inputs; ``preprocessing`` (the store's) undoes a ``--mean``/``--std`` normalisation so that
+    they are drawn as the photos they are, not as clipped normalised values.
 
     The page opens with a summary (``<section id="summary">``): failures explained, likely mislabels with
     thumbnails (``flags["mislabel"]`` with ``mislabel_images`` by train id, else the influencers tagged
@@ -155,6 +160,12 @@ def write_report(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if preprocessing is not None:
+        show = preprocessing.unnormalise
+        explanations = [replace(e, image=show(e.image), train_images={i: show(t) for i, t in e.train_images.items()})
+                        for e in explanations]
+        shortcut_images = {i: show(t) for i, t in (shortcut_images or {}).items()}
+        mislabel_images = {i: show(t) for i, t in (mislabel_images or {}).items()}
     summary = _summary(out, explanations, flags, shortcut_images or {}, mislabel_images or {})
     parts = [f"<h1>{html.escape(title)}</h1>", summary] + [f"<p>{html.escape(n)}</p>" for n in notes]
     docs = []

@@ -239,6 +239,26 @@ def test_explain_report_and_flags_show_names_and_paths(mixed_store, user, tmp_pa
         assert f["label_name"] == CLASSES[f["label"]] and f["path"].startswith(f["label_name"] + "/")
 
 
+def test_report_draws_a_normalised_stores_images_as_photos(user, tmp_path, capsys, monkeypatch):
+    """The report undoes --mean/--std before drawing: the test image and its influencers appear as their PNG pixels
+    in [0, 1], not as normalised values clipped to [0, 1]."""
+    import influence.report as report
+
+    norm = ("--mean", ",".join(map(str, MEAN)), "--std", ",".join(map(str, STD)))
+    _build(capsys, user, user.uniform, tmp_path / "s", *norm, "--method", "tracin,gradcos")
+    drawn: list[torch.Tensor] = []
+    overlay = report._overlay
+    monkeypatch.setattr(report, "_overlay", lambda ax, image, *a, **kw: (drawn.append(image), overlay(ax, image, *a, **kw)))
+    code, out, err = run(capsys, "explain", tmp_path / "s", "--data", user.test, "--ids", "2", "--k", 2,
+                         "--attribution", "saliency", "--out", tmp_path / "report")
+    assert code == 0, err
+    x, _, paths = _read_rgb(user.test)
+    train_x, _, _ = _read_rgb(user.uniform)
+    np.testing.assert_allclose(drawn[0].numpy(), x[2], atol=1e-5)  # the test image, first panel
+    for image in drawn[2:]:  # influencers: each is one of the training PNGs as read
+        assert np.abs(train_x - image.numpy()[None]).reshape(len(train_x), -1).max(1).min() < 1e-5
+
+
 def test_training_images_changed_after_the_build_are_refused_not_shown(user, tmp_path, capsys):
     import shutil
 
