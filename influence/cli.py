@@ -106,6 +106,17 @@ def _methods(text: str) -> list[str]:
     return names
 
 
+def _class_arg(text: str) -> str:
+    """A class as a name or an index; a negative index is refused here, before any work (names are checked later)."""
+    try:
+        negative = int(text) < 0
+    except ValueError:
+        negative = False
+    if negative or not text.strip():
+        raise argparse.ArgumentTypeError(f"must be a class name or an index >= 0, got {text!r}")
+    return text
+
+
 def _names(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",")]
     if not all(names):
@@ -315,7 +326,7 @@ def _parser() -> _Parser:
     a.add_argument("--image", required=True)
     a.add_argument("--method", default=_default("run_attribute", "method"),
                    help=f"{' | '.join(_choices('attribution'))}, or var:BASE (default %(default)s)")
-    a.add_argument("--target", default=None, help="class to explain: a class name or index (default: the predicted class)")
+    a.add_argument("--target", type=_class_arg, default=None, help="class to explain: a class name or index (default: the predicted class)")
     a.add_argument("--mean", type=_floats, default=None, help="per-channel mean M1,M2,M3 subtracted from [0,1] images (without --store)")
     a.add_argument("--std", type=_floats, default=None, help="per-channel std S1,S2,S3 divided by after --mean (without --store)")
     a.add_argument("--size", type=_size, default=None, help="resize the image to H,W (default: keep its size, or the store's)")
