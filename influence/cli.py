@@ -569,7 +569,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from influence.attribution._render import save_overlay
     from influence.data import Preprocessing, preprocess
     from influence.loading import load_checkpoint, load_image, load_model, parse_model_args, read_image
-    from influence.query import class_index
+    from influence.query import class_index, class_name
 
     if args.store:
         given = [f for f, v in (("--mean", args.mean), ("--std", args.std), ("--classes", args.classes), ("--model-arg", args.model_arg)) if v]
@@ -590,8 +590,9 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
             raise BadSpecError("--trust-store is for --store; without it the model is the --model you give")
         model = load_checkpoint(load_model(args.model, parse_model_args(args.model_arg)), args.checkpoint)
         names = args.classes
-        pre = Preprocessing(mean=None if args.mean is None else tuple(args.mean), std=None if args.std is None else tuple(args.std),
-                            size=args.size, channels=args.channels or _input_channels(model))
+        pre = _preprocessing(args)
+        if pre.channels is None:  # as the model's first convolution takes them
+            pre = pre.replace(channels=_input_channels(model))
         x = load_image(args.image, pre)
     shown = preprocess(read_image(args.image), Preprocessing(size=pre.size, channels=pre.channels), f"image {args.image}")  # unnormalised
     try:
@@ -605,7 +606,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     target = None if args.target is None else class_index(args.target, names)
     attribution, info = run_attribute(model, x, method=args.method, target=target)
     if names is not None:
-        info = {**info, "target_name": _name(info["target"], names), "predicted_name": _name(info["predicted"], names)}
+        info = {**info, "target_name": class_name(info["target"], names), "predicted_name": class_name(info["predicted"], names)}
     said = {k: info.get(f"{k}_name", info.get(k)) for k in ("target", "predicted")}
     save_overlay(shown, attribution, args.out, title=f"{args.method} for {said['target']}")
     raw = str(Path(args.out).with_suffix(".npy"))
@@ -614,10 +615,6 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     _emit(doc, args.json, f"wrote {args.out} and {raw}: {args.method}, target {said['target']} (p={info['probability']:.3f}), "
                           f"predicted {said['predicted']}")
     return 0
-
-
-def _name(c: int, names: Sequence[str]) -> str:
-    return names[c] if 0 <= c < len(names) else str(c)
 
 
 def _input_channels(model: nn.Module) -> int | None:

@@ -152,8 +152,7 @@ class Influence:
         return self.store.attrs.get("model_spec")
 
     def class_name(self, c: int) -> str:
-        names = self.class_names
-        return names[c] if 0 <= c < len(names) else str(c)
+        return class_name(c, self.class_names)
 
     def class_index(self, name: str | int, what: str = "--target") -> int:
         """A class given by name or by index → its index; anything else is an error listing the names."""
@@ -471,6 +470,11 @@ def _describe_trak(store: FeatureStore) -> dict[str, Any] | None:
     units = sorted({d.unit for d in done.values()})
     return {"lambda_rel": rels[0] if len(rels) == 1 else rels, "lambda": {c: d.value for c, d in done.items()},
             "lambda_unit": units[0] if len(units) == 1 else units}
+
+
+def class_name(c: int, names: Sequence[str]) -> str:
+    """Class ``c``'s name, or its index as text where ``names`` has none for it."""
+    return names[c] if 0 <= c < len(names) else str(c)
 
 
 def class_index(name: str | int, names: Sequence[str] | None, what: str = "--target") -> int:
