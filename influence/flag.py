@@ -131,7 +131,8 @@ def run_flags(
     session: Influence, test: tuple[torch.Tensor, torch.Tensor] | None = None, *, kinds: Sequence[str] = KINDS,
     top: int = 20, method: str | None = None, tfa: str | None = None, progress: bool = True,
 ) -> dict[str, Any]:
-    """The JSON document of ``influence flag``: the typed results' ``to_json()``, keyed mislabel, harmful, shortcuts.
+    """The JSON document of ``influence flag``: the typed results' ``to_json()``, keyed mislabel, harmful, shortcuts,
+    and ``mislabel_method``, the ranking of the mislabel list.
 
     ``method`` overrides the measured defaults (mislabel: ``mislabel_method``, harmful: tracin, shortcut: gradcos).
     A ranking that is not a scoring method (``loss``, ``combined``, ...) ranks mislabels only: with harmful or
@@ -153,6 +154,7 @@ def run_flags(
     if "mislabel" in kinds:
         out["mislabel"] = [f.to_json() for f in flag_mislabels(session, method=method, top=top,
                                                                progress=progress)]
+        out["mislabel_method"] = method or mislabel_method(session)  # the ranking behind that list, for readers
     if "harmful" in kinds and test is not None:
         out["harmful"] = [f.to_json() for f in flag_harmful(session, *test, method=method or "tracin", top=top, progress=progress)]
     if "shortcut" in kinds and test is not None:

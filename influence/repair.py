@@ -206,7 +206,7 @@ def repair_store(
         raise BadSpecError(f"--action must be one of {', '.join(ACTIONS)}, got {action!r}")
     if mask_scope not in MASK_SCOPES:
         raise BadSpecError(f"--mask-scope must be one of {', '.join(MASK_SCOPES)}, got {mask_scope!r}")
-    unknown = sorted(set(flags) - {"mislabel", "harmful", "shortcuts"})
+    unknown = sorted(set(flags) - {"mislabel", "mislabel_method", "harmful", "shortcuts"})
     if unknown or not isinstance(flags.get("mislabel", []), list):
         raise BadDataError(f"flags must be `influence flag --json` output (keys mislabel, harmful, shortcuts), got keys {sorted(flags)}")
     out = Path(out)

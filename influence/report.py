@@ -218,7 +218,11 @@ def _summary(
     ids, captions = _likely_mislabels(explanations, flags)
     images = {**{i: t for e in explanations for i, t in e.train_images.items()}, **mislabel_images}
     if ids:
-        source = "flagged by self-influence" if flags and flags.get("mislabel") else "tagged among the influencers (top 10% self-influence, model p(label) < 0.5)"
+        if flags and flags.get("mislabel"):
+            ranking = flags.get("mislabel_method")
+            source = "flagged by influence flag" + (f" (ranking: {ranking})" if ranking else "")
+        else:
+            source = "tagged among the influencers (top 10% of influence flag's mislabel ranking, model p(label) < 0.5)"
         parts.append(f"<li class='mislabels'>{len(ids)} likely mislabelled training image(s), {source}: "
                      + html.escape("; ".join(captions[:10])) + ".</li>")
         shown = [i for i in ids if i in images][:8]

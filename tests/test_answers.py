@@ -26,10 +26,21 @@ def test_bare_flag_runs_the_mislabel_check_and_says_what_needs_test(store, capsy
     code, out, err = run(capsys, "flag", store, "--top", "7", "--json")
     assert code == 0, err
     doc = json.loads(out)
-    assert list(doc) == ["mislabel"] and len(doc["mislabel"]) == 7
+    assert list(doc) == ["mislabel", "mislabel_method"] and len(doc["mislabel"]) == 7
     assert "--test" in err
     code, out, err = run(capsys, "flag", store, "--kind", "harmful", "--json")  # asked for alone: still refused
     assert code == 2 and out == "" and "--test" in err
+
+
+def test_flag_output_is_what_repair_reads(store, tmp_path, capsys):
+    """The README's pipeline verbatim: `flag --json > flags.json`, then `repair STORE --flags flags.json`."""
+    code, out, err = run(capsys, "flag", store, "--top", "4", "--json")
+    assert code == 0, err
+    (tmp_path / "flags.json").write_text(out)
+    code, _, err = run(capsys, "repair", store, "--flags", tmp_path / "flags.json", "--out", tmp_path / "cleaned", "--json")
+    assert code == 0, err
+    changes = list(csv.DictReader((tmp_path / "cleaned" / "changes.csv").read_text().splitlines()))
+    assert sorted(int(c["train_id"]) for c in changes) == sorted(f["train_id"] for f in json.loads(out)["mislabel"])
 
 
 def _flags(tmp_path: Path, mislabel: list[int], train_ids: list[int], cls: int) -> Path:
@@ -118,7 +129,7 @@ def test_report_opens_with_a_summary_and_draws_the_shortcut_box(session, digits,
     labels = [int(pred[0] + 1) % 10, int(digits.y_test[1])]  # the first is a failure whatever the model predicts
     found = explain(session, digits.x_test[:2], labels=labels, test_ids=[0, 1], k=3, progress=False)
     assert found[0].result.method == "tracin" and found[0].similar_method == "gradcos" and len(found[0].similar) == 3
-    flags = {"mislabel": [{"train_id": 11, "score": 2.0, "label": int(digits.y[11]), "path": None}],
+    flags = {"mislabel": [{"train_id": 11, "score": 2.0, "label": int(digits.y[11]), "path": None}], "mislabel_method": "loss",
              "shortcuts": [{"class": 7, "box": BOX, "train_ids": [3, 4, 5], "score": 0.8}]}
     imgs = session.training_examples([3, 4, 5])[0]
     path = write_report(tmp_path / "rep", found, flags=flags, shortcut_images={0: imgs},
@@ -130,6 +141,7 @@ def test_report_opens_with_a_summary_and_draws_the_shortcut_box(session, digits,
     assert tags.index("section") < first_h2
     assert "1 misclassified test image(s) explained" in page.summary_text
     assert f"box {BOX}" in page.summary_text and "#11" in page.summary_text
+    assert "flagged by influence flag (ranking: loss)" in page.summary_text  # the ranking the flags file used
     srcs = [a["src"] for a in page.summary_imgs]
     assert "shortcut_00.png" in srcs and "summary_mislabels.png" in srcs
     png = np.asarray(Image.open(tmp_path / "rep" / "shortcut_00.png").convert("RGB")).astype(int)

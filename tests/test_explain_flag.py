@@ -66,12 +66,12 @@ def test_flag_cli_json_shapes(session, digits, capsys):
     code, out, err = _run(capsys, ["flag", session.store.root, "--test", digits.test_npz, "--kind", "all", "--top", "4", "--json"])
     assert code == 0, err
     doc = json.loads(out)
-    assert set(doc) == {"mislabel", "harmful", "shortcuts"}
+    assert set(doc) == {"mislabel", "mislabel_method", "harmful", "shortcuts"} and doc["mislabel_method"] == "loss"
     assert len(doc["mislabel"]) == 4 and all({"train_id", "score"} <= set(f) for f in doc["mislabel"])
     for s in doc["shortcuts"]:
         assert set(s) == {"class", "box", "train_ids", "score"} and len(s["box"]) == 4
     code, out, _ = _run(capsys, ["flag", session.store.root, "--kind", "mislabel", "--json"])
-    assert code == 0 and set(json.loads(out)) == {"mislabel"}
+    assert code == 0 and set(json.loads(out)) == {"mislabel", "mislabel_method"}
 
 
 def test_flag_needs_test_images_for_harmful(session, capsys):
