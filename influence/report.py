@@ -117,13 +117,15 @@ def _influencer_table(e: Explanation) -> str:
 
 
 def thumbnails_figure(images: torch.Tensor, captions: Sequence[str], path: Path) -> None:
-    """One row of training images, upscaled without smoothing, each with its caption."""
+    """One row of training images, upscaled without smoothing, each with its caption ("#id y=class path": the path
+    goes on a line of its own, so long paths do not run into the next caption)."""
     n = max(len(images), 1)
-    fig = Figure(figsize=(1.5 * n, 1.9))
+    fig = Figure(figsize=(1.6 * n, 2.0))
     axes = fig.subplots(1, n, squeeze=False)
     for j in range(n):
         if j < len(images):
-            _overlay(axes[0, j], images[j], None, captions[j])
+            words = captions[j].split(" ")
+            _overlay(axes[0, j], images[j], None, "\n".join(filter(None, [" ".join(words[:2]), " ".join(words[2:])])))
         else:
             axes[0, j].axis("off")
     _save(fig, path)
