@@ -263,7 +263,7 @@ class TRAK(ScoringMethod, name="trak"):
         for ckpt in store.checkpoint_ids:
             done = cls.stored_lambda(store, ckpt)
             rows = (store.matrix_attrs(cls._key(ckpt)) or {}).get("rows", store.n)  # stores before appends: all rows
-            if done is not None and done.rel == spec.lambda_rel and done.unit == TRAK_LAMBDA_UNIT and rows == store.n:
+            if done is not None and done.is_current(spec.lambda_rel) and rows == store.n:
                 continue
             gram = cls._gram(store, ckpt)
             inv, lam = trak_inverse(gram, spec.lambda_rel, n=store.n)
@@ -350,6 +350,10 @@ class StoredLambda:
     rel: float
     value: float
     unit: str
+
+    def is_current(self, rel: float) -> bool:
+        """Whether this inverse is what ``--trak-lambda rel`` gives now: that rel, in :data:`TRAK_LAMBDA_UNIT`."""
+        return self.rel == rel and self.unit == TRAK_LAMBDA_UNIT
 
 
 def trak_lambda(lam_rel: float, trace: float, n: int, k: int) -> float:

@@ -66,27 +66,23 @@ def report(path: Path) -> None:
 def lambda_sweep(store: Path, work: Path, cifar2: Path, rels: list[float]) -> None:
     """LDS of TRAK at several relative λ (λ = rel · trace(ΦᵀΦ)/min(N, k), ``scoring.trak_lambda``) from one store's
     features (``lds.trak_scores_dual``), on WORK's ground truth."""
-    from influence.evaluation.lds import lds, trak_scores_dual
+    from influence.evaluation.lds import dual_form_inputs, lds, trak_scores_dual
     from influence.loading import ImageFolder
     from influence.query import Influence
-    from influence.evaluation.lds_study import stored_trak_lambda
-    from influence.scoring import TRAK_LAMBDA_UNIT
+    from influence.scoring import TRAK, TRAK_LAMBDA_UNIT
 
     t = np.load(work / "lds.npz")
     test = ImageFolder(cifar2 / "test")
     xt = torch.stack([test[i][0] for i in t["test_ids"]])
     yt = torch.tensor([test[i][1] for i in t["test_ids"]])
     s = Influence.open(store)
-    st = s.store
-    phi = [st.read_features(c).astype(np.float64) for c in st.checkpoint_ids]
-    q = [-st.column("loss_weight", c).astype(np.float64) for c in st.checkpoint_ids]
-    pt = [s.projector.featurize(s.model_at(i), s.task, s.names, xt, yt).detach().double().numpy() for i in range(len(phi))]
+    phi, q, pt = dual_form_inputs(s, xt, yt)
     ref = s.scores(xt, yt, method="trak")
-    stored = stored_trak_lambda(st)
+    stored = TRAK.stored_lambda(s.store, s.store.checkpoint_ids[0])
     for rel in rels:
         sc = trak_scores_dual(phi, q, pt, rel)
         row = {"store": str(store), "lambda_rel": rel, "lambda_unit": TRAK_LAMBDA_UNIT, **lds(sc, t["masks"], t["margins"])}
-        if (rel, TRAK_LAMBDA_UNIT) == (stored.get("trak_lambda_rel"), stored.get("trak_lambda_unit")):
+        if stored is not None and stored.is_current(rel):
             row["corr_with_store_trak"] = float(np.corrcoef(sc.ravel(), ref.ravel())[0, 1])
         print(json.dumps(row), flush=True)
 

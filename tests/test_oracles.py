@@ -179,6 +179,20 @@ def test_stored_trak_lambda_is_relative_to_the_mean_nonzero_eigenvalue(exact, or
         assert done.unit == TRAK_LAMBDA_UNIT == "trace/min(n,k)"
 
 
+def test_dual_form_from_a_store_equals_its_trak_scores(exact, digits):
+    """``lds.dual_form_inputs`` + ``trak_scores_dual`` at the store's own λ (the λ sweeps' path) give the store's TRAK
+    scores; ``StoredLambda.is_current`` says which rel that is."""
+    from influence.evaluation.lds import dual_form_inputs, trak_scores_dual
+    from influence.scoring import TRAK
+
+    x, y = digits.x_test[:4], digits.y_test[:4]
+    done = TRAK.stored_lambda(exact.store, exact.store.checkpoint_ids[0])
+    assert done is not None and done.is_current(LAM_REL) and not done.is_current(1.0)
+    want = exact.scores(x, y, method="trak")
+    got = trak_scores_dual(*dual_form_inputs(exact, x, y), LAM_REL)
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
 def test_self_influence_equals_float64_oracle(exact, oracle):
     want_tracin = sum(eta * (g * g).sum(1) for eta, g in zip(LR_WEIGHTS, oracle.loss_train))
     got = exact.self_influence("tracin")

@@ -8,7 +8,7 @@ over test points.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +17,9 @@ from scipy.stats import rankdata
 from influence.errors import BadDataError
 from influence.features import ClassificationTask
 from influence.scoring import trak_lambda
+
+if TYPE_CHECKING:
+    from influence.query import Influence
 
 M_SUBSETS = 100
 SUBSET_SEED = 12345
@@ -82,3 +85,15 @@ def trak_scores_dual(phi: list[np.ndarray], q: list[np.ndarray], phi_test: list[
         B = V.T @ (P @ T.T)
         out = out + Q[:, None] * (V @ (B / (w + lam)[:, None]))
     return np.asarray(out) / len(phi)
+
+
+def dual_form_inputs(session: "Influence", x: torch.Tensor, y: torch.Tensor) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """What :func:`trak_scores_dual` takes, from a store: per checkpoint the stored training features Φ_c, TRAK's
+    weights Q_c = −dℓ/dm = 1 − p, and the test features of ``x`` (labels ``y``) by the store's own projector;
+    float64."""
+    st = session.store
+    phi = [st.read_features(c).astype(np.float64) for c in st.checkpoint_ids]
+    q = [-st.column("loss_weight", c).astype(np.float64) for c in st.checkpoint_ids]
+    test = [session.projector.featurize(session.model_at(i), session.task, session.names, x, y).detach().double().numpy()
+            for i in range(len(phi))]
+    return phi, q, test

@@ -33,7 +33,7 @@ from influence.data import SizedDataset
 from influence.errors import BadDataError
 from influence.evaluation.digits import DEMO_CHECKPOINTS, ArrayDataset, index_subset, load_digits_split, train_classifier
 from influence.evaluation.docs import write_section
-from influence.evaluation.lds import M_SUBSETS, SUBSET_SEED, lds, margins, subset_masks, trak_scores_dual
+from influence.evaluation.lds import M_SUBSETS, SUBSET_SEED, dual_form_inputs, lds, margins, subset_masks, trak_scores_dual
 from influence.models import DigitsCNN, DigitsMLP
 from influence.scoring import OLD_TRAK_LAMBDA_UNIT, TRAK, TRAK_LAMBDA_UNIT
 
@@ -279,18 +279,12 @@ class LdsStudy:
                 if not (out / "zarr.json").is_file():
                     out, _ = self.build_store(model, set_name, "sparse", k)
                 session = Influence.open(out)
-                st = session.store
-                phi = [st.read_features(c).astype(np.float64) for c in st.checkpoint_ids]
-                q = [-st.column("loss_weight", c).astype(np.float64) for c in st.checkpoint_ids]
-                pt = []
-                for i in range(len(st.checkpoint_ids)):
-                    net = session.model_at(i)
-                    pt.append(session.projector.featurize(net, session.task, session.names, test.x, test.y).detach().double().numpy())
+                phi, q, pt = dual_form_inputs(session, test.x, test.y)
                 ref = session.scores(test.x, test.y, method="trak")
-                stored = stored_trak_lambda(st)
+                stored = TRAK.stored_lambda(session.store, session.store.checkpoint_ids[0])
                 for rel in rels:
                     s = trak_scores_dual(phi, q, pt, rel)
-                    if (rel, TRAK_LAMBDA_UNIT) == (stored.get("trak_lambda_rel"), stored.get("trak_lambda_unit")):
+                    if stored is not None and stored.is_current(rel):
                         c = np.corrcoef(s.ravel(), ref.ravel())[0, 1]
                         log(f"[lambda] dual form vs library at λ_rel={rel}: correlation {c:.5f}")
                     row: Row = {"tool": "ours-lambda", "model": model, "set": set_name, "n_models": len(phi), "projector": "sparse",
