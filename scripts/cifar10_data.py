@@ -75,16 +75,14 @@ def write_label_noise(xs: np.ndarray, ys: np.ndarray, dest: Path, seed: int = 0)
     np.savez(dest / f"flipc10{suffix}.npz", x=xs, y=noisy, clean_y=ys, flipped=flipped)
 
 
-def write_derived(root: Path, dest: Path, per_class: int = SUBSET_PER_CLASS, noise_seeds: tuple[int, ...] = (),
-                  everything: bool = True) -> None:
+def read_subset(root: Path, per_class: int = SUBSET_PER_CLASS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The first ``per_class`` training images of each class: images, labels and their row ids in the folder."""
     x, y = read_folder(root / "train")
     sub = subset_ids(y, per_class)
-    dest.mkdir(parents=True, exist_ok=True)
-    xs, ys = x[sub], y[sub]
-    for seed in noise_seeds:
-        write_label_noise(xs, ys, dest, seed)
-    if not everything:
-        return
+    return x[sub], y[sub], sub
+
+
+def write_derived(xs: np.ndarray, ys: np.ndarray, sub: np.ndarray, dest: Path) -> None:
     np.savez(dest / "subset10k.npz", x=xs, y=ys, ids=sub)
     write_label_noise(xs, ys, dest)
     for name in PATCHES:
@@ -107,17 +105,22 @@ def main() -> int:
                    help="write the label-noise files again with these noise seeds (>= 1), named *_sSEED.npz")
     p.add_argument("--derived-dest", type=Path, default=None, help="where the derived .npz files go (default --dest)")
     args = p.parse_args()
+    if any(seed < 1 for seed in args.noise_seeds):
+        p.error("--noise-seeds takes seeds >= 1 (seed 0 is the files --derived writes)")
     if not args.archive.is_file():
         print(HOW_TO_GET.format(path=args.archive), file=sys.stderr)
         return 2
     root = unpack(args.archive, args.dest)
     c2 = link_cifar2(root, args.dest)
     print(f"image folders: {root}/train, {root}/test; CIFAR-2: {c2}/train, {c2}/test")
-    if any(seed < 1 for seed in args.noise_seeds):
-        p.error("--noise-seeds takes seeds >= 1 (seed 0 is the files --derived writes)")
     if args.derived or args.noise_seeds:
         out = args.derived_dest or args.dest
-        write_derived(root, out, args.per_class, tuple(args.noise_seeds), everything=args.derived)
+        out.mkdir(parents=True, exist_ok=True)
+        xs, ys, sub = read_subset(root, args.per_class)
+        if args.derived:
+            write_derived(xs, ys, sub, out)
+        for seed in args.noise_seeds:
+            write_label_noise(xs, ys, out, seed)
         print(f"derived .npz files under {out}")
     return 0
 
