@@ -82,12 +82,16 @@ class Preprocessing:
 
     def unnormalise(self, x: torch.Tensor) -> torch.Tensor:
         """Model inputs back to [0, 1] pixels for display: ``x · std + mean`` per channel (identity without --mean)."""
-        if self.mean is None or self.std is None or x.shape[-3] != len(self.mean):
+        if self.mean is None or x.shape[-3] != len(self.mean):
             return x
-        shape = (-1, 1, 1)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        mean, std = self._stats(x)
         return x * std + mean
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """--mean and --std as (C, 1, 1) tensors like ``x`` (they broadcast over a batch too)."""
+        mean, std = self.mean or (), self.std or ()  # both set when used (__post_init__ refuses one alone)
+        return (torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1),
+                torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1))
 
     def replace(self, *, size: tuple[int, int] | None = None, channels: int | None = None) -> "Preprocessing":
         """This spec with a query's own ``--size`` / ``--channels`` (None keeps the recorded value)."""
@@ -119,8 +123,7 @@ def preprocess(x: torch.Tensor, spec: Preprocessing, what: str = "images") -> to
     if spec.mean is not None and spec.std is not None:
         if len(spec.mean) != b.shape[1]:
             raise BadDataError(f"{what} have {b.shape[1]} channels but --mean/--std give {len(spec.mean)} values; give one per channel")
-        mean = torch.tensor(spec.mean, dtype=b.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(spec.std, dtype=b.dtype).view(1, -1, 1, 1)
+        mean, std = spec._stats(b)
         b = (b - mean) / std
     b = b.contiguous()
     return b[0] if single else b
