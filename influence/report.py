@@ -117,15 +117,13 @@ def _influencer_table(e: Explanation) -> str:
 
 
 def thumbnails_figure(images: torch.Tensor, captions: Sequence[str], path: Path) -> None:
-    """One row of training images, upscaled without smoothing, each with its caption ("#id y=class path": the path
-    goes on a line of its own, so long paths do not run into the next caption)."""
+    """One row of training images, upscaled without smoothing, each with its caption (lines split by newlines)."""
     n = max(len(images), 1)
     fig = Figure(figsize=(1.6 * n, 2.0))
     axes = fig.subplots(1, n, squeeze=False)
     for j in range(n):
         if j < len(images):
-            words = captions[j].split(" ")
-            _overlay(axes[0, j], images[j], None, "\n".join(filter(None, [" ".join(words[:2]), " ".join(words[2:])])))
+            _overlay(axes[0, j], images[j], None, captions[j])
         else:
             axes[0, j].axis("off")
     _save(fig, path)
@@ -226,10 +224,10 @@ def _summary(
         else:
             source = "tagged among the influencers (top 10% of influence flag's mislabel ranking, model p(label) < 0.5)"
         parts.append(f"<li class='mislabels'>{len(ids)} likely mislabelled training image(s), {source}: "
-                     + html.escape("; ".join(captions[:10])) + ".</li>")
+                     + html.escape("; ".join(c.replace("\n", " ") for c in captions[:10])) + ".</li>")
         shown = [i for i in ids if i in images][:8]
         if shown:
-            thumbnails_figure(torch.stack([images[i] for i in shown]), [captions[ids.index(i)].split(" (")[0] for i in shown],
+            thumbnails_figure(torch.stack([images[i] for i in shown]), [captions[ids.index(i)] for i in shown],
                               out / "summary_mislabels.png")
             figs.append("<img src='summary_mislabels.png' alt='likely mislabelled training images'>")
     else:
@@ -258,15 +256,20 @@ def _test_name(e: Explanation) -> str:
     return (f"test {r.test_id}" if r.test_id is not None else "image") + (f" ({r.test_path})" if r.test_path else "")
 
 
+def _caption(train_id: int, class_name: str, path: str | None) -> str:
+    """A training image's caption: "#id y=class", and its file path on a line of its own (long paths would run into
+    the next thumbnail's caption)."""
+    return f"#{train_id} y={class_name}" + (f"\n{path}" if path else "")
+
+
 def _likely_mislabels(explanations: Sequence[Explanation], flags: dict[str, Any] | None) -> tuple[list[int], list[str]]:
     """Train ids and captions: the flag list when given, else the influencers tagged "likely mislabelled"."""
     if flags and flags.get("mislabel"):
         recs = flags["mislabel"]
-        return ([int(f["train_id"]) for f in recs],
-                [f"#{f['train_id']} y={f.get('label_name', f['label'])}{' ' + f['path'] if f.get('path') else ''}" for f in recs])
+        return [int(f["train_id"]) for f in recs], [_caption(f["train_id"], str(f.get("label_name", f["label"])), f.get("path")) for f in recs]
     seen: dict[int, str] = {}
     for e in explanations:
         for p in [*e.result.proponents, *e.result.opponents, *e.similar]:
             if "likely mislabelled" in e.flags.get(p.train_id, []) and p.train_id not in seen:
-                seen[p.train_id] = f"#{p.train_id} y={_name(p.label_name, p.label)}{' ' + p.path if p.path else ''}"
+                seen[p.train_id] = _caption(p.train_id, _name(p.label_name, p.label), p.path)
     return list(seen), list(seen.values())
