@@ -710,8 +710,9 @@ def _cmd_flag(args: argparse.Namespace) -> int:
         return 0
     for kind in ("mislabel", "harmful"):
         if kind in doc:
-            print(f"{kind}: " + (", ".join(f"#{f['train_id']} (y={f['label_name']}{' ' + f['path'] if f['path'] else ''}, {f['score']:.3g})"
-                                           for f in doc[kind][:args.top]) or "none"))
+            print(f"{kind}: " + (", ".join(f"#{f['train_id']} (y={f['label_name']}{' ' + f['path'] if f['path'] else ''}, {f['score']:.3g}"
+                                           + (f"; model: {f['suggested_label_name']} {f['suggested_prob']:.2f}" if f.get("suggested_label_name") else "")
+                                           + ")" for f in doc[kind][:args.top]) or "none"))
     if "shortcuts" in doc:
         if not doc["shortcuts"]:
             print("shortcuts: none found")

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from influence.errors import BadSpecError
+from influence.errors import BadSpecError, InfluenceError
 from influence.mislabel_rank import DEFAULT_RANKING, RANKINGS, check_ranking, mislabel_scores
 from influence.query import Influence
 from influence.scoring import METHOD_NAMES
@@ -40,9 +41,13 @@ class Flag:
 
 @dataclass(frozen=True)
 class MislabelFlag(Flag):
-    """A likely mislabel: ``score`` is the ranking's score (higher = more suspect); the final model's probability of the stored label."""
+    """A likely mislabel: ``score`` is the ranking's score (higher = more suspect); the final model's probability of
+    the stored label; ``suggested_label``, the final model's most likely class other than the stored one, and its
+    probability (None where the training images could not be read)."""
 
     model_prob_of_label: float
+    suggested_label: int | None = None
+    suggested_prob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,31 @@ def flag_mislabels(session: Influence, *, method: str | None = None, top: int = 
     prob = session.label_probability()
     labels = session.training_labels()
     order = np.argsort(-values, kind="stable")[:top]
-    return [MislabelFlag(int(i), float(values[i]), int(labels[i]), round(float(prob[i]), 4)) for i in order]
+    suggested = suggest_labels(session, [int(i) for i in order])
+    return [MislabelFlag(int(i), float(values[i]), int(labels[i]), round(float(prob[i]), 4), *suggested.get(int(i), (None, None)))
+            for i in order]
+
+
+def suggest_labels(session: Influence, ids: Sequence[int]) -> dict[int, tuple[int, float]]:
+    """Per training row: the final model's most likely class other than the stored label, and its probability.
+
+    What a user relabelling a flag wants to see first (``influence repair --action relabel`` picks the same class,
+    :func:`influence.repair.relabel_targets`). The store keeps only p(stored label), so the images are read again;
+    where they cannot be (data moved, code spec not trusted) the flags are still given, without suggestions, and
+    stderr says why.
+    """
+    from influence.repair import relabel_targets
+
+    if not ids:
+        return {}
+    try:
+        x, y = session.training_examples(list(ids))
+    except (InfluenceError, OSError) as e:
+        print(f"flag: no suggested labels ({e})", file=sys.stderr)
+        return {}
+    probs = session.predict(x).cpu()
+    guess = relabel_targets(probs, y.tolist(), range(len(ids)))
+    return {i: (guess[j], round(float(probs[j, guess[j]]), 4)) for j, i in enumerate(ids)}
 
 
 def flag_harmful(
@@ -163,11 +192,14 @@ def run_flags(
 
 
 def name_flags(session: Influence, doc: dict[str, Any]) -> dict[str, Any]:
-    """Each flagged example of a ``run_flags`` document (or a flags file) gains ``label_name`` and ``path``, each
-    shortcut ``class_name`` and ``paths``, in place; existing keys kept (what ``influence flag --json`` prints)."""
+    """Each flagged example of a ``run_flags`` document (or a flags file) gains ``label_name`` and ``path`` (a
+    mislabel with a suggestion also ``suggested_label_name``), each shortcut ``class_name`` and ``paths``, in place;
+    existing keys kept (what ``influence flag --json`` prints)."""
     for kind in ("mislabel", "harmful"):
         for f in doc.get(kind, []):
             f["label_name"], f["path"] = session.class_name(int(f["label"])), session.train_path(int(f["train_id"]))
+            if f.get("suggested_label") is not None:
+                f["suggested_label_name"] = session.class_name(int(f["suggested_label"]))
     for s in doc.get("shortcuts", []):
         s["class_name"] = session.class_name(int(s["class"]))
         s["paths"] = [session.train_path(int(i)) for i in s["train_ids"]]

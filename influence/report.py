@@ -256,17 +256,18 @@ def _test_name(e: Explanation) -> str:
     return (f"test {r.test_id}" if r.test_id is not None else "image") + (f" ({r.test_path})" if r.test_path else "")
 
 
-def _caption(train_id: int, class_name: str, path: str | None) -> str:
-    """A training image's caption: "#id y=class", and its file path on a line of its own (long paths would run into
-    the next thumbnail's caption)."""
-    return f"#{train_id} y={class_name}" + (f"\n{path}" if path else "")
+def _caption(train_id: int, class_name: str, path: str | None, suggested: str | None = None) -> str:
+    """A training image's caption: "#id y=class" (with the model's suggestion for a flagged mislabel), and its file
+    path on a line of its own (long paths would run into the next thumbnail's caption)."""
+    return f"#{train_id} y={class_name}" + (f", model: {suggested}" if suggested else "") + (f"\n{path}" if path else "")
 
 
 def _likely_mislabels(explanations: Sequence[Explanation], flags: dict[str, Any] | None) -> tuple[list[int], list[str]]:
     """Train ids and captions: the flag list when given, else the influencers tagged "likely mislabelled"."""
     if flags and flags.get("mislabel"):
         recs = flags["mislabel"]
-        return [int(f["train_id"]) for f in recs], [_caption(f["train_id"], str(f.get("label_name", f["label"])), f.get("path")) for f in recs]
+        return [int(f["train_id"]) for f in recs], [_caption(f["train_id"], str(f.get("label_name", f["label"])), f.get("path"),
+                                                                 f.get("suggested_label_name", f.get("suggested_label"))) for f in recs]
     seen: dict[int, str] = {}
     for e in explanations:
         for p in [*e.result.proponents, *e.result.opponents, *e.similar]:

@@ -41,6 +41,12 @@ def test_flag_output_is_what_repair_reads(store, tmp_path, capsys):
     assert code == 0, err
     changes = list(csv.DictReader((tmp_path / "cleaned" / "changes.csv").read_text().splitlines()))
     assert sorted(int(c["train_id"]) for c in changes) == sorted(f["train_id"] for f in json.loads(out)["mislabel"])
+    # relabelling takes the class each flag suggested
+    code, _, err = run(capsys, "repair", store, "--flags", tmp_path / "flags.json", "--out", tmp_path / "relabelled",
+                       "--action", "relabel", "--json")
+    assert code == 0, err
+    new = {int(c["train_id"]): c["new_label"] for c in csv.DictReader((tmp_path / "relabelled" / "changes.csv").read_text().splitlines())}
+    assert new == {f["train_id"]: f["suggested_label_name"] for f in json.loads(out)["mislabel"]}
 
 
 def _flags(tmp_path: Path, mislabel: list[int], train_ids: list[int], cls: int) -> Path:

@@ -238,7 +238,8 @@ def test_a_store_naming_unknown_code_is_never_imported(copy_store):
 
 def test_flags_are_typed_and_serialise_to_the_documented_json(session, digits):
     [m] = flag_mislabels(session, top=1)
-    assert isinstance(m, MislabelFlag) and list(m.to_json()) == ["train_id", "score", "label", "model_prob_of_label"]
+    assert isinstance(m, MislabelFlag) and list(m.to_json()) == ["train_id", "score", "label", "model_prob_of_label",
+                                                                  "suggested_label", "suggested_prob"]
     assert m.label == int(digits.y[m.train_id])
     harmful = flag_harmful(session, digits.x_test, digits.y_test, top=3)
     assert all(isinstance(h, HarmfulFlag) for h in harmful)

@@ -237,6 +237,10 @@ def test_explain_report_and_flags_show_names_and_paths(mixed_store, user, tmp_pa
     assert code == 0, err
     for f in json.loads(out)["mislabel"]:
         assert f["label_name"] == CLASSES[f["label"]] and f["path"].startswith(f["label_name"] + "/")
+        assert f["suggested_label_name"] == CLASSES[f["suggested_label"]] != f["label_name"]  # the model's other guess
+    code, out, err = run(capsys, "flag", mixed_store, "--kind", "mislabel", "--top", 3)
+    assert code == 0, err
+    assert out.count("; model: ") == 3, out  # "#id (y=label path, score; model: name p)"
 
 
 def test_report_draws_a_normalised_stores_images_as_photos(user, tmp_path, capsys, monkeypatch):
