@@ -123,10 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     xtr, ytr = torch.from_numpy(x), torch.from_numpy(y)
     xte, yte = torch.from_numpy(xt).float() / 255, torch.from_numpy(yt)
     meta_path = work / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    meta.update({"epochs": a.epochs, "width": a.width, "n_train": len(x), "n_test": len(xt), "M": a.M,
-                 "recipe": f"scripts/cifar10_train.py train(width={a.width}, epochs={a.epochs}, lr 0.05, batch 128)"})
-    meta.setdefault("full", {})
+
+    def update_meta(**fields: object) -> None:
+        """Read, update and write meta.json at once: `--only models` and `--only retrains` may run side by side."""
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        for key, value in fields.items():
+            if key == "full":
+                meta.setdefault("full", {}).update(value)
+            else:
+                meta[key] = value
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=1))
+        tmp.replace(meta_path)
+
+    update_meta(epochs=a.epochs, width=a.width, n_train=len(x), n_test=len(xt), M=a.M,
+                recipe=f"scripts/cifar10_train.py train(width={a.width}, epochs={a.epochs}, lr 0.05, batch 128)")
 
     def full(s: int) -> None:
         path = work / "ckpt" / f"lds_seed{s}_ep{a.epochs}.pt"
@@ -136,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         net, _ = train(xtr, ytr, width=a.width, epochs=a.epochs, seed=s)
         m = margins(net, xte, yte)
         torch.save(net.state_dict(), path)
-        meta["full"][str(s)] = {"seconds": round(time.perf_counter() - t, 1), "test_share_margin_pos": float((m > 0).mean())}
-        meta_path.write_text(json.dumps(meta, indent=1))
-        log(f"full model seed {s}: {meta['full'][str(s)]}")
+        done = {"seconds": round(time.perf_counter() - t, 1), "test_share_margin_pos": float((m > 0).mean())}
+        update_meta(full={str(s): done})
+        log(f"full model seed {s}: {done}")
 
     if a.only in ("all", "models"):
         full(0)
@@ -157,10 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = np.stack([np.load(work / "retrains" / f"j{j}.npy") for j in range(a.M)])
         np.savez(work / "lds.npz", masks=masks, margins=rows[:, :-1], seconds=rows[:, -1], test_ids=tid,
                  half_acc=(rows[:, :-1] > 0).mean(1))
-        meta["retrain_s_mean"] = float(rows[:, -1].mean())
-        meta["half_acc_mean"] = float((rows[:, :-1] > 0).mean())
-        meta_path.write_text(json.dumps(meta, indent=1))
-        log(f"lds.npz: {a.M} retrains, mean {rows[:, -1].mean():.1f}s, half-data test acc {meta['half_acc_mean']:.3f}")
+        half_acc = float((rows[:, :-1] > 0).mean())
+        update_meta(retrain_s_mean=float(rows[:, -1].mean()), half_acc_mean=half_acc)
+        log(f"lds.npz: {a.M} retrains, mean {rows[:, -1].mean():.1f}s, half-data test acc {half_acc:.3f}")
     if a.only in ("all", "models"):
         for s in range(1, a.full_models):
             full(s)
