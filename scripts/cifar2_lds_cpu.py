@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     meta_path = work / "meta.json"
 
     def update_meta(**fields: object) -> None:
-        """Read, update and write meta.json at once: `--only models` and `--only retrains` may run side by side."""
+        """Re-read meta.json just before each write and replace it whole: `--only models` and `--only retrains` may run side
+        by side (a short window between read and write remains: no lock)."""
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         for key, value in fields.items():
             if key == "full":
