@@ -257,9 +257,9 @@ def _test_name(e: Explanation) -> str:
 
 
 def _caption(train_id: int, class_name: str, path: str | None, suggested: str | None = None) -> str:
-    """A training image's caption: "#id y=class" (with the model's suggestion for a flagged mislabel), and its file
-    path on a line of its own (long paths would run into the next thumbnail's caption)."""
-    return f"#{train_id} y={class_name}" + (f", model: {suggested}" if suggested else "") + (f"\n{path}" if path else "")
+    """A training image's caption: "#id y=class", then the model's suggestion for a flagged mislabel and the file path,
+    each on a line of its own (on one line they run into the next thumbnail's caption)."""
+    return f"#{train_id} y={class_name}" + (f"\nmodel: {suggested}" if suggested else "") + (f"\n{path}" if path else "")
 
 
 def _likely_mislabels(explanations: Sequence[Explanation], flags: dict[str, Any] | None) -> tuple[list[int], list[str]]:

@@ -36,3 +36,17 @@ def test_report_keeps_the_host_backend(tmp_path):
     assert "<img src='shortcut_00.png'" in (tmp_path / "index.html").read_text()
     assert (tmp_path / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["explanations.json", "index.html", "overlay.png", "shortcut_00.png"]
+
+
+def test_mislabel_thumbnails_are_captioned_with_the_suggested_label_on_its_own_line():
+    """The summary's mislabel thumbnails: id and stored label, the model's suggestion, the path, one per line (on one
+    line they ran into the neighbouring captions); flags files from before suggestions keep two lines."""
+    from influence.report import _likely_mislabels
+
+    flags = {"mislabel": [
+        {"train_id": 8, "label": 0, "label_name": "cat", "path": "cat/0008.jpg", "suggested_label": 2, "suggested_label_name": "truck"},
+        {"train_id": 9, "label": 1, "label_name": "dog", "path": "dog/0009.jpg"},
+    ]}
+    ids, captions = _likely_mislabels([], flags)
+    assert ids == [8, 9]
+    assert captions == ["#8 y=cat\nmodel: truck\ncat/0008.jpg", "#9 y=dog\ndog/0009.jpg"]
