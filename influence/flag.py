@@ -69,31 +69,34 @@ def flag_mislabels(session: Influence, *, method: str | None = None, top: int = 
     prob = session.label_probability()
     labels = session.training_labels()
     order = np.argsort(-values, kind="stable")[:top]
-    suggested = suggest_labels(session, [int(i) for i in order])
+    suggested = suggest_labels(session, [int(i) for i in order], progress=progress)
     return [MislabelFlag(int(i), float(values[i]), int(labels[i]), round(float(prob[i]), 4), *suggested.get(int(i), (None, None)))
             for i in order]
 
 
-def suggest_labels(session: Influence, ids: Sequence[int]) -> dict[int, tuple[int, float]]:
+def suggest_labels(session: Influence, ids: Sequence[int], *, batch: int = 256,
+                   progress: bool = False) -> dict[int, tuple[int, float]]:
     """Per training row: the final model's most likely class other than the stored label, and its probability.
 
     What a user relabelling a flag wants to see first (``influence repair --action relabel`` picks the same class,
-    :func:`influence.repair.relabel_targets`). The store keeps only p(stored label), so the images are read again;
-    where they cannot be (data moved, code spec not trusted) the flags are still given, without suggestions, and
-    stderr says why.
+    :func:`influence.repair.relabel_targets`). The store keeps only p(stored label), so the images are read again,
+    ``batch`` rows at a time; where they cannot be (data moved, code spec not trusted) the flags are still given,
+    without suggestions, and stderr says why.
     """
     from influence.repair import relabel_targets
 
-    if not ids:
-        return {}
-    try:
-        x, y = session.training_examples(list(ids))
-    except (InfluenceError, OSError) as e:
-        print(f"flag: no suggested labels ({e})", file=sys.stderr)
-        return {}
-    probs = session.predict(x).cpu()
-    guess = relabel_targets(probs, y.tolist(), range(len(ids)))
-    return {i: (guess[j], round(float(probs[j, guess[j]]), 4)) for j, i in enumerate(ids)}
+    out: dict[int, tuple[int, float]] = {}
+    chunks = [list(ids[s:s + batch]) for s in range(0, len(ids), batch)]
+    for chunk in tqdm(chunks, desc="suggested labels", unit="batch", disable=None if progress and len(chunks) > 1 else True):
+        try:
+            x, y = session.training_examples(chunk)
+        except (InfluenceError, OSError) as e:
+            print(f"flag: no suggested labels ({e})", file=sys.stderr)
+            return {}
+        probs = session.predict(x).cpu()
+        guess = relabel_targets(probs, y.tolist(), range(len(chunk)))
+        out.update({i: (guess[j], round(float(probs[j, guess[j]]), 4)) for j, i in enumerate(chunk)})
+    return out
 
 
 def flag_harmful(

@@ -259,7 +259,13 @@ def _test_name(e: Explanation) -> str:
 def _caption(train_id: int, class_name: str, path: str | None, suggested: str | None = None) -> str:
     """A training image's caption: "#id y=class", then the model's suggestion for a flagged mislabel and the file path,
     each on a line of its own (on one line they run into the next thumbnail's caption)."""
-    return f"#{train_id} y={class_name}" + (f"\nmodel: {suggested}" if suggested else "") + (f"\n{path}" if path else "")
+    return f"#{train_id} y={class_name}" + (f"\nmodel: {suggested}" if suggested is not None else "") + (f"\n{path}" if path else "")
+
+
+def _suggested(flag: dict[str, Any]) -> str | None:
+    """A mislabel flag's suggested class, by name where the flags file has it (class 0 is a suggestion too)."""
+    name = flag.get("suggested_label_name", flag.get("suggested_label"))
+    return None if name is None else str(name)
 
 
 def _likely_mislabels(explanations: Sequence[Explanation], flags: dict[str, Any] | None) -> tuple[list[int], list[str]]:
@@ -267,7 +273,7 @@ def _likely_mislabels(explanations: Sequence[Explanation], flags: dict[str, Any]
     if flags and flags.get("mislabel"):
         recs = flags["mislabel"]
         return [int(f["train_id"]) for f in recs], [_caption(f["train_id"], str(f.get("label_name", f["label"])), f.get("path"),
-                                                                 f.get("suggested_label_name", f.get("suggested_label"))) for f in recs]
+                                                                 _suggested(f)) for f in recs]
     seen: dict[int, str] = {}
     for e in explanations:
         for p in [*e.result.proponents, *e.result.opponents, *e.similar]:

@@ -126,6 +126,9 @@ def test_flags_suggest_the_true_label_of_most_flips(flipped, digits):
         want = order[1] if order[0] == f.label else order[0]
         assert f.suggested_label == want != f.label
         assert f.suggested_prob == pytest.approx(float(p[want]), abs=1e-3)
+    from influence.flag import suggest_labels
+
+    assert suggest_labels(flipped.session, ids, batch=3) == {f.train_id: (f.suggested_label, f.suggested_prob) for f in flags}
     right = np.mean([f.suggested_label == int(digits.y[f.train_id]) for f in hits])
     assert right >= 0.7, right  # measured: 12 of the 13 flips in the top 10% (seed 0)
 

@@ -46,7 +46,8 @@ def test_mislabel_thumbnails_are_captioned_with_the_suggested_label_on_its_own_l
     flags = {"mislabel": [
         {"train_id": 8, "label": 0, "label_name": "cat", "path": "cat/0008.jpg", "suggested_label": 2, "suggested_label_name": "truck"},
         {"train_id": 9, "label": 1, "label_name": "dog", "path": "dog/0009.jpg"},
+        {"train_id": 3, "label": 1, "suggested_label": 0},  # a bare file: class 0 is a suggestion too
     ]}
     ids, captions = _likely_mislabels([], flags)
-    assert ids == [8, 9]
-    assert captions == ["#8 y=cat\nmodel: truck\ncat/0008.jpg", "#9 y=dog\ndog/0009.jpg"]
+    assert ids == [8, 9, 3]
+    assert captions == ["#8 y=cat\nmodel: truck\ncat/0008.jpg", "#9 y=dog\ndog/0009.jpg", "#3 y=1\nmodel: 0"]
