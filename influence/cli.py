@@ -710,15 +710,20 @@ def _cmd_flag(args: argparse.Namespace) -> int:
         return 0
     for kind in ("mislabel", "harmful"):
         if kind in doc:
-            print(f"{kind}: " + (", ".join(f"#{f['train_id']} (y={f['label_name']}{' ' + f['path'] if f['path'] else ''}, {f['score']:.3g}"
-                                           + (f"; model: {f['suggested_label_name']} {f['suggested_prob']:.2f}" if f.get("suggested_label_name") else "")
-                                           + ")" for f in doc[kind][:args.top]) or "none"))
+            print(f"{kind}: " + (", ".join(_flag_text(f) for f in doc[kind][:args.top]) or "none"))
     if "shortcuts" in doc:
         if not doc["shortcuts"]:
             print("shortcuts: none found")
         for s in doc["shortcuts"]:
             print(f"shortcut: class {s['class_name']}, box {s['box']} (x0, y0, x1, y1), {len(s['train_ids'])} training images, score {s['score']:.3g}")
     return 0
+
+
+def _flag_text(f: dict[str, Any]) -> str:
+    """One named flag as `flag` prints it: "#id (y=label path, score; model: suggested p)"."""
+    where = f" {f['path']}" if f["path"] else ""
+    suggested = f"; model: {f['suggested_label_name']} {f['suggested_prob']:.2f}" if f.get("suggested_label_name") else ""
+    return f"#{f['train_id']} (y={f['label_name']}{where}, {f['score']:.3g}{suggested})"
 
 
 def _read_flags(path: str, session: Influence) -> dict[str, Any]:
